@@ -1,0 +1,168 @@
+//! One low-rank module: A (capacity x in), B (out x capacity), alpha, scaling rule, and the rank
+//! in use. Tensors are used in place from their safetensors mapping when loaded from a file.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::matrix::{MatRef, Matrix};
+use crate::weights::Weights;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+/// How the scale follows the rank in use. Numbers match `rf_scaling`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scaling {
+    /// alpha / r
+    Lora = 0,
+    /// alpha / sqrt(r)
+    RsLora = 1,
+    /// a constant, whatever the rank (AdaLoRA/ElaLoRA, KRAdapter, EigenLoRAx)
+    Fixed = 2,
+}
+
+impl Scaling {
+    pub fn from_raw(v: i64) -> Option<Scaling> {
+        match v {
+            0 => Some(Scaling::Lora),
+            1 => Some(Scaling::RsLora),
+            2 => Some(Scaling::Fixed),
+            _ => None,
+        }
+    }
+}
+
+/// Tensor storage: a view into a mapped file (kept alive by the Arc) or owned memory.
+pub enum TensorData {
+    Mapped {
+        _keep: Arc<Weights>,
+        view: MatRef<'static>,
+    },
+    Owned(Matrix),
+}
+
+impl TensorData {
+    /// A view of the named tensor inside `weights`, valid as long as this value lives.
+    pub fn mapped(weights: &Arc<Weights>, name: &str) -> Result<TensorData> {
+        let v = weights.get(name)?;
+        // SAFETY: the view points into the Weights' mapping (or owned buffer), whose address is
+        // stable and which the Arc stored next to it keeps alive for this value's lifetime.
+        let view: MatRef<'static> = unsafe { MatRef::from_raw(v.as_ptr(), v.dtype, v.rows, v.cols, v.ld) };
+        Ok(TensorData::Mapped { _keep: weights.clone(), view })
+    }
+    pub fn view(&self) -> MatRef<'_> {
+        match self {
+            TensorData::Mapped { view, .. } => *view,
+            TensorData::Owned(m) => m.view(),
+        }
+    }
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, TensorData::Mapped { .. })
+    }
+}
+
+/// A LoRA module: delta(x) = scale(r) * (x A[:r]^T) B[:, :r]^T.
+pub struct Lora {
+    /// Module path in the base model ("model.layers.0.self_attn.q_proj").
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub capacity: usize,
+    rank: AtomicU32,
+    pub alpha: f32,
+    pub scaling: Scaling,
+    /// The scale when `scaling == Fixed`.
+    pub fixed_scale: f32,
+    pub a: TensorData,
+    pub b: TensorData,
+}
+
+impl Lora {
+    /// A module over A (capacity x in) and B (out x capacity); checks that they agree.
+    pub fn new(name: &str, a: TensorData, b: TensorData, alpha: f32, scaling: Scaling, fixed_scale: f32) -> Result<Lora> {
+        let (av, bv) = (a.view(), b.view());
+        if av.rows != bv.cols {
+            return Err(Error::shape(format!(
+                "module '{name}': lora_A has {} rows (rank), lora_B has {} columns",
+                av.rows, bv.cols
+            )));
+        }
+        if av.rows == 0 || av.rows > u32::MAX as usize {
+            return Err(Error::shape(format!("module '{name}': rank {} is out of range", av.rows)));
+        }
+        if av.dtype != bv.dtype {
+            return Err(Error::dtype(format!(
+                "module '{name}': lora_A is {}, lora_B is {}",
+                av.dtype.name(),
+                bv.dtype.name()
+            )));
+        }
+        if !alpha.is_finite() || !fixed_scale.is_finite() {
+            return Err(Error::invalid(format!("module '{name}': alpha/scale must be finite")));
+        }
+        Ok(Lora {
+            name: name.to_string(),
+            in_features: av.cols,
+            out_features: bv.rows,
+            capacity: av.rows,
+            rank: AtomicU32::new(av.rows as u32),
+            alpha,
+            scaling,
+            fixed_scale,
+            a,
+            b,
+        })
+    }
+
+    /// The default rank of later calls.
+    pub fn rank(&self) -> usize {
+        self.rank.load(Ordering::Relaxed) as usize
+    }
+
+    /// Sets the default rank (1..=capacity).
+    pub fn set_rank(&self, rank: usize) -> Result<()> {
+        if rank == 0 || rank > self.capacity {
+            return Err(Error::invalid(format!(
+                "module '{}': rank {rank} is outside 1..={}",
+                self.name, self.capacity
+            )));
+        }
+        self.rank.store(rank as u32, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The scale at rank `r` in use.
+    pub fn scale_at(&self, r: usize) -> f32 {
+        match self.scaling {
+            Scaling::Lora => (self.alpha as f64 / r as f64) as f32,
+            Scaling::RsLora => (self.alpha as f64 / (r as f64).sqrt()) as f32,
+            Scaling::Fixed => self.fixed_scale,
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.a.view().dtype
+    }
+
+    /// A[:r] (r x in).
+    pub fn a_view(&self, r: usize) -> MatRef<'_> {
+        let a = self.a.view();
+        a.top_left(r, a.cols)
+    }
+
+    /// B[:, :r] (out x r, ld = capacity).
+    pub fn b_view(&self, r: usize) -> MatRef<'_> {
+        let b = self.b.view();
+        b.top_left(b.rows, r)
+    }
+
+    /// Resolves a per-call rank (0 = current) and checks it.
+    pub fn resolve_rank(&self, rank: usize) -> Result<usize> {
+        let r = if rank == 0 { self.rank() } else { rank };
+        if r > self.capacity {
+            return Err(Error::invalid(format!(
+                "module '{}': rank {r} exceeds capacity {}",
+                self.name, self.capacity
+            )));
+        }
+        Ok(r)
+    }
+}

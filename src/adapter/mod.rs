@@ -1,0 +1,60 @@
+//! Adapters: a named set of per-module low-rank modules.
+
+pub mod lora;
+pub mod pattern;
+pub mod peft;
+
+pub use lora::{Lora, Scaling, TensorData};
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+
+/// A named set of modules, keyed by the base model's module path.
+pub struct Adapter {
+    pub name: String,
+    // Boxed so `&Lora` handed to C stays put when the vector grows.
+    modules: Vec<Box<Lora>>,
+    index: HashMap<String, usize>,
+    /// The adapter_config.json this adapter was loaded from (kept for saving), if any.
+    pub peft_config: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Adapter {
+    pub fn new(name: &str) -> Adapter {
+        Adapter { name: name.to_string(), modules: Vec::new(), index: HashMap::new(), peft_config: None }
+    }
+
+    /// Adds a module; its name must be new.
+    pub fn add(&mut self, lora: Lora) -> Result<&mut Lora> {
+        if self.index.contains_key(&lora.name) {
+            return Err(Error::invalid(format!("adapter '{}': module '{}' already exists", self.name, lora.name)));
+        }
+        self.index.insert(lora.name.clone(), self.modules.len());
+        self.modules.push(Box::new(lora));
+        Ok(self.modules.last_mut().expect("just pushed"))
+    }
+
+    pub fn len(&self) -> usize {
+        self.modules.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+    pub fn modules(&self) -> impl Iterator<Item = &Lora> {
+        self.modules.iter().map(|b| &**b)
+    }
+    pub fn module_at(&self, i: usize) -> Option<&Lora> {
+        self.modules.get(i).map(|b| &**b)
+    }
+    pub fn get(&self, module: &str) -> Option<&Lora> {
+        self.index.get(module).map(|&i| &*self.modules[i])
+    }
+    pub fn get_mut(&mut self, module: &str) -> Option<&mut Lora> {
+        self.index.get(module).map(|&i| &mut *self.modules[i])
+    }
+    /// Like `get`, with an error naming the adapter and module.
+    pub fn module(&self, module: &str) -> Result<&Lora> {
+        self.get(module)
+            .ok_or_else(|| Error::not_found(format!("adapter '{}': no module '{module}'", self.name)))
+    }
+}

@@ -1,0 +1,47 @@
+//! The scalar reference: f64 accumulation, no blocking, no threads. The ground truth every
+//! optimized kernel is tested against. Slow on purpose; never used for speed.
+
+use crate::backend::LinearProblem;
+use crate::matrix::MatMut;
+
+pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+    let (m, n, k) = (p.m(), p.n(), p.k());
+    let mut t: Vec<Vec<f64>> = vec![Vec::new(); p.slots.len()];
+    for i in 0..m {
+        for (s, slot) in p.slots.iter().enumerate() {
+            t[s].clear();
+            let Some(slot) = slot else { continue };
+            if !p.applies(s, i) {
+                continue;
+            }
+            for r in 0..slot.rank() {
+                let mut acc = 0f64;
+                for kk in 0..k {
+                    acc += p.x.get(i, kk) as f64 * slot.a.get(r, kk) as f64;
+                }
+                t[s].push(acc);
+            }
+        }
+        for j in 0..n {
+            let mut acc = 0f64;
+            for kk in 0..k {
+                acc += p.x.get(i, kk) as f64 * p.w.get(j, kk) as f64;
+            }
+            if let Some(b) = &p.bias {
+                acc += b.get(0, j) as f64;
+            }
+            for (s, slot) in p.slots.iter().enumerate() {
+                let Some(slot) = slot else { continue };
+                if t[s].is_empty() {
+                    continue;
+                }
+                let mut d = 0f64;
+                for (r, tv) in t[s].iter().enumerate() {
+                    d += tv * slot.b.get(j, r) as f64;
+                }
+                acc += slot.scale as f64 * d;
+            }
+            y.set(i, j, acc as f32);
+        }
+    }
+}

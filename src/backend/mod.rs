@@ -1,0 +1,131 @@
+//! Backends: what a fused linear call is (`LinearProblem`), the one place its arguments are
+//! checked, and the CPU implementation behind a kernel table (CUDA joins behind feature `cuda`).
+
+pub mod cpu;
+
+use crate::error::{Error, Result};
+use crate::matrix::{MatMut, MatRef};
+
+/// One adapter slot, resolved: A[:r] (r x k), B[:, :r] (n x r) and the scale at that rank.
+#[derive(Clone, Copy, Debug)]
+pub struct Slot<'a> {
+    pub a: MatRef<'a>,
+    pub b: MatRef<'a>,
+    pub scale: f32,
+    /// For messages: the module the slot came from.
+    pub module: &'a str,
+}
+
+impl Slot<'_> {
+    pub fn rank(&self) -> usize {
+        self.a.rows
+    }
+}
+
+/// `y = x W^T + bias + sum over slots of scale * (x A^T) B^T`.
+/// `row_slot == None`: every slot applies to every row (stacked adapters).
+/// `row_slot == Some(rs)`: row i uses `slots[rs[i]]` only; -1 (or an empty slot) = base only.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearProblem<'a> {
+    pub x: MatRef<'a>,
+    pub w: MatRef<'a>,
+    pub bias: Option<MatRef<'a>>,
+    pub slots: &'a [Option<Slot<'a>>],
+    pub row_slot: Option<&'a [i32]>,
+}
+
+fn span(m: &MatRef<'_>) -> (usize, usize) {
+    let start = m.as_ptr() as usize;
+    let len = crate::matrix::span_elems(m.rows, m.cols, m.ld).unwrap_or(0) * m.dtype.size();
+    (start, start + len)
+}
+
+impl LinearProblem<'_> {
+    pub fn m(&self) -> usize {
+        self.x.rows
+    }
+    pub fn n(&self) -> usize {
+        self.w.rows
+    }
+    pub fn k(&self) -> usize {
+        self.x.cols
+    }
+
+    /// Checks every shape and index once, so kernels can trust them.
+    pub fn check(&self, y: &MatMut<'_>) -> Result<()> {
+        let (m, n, k) = (self.m(), self.n(), self.k());
+        if self.w.cols != k {
+            return Err(Error::shape(format!(
+                "w has {} columns, x has {k} (w is n x k, nn.Linear layout)",
+                self.w.cols
+            )));
+        }
+        if y.rows != m || y.cols != n {
+            return Err(Error::shape(format!("y is {} x {}, expected {m} x {n} (x rows x w rows)", y.rows, y.cols)));
+        }
+        if let Some(b) = &self.bias {
+            if b.rows != 1 || b.cols != n {
+                return Err(Error::shape(format!("bias is {} x {}, expected 1 x {n}", b.rows, b.cols)));
+            }
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            let Some(s) = s else { continue };
+            if s.a.cols != k {
+                return Err(Error::shape(format!(
+                    "slot {i} (module '{}'): lora_A has {} columns (in_features), x has {k}",
+                    s.module, s.a.cols
+                )));
+            }
+            if s.b.rows != n {
+                return Err(Error::shape(format!(
+                    "slot {i} (module '{}'): lora_B has {} rows (out_features), w has {n}",
+                    s.module, s.b.rows
+                )));
+            }
+            if s.a.rows != s.b.cols || s.a.rows == 0 {
+                return Err(Error::shape(format!("slot {i} (module '{}'): rank mismatch between A and B", s.module)));
+            }
+            if !s.scale.is_finite() {
+                return Err(Error::invalid(format!("slot {i} (module '{}'): scale {} is not finite", s.module, s.scale)));
+            }
+        }
+        if let Some(rs) = self.row_slot {
+            if rs.len() != m {
+                return Err(Error::shape(format!("row_slot has {} entries, x has {m} rows", rs.len())));
+            }
+            for (i, &s) in rs.iter().enumerate() {
+                if s < -1 || s >= self.slots.len() as i64 as i32 {
+                    return Err(Error::invalid(format!(
+                        "row_slot[{i}] = {s} is outside -1..{} (n_slots = {})",
+                        self.slots.len(),
+                        self.slots.len()
+                    )));
+                }
+            }
+        }
+        // y must not overlap an input: kernels read inputs after writing parts of y.
+        let ys = span(&y.as_ref());
+        if ys.1 > ys.0 {
+            let mut inputs = vec![("x", self.x), ("w", self.w)];
+            if let Some(b) = self.bias {
+                inputs.push(("bias", b));
+            }
+            for (name, mat) in inputs {
+                let s = span(&mat);
+                if s.0 < ys.1 && ys.0 < s.1 {
+                    return Err(Error::invalid(format!("y overlaps {name}; the output needs its own buffer")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Does slot `s` apply to row `i`?
+    #[inline]
+    pub fn applies(&self, s: usize, i: usize) -> bool {
+        match self.row_slot {
+            None => true,
+            Some(rs) => rs[i] == s as i32,
+        }
+    }
+}

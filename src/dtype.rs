@@ -1,0 +1,186 @@
+//! Element types and conversions between them (crate `half` does the rounding).
+
+use half::{bf16, f16};
+
+/// The element types rankfuse computes with. Numbers match `rf_dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32 = 0,
+    F16 = 1,
+    BF16 = 2,
+}
+
+impl DType {
+    pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+    pub fn from_raw(v: i64) -> Option<DType> {
+        match v {
+            0 => Some(DType::F32),
+            1 => Some(DType::F16),
+            2 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+    /// The name used by safetensors and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+    pub fn parse(s: &str) -> Option<DType> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Some(DType::F32),
+            "f16" | "float16" | "half" => Some(DType::F16),
+            "bf16" | "bfloat16" => Some(DType::BF16),
+            _ => None,
+        }
+    }
+}
+
+/// A scalar type a matrix can hold.
+pub trait Element: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// Reads element `i` of a buffer of `dtype` as f32.
+///
+/// # Safety
+/// `p` must point to at least `i + 1` elements of `dtype` (any alignment).
+#[inline(always)]
+pub unsafe fn load_f32(p: *const u8, dtype: DType, i: usize) -> f32 {
+    match dtype {
+        DType::F32 => (p as *const f32).add(i).read_unaligned(),
+        DType::F16 => f16::from_bits((p as *const u16).add(i).read_unaligned()).to_f32(),
+        DType::BF16 => bf16::from_bits((p as *const u16).add(i).read_unaligned()).to_f32(),
+    }
+}
+
+/// Writes `v` rounded (nearest-even) to `dtype` as element `i`.
+///
+/// # Safety
+/// `p` must point to at least `i + 1` writable elements of `dtype` (any alignment).
+#[inline(always)]
+pub unsafe fn store_f32(p: *mut u8, dtype: DType, i: usize, v: f32) {
+    match dtype {
+        DType::F32 => (p as *mut f32).add(i).write_unaligned(v),
+        DType::F16 => (p as *mut u16).add(i).write_unaligned(f16::from_f32(v).to_bits()),
+        DType::BF16 => (p as *mut u16).add(i).write_unaligned(bf16::from_f32(v).to_bits()),
+    }
+}
+
+/// Converts `dst.len()` elements of `dtype` at `src` into f32.
+///
+/// # Safety
+/// `src` must point to `dst.len()` readable elements of `dtype` (any alignment).
+#[inline]
+pub unsafe fn convert_to_f32(src: *const u8, dtype: DType, dst: &mut [f32]) {
+    match dtype {
+        DType::F32 => std::ptr::copy_nonoverlapping(src as *const f32, dst.as_mut_ptr(), dst.len()),
+        DType::F16 => {
+            if (src as usize) % 2 == 0 {
+                // half converts slices with F16C/NEON when the CPU has them (runtime check).
+                use half::slice::HalfFloatSliceExt;
+                let s = std::slice::from_raw_parts(src as *const f16, dst.len());
+                s.convert_to_f32_slice(dst);
+            } else {
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = f16::from_bits((src as *const u16).add(i).read_unaligned()).to_f32();
+                }
+            }
+        }
+        DType::BF16 => {
+            // bf16 -> f32 is a shift; this loop vectorizes.
+            for (i, d) in dst.iter_mut().enumerate() {
+                let b = (src as *const u16).add(i).read_unaligned();
+                *d = f32::from_bits((b as u32) << 16);
+            }
+        }
+    }
+}
+
+/// Rounds `src` into `dst.len()` elements of `dtype` (nearest-even, as torch does).
+///
+/// # Safety
+/// `dst` must point to `src.len()` writable elements of `dtype` (any alignment).
+#[inline]
+pub unsafe fn convert_from_f32(src: &[f32], dst: *mut u8, dtype: DType) {
+    match dtype {
+        DType::F32 => std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut f32, src.len()),
+        _ => {
+            for (i, &v) in src.iter().enumerate() {
+                store_f32(dst, dtype, i, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_rounding() {
+        let v = [1.0f32, -2.5, 3.140625, 65504.0, 1e-3];
+        for dt in DType::ALL {
+            let mut buf = vec![0u8; v.len() * dt.size()];
+            unsafe { convert_from_f32(&v, buf.as_mut_ptr(), dt) };
+            let mut back = [0f32; 5];
+            unsafe { convert_to_f32(buf.as_ptr(), dt, &mut back) };
+            for (a, b) in v.iter().zip(back) {
+                let tol = match dt {
+                    DType::F32 => 0.0,
+                    DType::F16 => 1e-3 * a.abs(),
+                    DType::BF16 => 8e-3 * a.abs(),
+                };
+                assert!((a - b).abs() <= tol, "{dt:?} {a} {b}");
+            }
+        }
+        // nearest-even: 1 + 2^-8 is halfway between bf16 1.0 and 1.0078125 -> 1.0
+        assert_eq!(bf16::from_f32(1.0 + 1.0 / 256.0).to_f32(), 1.0);
+        assert_eq!(DType::from_raw(3), None);
+    }
+}

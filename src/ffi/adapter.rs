@@ -1,0 +1,110 @@
+//! Adapter and LoRA exports: load/save PEFT folders, list modules, info, default rank.
+
+use super::boundary::{arg_out, arg_ref, arg_str};
+use super::error::rf_error;
+use super::handles::{lora_ptr, lora_ref, rf_adapter, rf_lora, rf_runtime};
+use super::types::*;
+use crate::adapter::peft;
+use crate::error::Error;
+use std::ffi::c_char;
+use std::path::Path;
+
+/// Loads a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`). Tensors are
+/// used in place from the file's mapping. The caller owns `*out` (free with `rf_adapter_free`).
+#[no_mangle]
+pub unsafe extern "C" fn rf_adapter_load_peft(rt: *mut rf_runtime, dir: *const c_char, out: *mut *mut rf_adapter) -> *mut rf_error {
+    boundary!({
+        let _rt = arg_ref(rt, "rt")?;
+        let dir = arg_str(dir, "dir")?;
+        let out = arg_out(out, "out")?;
+        let a = peft::load(Path::new(dir))?;
+        *out = Box::into_raw(Box::new(rf_adapter::new(a)?));
+        Ok(())
+    })
+}
+
+/// Writes the adapter as a PEFT folder (created if missing) that PEFT and rankfuse load back:
+/// each module's rank in use becomes its `r` (rank_pattern), alpha is chosen so the scale is
+/// unchanged. Reads the adapter only.
+#[no_mangle]
+pub unsafe extern "C" fn rf_adapter_save_peft(a: *const rf_adapter, dir: *const c_char) -> *mut rf_error {
+    boundary!({
+        let a = arg_ref(a, "a")?;
+        let dir = arg_str(dir, "dir")?;
+        peft::save(&a.inner, Path::new(dir))
+    })
+}
+
+/// Frees an adapter and every `rf_lora` borrowed from it; NULL is accepted.
+#[no_mangle]
+pub unsafe extern "C" fn rf_adapter_free(a: *mut rf_adapter) {
+    boundary_value!((), {
+        if !a.is_null() {
+            drop(Box::from_raw(a));
+        }
+    })
+}
+
+/// Number of modules (0 for NULL).
+#[no_mangle]
+pub unsafe extern "C" fn rf_adapter_module_count(a: *const rf_adapter) -> usize {
+    boundary_value!(0, { a.as_ref().map_or(0, |a| a.inner.len()) })
+}
+
+/// Name of module `i` (sorted order), valid until `rf_adapter_free`.
+#[no_mangle]
+pub unsafe extern "C" fn rf_adapter_module_name(a: *const rf_adapter, i: usize, name_out: *mut *const c_char) -> *mut rf_error {
+    boundary!({
+        let a = arg_ref(a, "a")?;
+        let out = arg_out(name_out, "name_out")?;
+        let n = a.names.get(i).ok_or_else(|| {
+            Error::invalid(format!("index {i} is out of range: adapter '{}' has {} modules", a.inner.name, a.names.len()))
+        })?;
+        *out = n.as_ptr();
+        Ok(())
+    })
+}
+
+/// The module named `module` (the base model's module path). Borrowed: valid as long as the
+/// adapter; do not free it.
+#[no_mangle]
+pub unsafe extern "C" fn rf_adapter_module(a: *mut rf_adapter, module: *const c_char, out: *mut *mut rf_lora) -> *mut rf_error {
+    boundary!({
+        let a = arg_ref(a, "a")?;
+        let module = arg_str(module, "module")?;
+        let out = arg_out(out, "out")?;
+        *out = lora_ptr(a.inner.module(module)?);
+        Ok(())
+    })
+}
+
+/// Shapes, capacity, rank in use, alpha, the scale at that rank, scaling rule and dtype.
+#[no_mangle]
+pub unsafe extern "C" fn rf_lora_info_get(l: *const rf_lora, out: *mut rf_lora_info) -> *mut rf_error {
+    boundary!({
+        let l = lora_ref(l, "l")?;
+        let out = arg_out(out, "out")?;
+        let r = l.rank();
+        *out = rf_lora_info {
+            in_features: l.in_features as i64,
+            out_features: l.out_features as i64,
+            capacity: l.capacity as u32,
+            rank: r as u32,
+            alpha: l.alpha,
+            scale: l.scale_at(r),
+            scaling: l.scaling.into(),
+            dtype: l.dtype().into(),
+        };
+        Ok(())
+    })
+}
+
+/// Sets the default rank of later calls (1..capacity). Needs exclusive access to the lora: do
+/// not call while another thread runs `rf_linear` with it.
+#[no_mangle]
+pub unsafe extern "C" fn rf_lora_set_rank(l: *mut rf_lora, rank: u32) -> *mut rf_error {
+    boundary!({
+        let l = lora_ref(l, "l")?;
+        l.set_rank(rank as usize)
+    })
+}

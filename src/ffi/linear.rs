@@ -1,0 +1,120 @@
+//! `rf_linear`: the fused base + adapter linear.
+
+use super::boundary::arg_ref;
+use super::error::rf_error;
+use super::handles::{lora_ref, rf_runtime};
+use super::types::*;
+use crate::backend::{LinearProblem, Slot};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::matrix::{MatMut, MatRef};
+use std::ptr::addr_of;
+
+/// A matrix descriptor read field by field (an invalid dtype number must be an error, not UB).
+pub struct Desc {
+    pub data: *mut u8,
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+/// Reads and checks an `rf_matrix` argument.
+///
+/// # Safety
+/// A non-NULL `p` must point to an `rf_matrix`.
+pub unsafe fn read_matrix(p: *const rf_matrix, name: &str) -> Result<Desc> {
+    if p.is_null() {
+        return Err(Error::invalid(format!("argument '{name}' is NULL")));
+    }
+    let raw_dtype = (addr_of!((*p).dtype) as *const i32).read_unaligned();
+    let dtype = DType::from_raw(raw_dtype as i64)
+        .ok_or_else(|| Error::dtype(format!("{name}: dtype {raw_dtype} is not an rf_dtype (0 = F32, 1 = F16, 2 = BF16)")))?;
+    let data = addr_of!((*p).data).read_unaligned() as *mut u8;
+    let rows = addr_of!((*p).rows).read_unaligned();
+    let cols = addr_of!((*p).cols).read_unaligned();
+    let ld = addr_of!((*p).ld).read_unaligned();
+    if rows < 0 || cols < 0 {
+        return Err(Error::shape(format!("{name}: negative shape {rows} x {cols}")));
+    }
+    if ld < cols {
+        return Err(Error::shape(format!("{name}: ld {ld} < cols {cols}")));
+    }
+    let (rows, cols, ld) = (rows as usize, cols as usize, ld as usize);
+    let bytes = crate::matrix::span_elems(rows, cols, ld)
+        .and_then(|e| e.checked_mul(dtype.size()))
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(|| Error::shape(format!("{name}: {rows} x {cols} (ld {ld}) overflows the address space")))?;
+    if data.is_null() && bytes > 0 {
+        return Err(Error::invalid(format!("{name}: data is NULL for a {rows} x {cols} matrix")));
+    }
+    Ok(Desc { data, dtype, rows, cols, ld })
+}
+
+impl Desc {
+    /// # Safety
+    /// The caller promises the memory behind the descriptor is valid for 'a.
+    pub unsafe fn as_ref<'a>(&self) -> MatRef<'a> {
+        MatRef::from_raw(self.data, self.dtype, self.rows, self.cols, self.ld)
+    }
+    /// # Safety
+    /// As above, plus exclusive access.
+    pub unsafe fn as_mut<'a>(&self) -> MatMut<'a> {
+        MatMut::from_raw(self.data, self.dtype, self.rows, self.cols, self.ld)
+    }
+}
+
+/// The fused op: `y = x W^T + bias + sum over slots of scale(slot) * (x A[:r]^T) B[:, :r]^T`.
+///
+/// x: m x k, w: n x k (nn.Linear layout), bias: NULL or 1 x n, y: m x n (its own memory).
+/// `row_slot == NULL`: every slot applies to every row (adapters stacked). Otherwise `row_slot`
+/// has m entries and row i uses `slots[row_slot[i]]` only; -1 = base only (mixed batch).
+/// scale(slot) = scale_mult * (alpha / r | alpha / sqrt(r) | fixed), r = the rank used.
+/// dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32.
+/// Thread-safe: many threads may call it at once on shared weights and adapters.
+#[no_mangle]
+pub unsafe extern "C" fn rf_linear(
+    rt: *mut rf_runtime,
+    x: *const rf_matrix,
+    w: *const rf_matrix,
+    bias: *const rf_matrix,
+    slots: *const rf_lora_slot,
+    n_slots: usize,
+    row_slot: *const i32,
+    y: *mut rf_matrix,
+) -> *mut rf_error {
+    boundary!({
+        let rt = arg_ref(rt, "rt")?;
+        let xd = read_matrix(x, "x")?;
+        let wd = read_matrix(w, "w")?;
+        let bd = if bias.is_null() { None } else { Some(read_matrix(bias, "bias")?) };
+        let yd = read_matrix(y, "y")?;
+        if n_slots > 0 && slots.is_null() {
+            return Err(Error::invalid(format!("argument 'slots' is NULL with n_slots = {n_slots}")));
+        }
+        if n_slots > (1 << 20) {
+            return Err(Error::invalid(format!("n_slots = {n_slots} is out of range")));
+        }
+        let raw_slots: &[rf_lora_slot] = if n_slots == 0 { &[] } else { std::slice::from_raw_parts(slots, n_slots) };
+        let mut resolved: Vec<Option<Slot<'_>>> = Vec::with_capacity(n_slots);
+        for (i, s) in raw_slots.iter().enumerate() {
+            if s.lora.is_null() {
+                resolved.push(None);
+                continue;
+            }
+            let l = lora_ref(s.lora, "slots[].lora")?;
+            let slot = crate::runtime::slot(l, s.rank as usize, s.scale_mult).map_err(|e| e.context(format!("slot {i}")))?;
+            resolved.push(Some(slot));
+        }
+        let rs = if row_slot.is_null() { None } else { Some(std::slice::from_raw_parts(row_slot, xd.rows)) };
+        let problem = LinearProblem {
+            x: xd.as_ref(),
+            w: wd.as_ref(),
+            bias: bd.as_ref().map(|b| b.as_ref()),
+            slots: &resolved,
+            row_slot: rs,
+        };
+        let mut yv = yd.as_mut();
+        rt.inner.linear(&problem, &mut yv)
+    })
+}

@@ -1,0 +1,15 @@
+//! The C ABI. The only place with `#[no_mangle]`; `include/rankfuse.h` is generated from here by
+//! cbindgen. Every export runs inside `boundary!` (panics become RF_STATUS_INTERNAL) and checks
+//! its arguments before anything else.
+#![allow(non_camel_case_types)]
+#![allow(clippy::missing_safety_doc)]
+
+#[macro_use]
+pub mod boundary;
+pub mod adapter;
+pub mod error;
+pub mod handles;
+pub mod linear;
+pub mod runtime;
+pub mod types;
+pub mod weights;

@@ -1,0 +1,159 @@
+//! Plain C types of the ABI: status and dtype numbers, matrix views, options and info structs.
+
+use std::ffi::c_void;
+
+/// ABI version; bumped on any change to an existing signature or struct layout.
+pub const RF_ABI_VERSION: u32 = 1;
+pub const RF_VERSION_MAJOR: u32 = 0;
+pub const RF_VERSION_MINOR: u32 = 1;
+pub const RF_VERSION_PATCH: u32 = 0;
+pub const RF_VERSION_STRING: &str = "0.1.0";
+
+/// Stable status numbers; append-only, retired numbers are never reused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum rf_status {
+    RF_STATUS_OK = 0,
+    RF_STATUS_INVALID_ARGUMENT = 1,
+    RF_STATUS_SHAPE = 2,
+    RF_STATUS_DTYPE = 3,
+    RF_STATUS_NOT_FOUND = 4,
+    RF_STATUS_IO = 5,
+    RF_STATUS_FORMAT = 6,
+    RF_STATUS_UNSUPPORTED = 7,
+    RF_STATUS_DEVICE = 8,
+    RF_STATUS_OUT_OF_MEMORY = 9,
+    RF_STATUS_NUMERIC = 10,
+    RF_STATUS_INTERNAL = 11,
+}
+
+/// Element types.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum rf_dtype {
+    RF_DTYPE_F32 = 0,
+    RF_DTYPE_F16 = 1,
+    RF_DTYPE_BF16 = 2,
+}
+
+/// Devices a runtime can drive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum rf_device {
+    RF_DEVICE_CPU = 0,
+    RF_DEVICE_CUDA = 1,
+}
+
+/// How a LoRA's scale follows the rank in use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum rf_scaling {
+    /// alpha / r (r = rank in use)
+    RF_SCALING_LORA = 0,
+    /// alpha / sqrt(r)
+    RF_SCALING_RSLORA = 1,
+    /// a constant scale, whatever the rank (AdaLoRA/ElaLoRA, KRAdapter, EigenLoRAx)
+    RF_SCALING_FIXED = 2,
+}
+
+/// A 2-D row-major matrix view. `data` is a host pointer on a CPU runtime and a CUDA device
+/// pointer on a CUDA runtime. `ld` = elements between the starts of two rows (>= cols). A bias or
+/// other vector is a 1 x n matrix. The runtime never frees `data`. `data` need not be aligned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct rf_matrix {
+    pub data: *mut c_void,
+    pub dtype: rf_dtype,
+    pub rows: i64,
+    pub cols: i64,
+    pub ld: i64,
+}
+
+/// Options of `rf_runtime_create`. Set `struct_size = sizeof(rf_runtime_options)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct rf_runtime_options {
+    pub struct_size: u32,
+    pub device: rf_device,
+    pub device_index: i32,
+    /// CPU threads; 0 = all cores.
+    pub num_threads: u32,
+    /// CUstream to run on; NULL = the runtime's own.
+    pub cuda_stream: *mut c_void,
+}
+
+/// What `rf_lora_info_get` reports. `scale` is the scale at the current `rank`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct rf_lora_info {
+    pub in_features: i64,
+    pub out_features: i64,
+    pub capacity: u32,
+    pub rank: u32,
+    pub alpha: f32,
+    pub scale: f32,
+    pub scaling: rf_scaling,
+    pub dtype: rf_dtype,
+}
+
+/// One adapter slot of a fused call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct rf_lora_slot {
+    /// NULL = no adapter in this slot.
+    pub lora: *const crate::ffi::handles::rf_lora,
+    /// 0 = the lora's current rank; else use its first `rank` components.
+    pub rank: u32,
+    /// Multiplies the lora's scale; 1.0 = as configured.
+    pub scale_mult: f32,
+}
+
+impl From<crate::error::Status> for rf_status {
+    fn from(s: crate::error::Status) -> rf_status {
+        use crate::error::Status as S;
+        match s {
+            S::InvalidArgument => rf_status::RF_STATUS_INVALID_ARGUMENT,
+            S::Shape => rf_status::RF_STATUS_SHAPE,
+            S::DType => rf_status::RF_STATUS_DTYPE,
+            S::NotFound => rf_status::RF_STATUS_NOT_FOUND,
+            S::Io => rf_status::RF_STATUS_IO,
+            S::Format => rf_status::RF_STATUS_FORMAT,
+            S::Unsupported => rf_status::RF_STATUS_UNSUPPORTED,
+            S::Device => rf_status::RF_STATUS_DEVICE,
+            S::OutOfMemory => rf_status::RF_STATUS_OUT_OF_MEMORY,
+            S::Numeric => rf_status::RF_STATUS_NUMERIC,
+            S::Internal => rf_status::RF_STATUS_INTERNAL,
+        }
+    }
+}
+
+impl From<crate::DType> for rf_dtype {
+    fn from(d: crate::DType) -> rf_dtype {
+        match d {
+            crate::DType::F32 => rf_dtype::RF_DTYPE_F32,
+            crate::DType::F16 => rf_dtype::RF_DTYPE_F16,
+            crate::DType::BF16 => rf_dtype::RF_DTYPE_BF16,
+        }
+    }
+}
+
+impl From<crate::Scaling> for rf_scaling {
+    fn from(s: crate::Scaling) -> rf_scaling {
+        match s {
+            crate::Scaling::Lora => rf_scaling::RF_SCALING_LORA,
+            crate::Scaling::RsLora => rf_scaling::RF_SCALING_RSLORA,
+            crate::Scaling::Fixed => rf_scaling::RF_SCALING_FIXED,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn version_macros_match_cargo() {
+        assert_eq!(super::RF_VERSION_STRING, env!("CARGO_PKG_VERSION"));
+        assert_eq!(super::RF_VERSION_MAJOR.to_string(), env!("CARGO_PKG_VERSION_MAJOR"));
+        assert_eq!(super::RF_VERSION_MINOR.to_string(), env!("CARGO_PKG_VERSION_MINOR"));
+        assert_eq!(super::RF_VERSION_PATCH.to_string(), env!("CARGO_PKG_VERSION_PATCH"));
+    }
+}

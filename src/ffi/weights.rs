@@ -1,0 +1,77 @@
+//! Weights exports: open safetensors (mapped, zero-copy), list and view tensors.
+
+use super::boundary::{arg_out, arg_ref, arg_str};
+use super::error::rf_error;
+use super::handles::{c_name, rf_runtime, rf_weights};
+use super::types::*;
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+use std::ffi::c_char;
+use std::sync::Arc;
+
+/// Opens a `*.safetensors` file or a sharded model's `*.safetensors.index.json`, memory-mapped.
+/// The caller owns `*out` (free with `rf_weights_free`); views from `rf_weights_get` stay valid
+/// until then. Immutable after opening: safe to share across threads.
+#[no_mangle]
+pub unsafe extern "C" fn rf_weights_open(rt: *mut rf_runtime, path: *const c_char, out: *mut *mut rf_weights) -> *mut rf_error {
+    boundary!({
+        let _rt = arg_ref(rt, "rt")?;
+        let path = arg_str(path, "path")?;
+        let out = arg_out(out, "out")?;
+        let w = Weights::open(path)?;
+        let names = w.entries().iter().map(|t| c_name(&t.name, "tensor name")).collect::<Result<Vec<_>>>()?;
+        *out = Box::into_raw(Box::new(rf_weights { inner: Arc::new(w), names }));
+        Ok(())
+    })
+}
+
+/// Frees weights; NULL is accepted. Views obtained from them become invalid.
+#[no_mangle]
+pub unsafe extern "C" fn rf_weights_free(w: *mut rf_weights) {
+    boundary_value!((), {
+        if !w.is_null() {
+            drop(Box::from_raw(w));
+        }
+    })
+}
+
+/// Number of tensors (0 for NULL).
+#[no_mangle]
+pub unsafe extern "C" fn rf_weights_count(w: *const rf_weights) -> usize {
+    boundary_value!(0, { w.as_ref().map_or(0, |w| w.names.len()) })
+}
+
+/// Name of tensor `i` (file order), valid until `rf_weights_free`.
+#[no_mangle]
+pub unsafe extern "C" fn rf_weights_name(w: *const rf_weights, i: usize, name_out: *mut *const c_char) -> *mut rf_error {
+    boundary!({
+        let w = arg_ref(w, "w")?;
+        let out = arg_out(name_out, "name_out")?;
+        let n = w.names.get(i).ok_or_else(|| {
+            Error::invalid(format!("index {i} is out of range: '{}' has {} tensors", w.inner.path().display(), w.names.len()))
+        })?;
+        *out = n.as_ptr();
+        Ok(())
+    })
+}
+
+/// A zero-copy view of a tensor: 1-D as 1 x n; more than 2 dims is RF_STATUS_FORMAT; a dtype
+/// other than F32/F16/BF16 is RF_STATUS_UNSUPPORTED. `out->data` points into the mapping
+/// (read-only memory: do not write through it).
+#[no_mangle]
+pub unsafe extern "C" fn rf_weights_get(w: *const rf_weights, name: *const c_char, out: *mut rf_matrix) -> *mut rf_error {
+    boundary!({
+        let w = arg_ref(w, "w")?;
+        let name = arg_str(name, "name")?;
+        let out = arg_out(out, "out")?;
+        let v = w.inner.get(name)?;
+        *out = rf_matrix {
+            data: v.as_ptr() as *mut std::ffi::c_void,
+            dtype: v.dtype.into(),
+            rows: v.rows as i64,
+            cols: v.cols as i64,
+            ld: v.ld as i64,
+        };
+        Ok(())
+    })
+}

@@ -1,0 +1,24 @@
+//! rankfuse: a runtime for low-rank adapters on frozen base weights.
+//!
+//! The Rust API is re-exported here; the C ABI lives in [`ffi`] (the only module with
+//! `#[no_mangle]`) and is described by `include/rankfuse.h`.
+
+pub mod adapter;
+pub mod backend;
+pub mod dtype;
+pub mod error;
+pub mod ffi;
+pub mod matrix;
+pub mod runtime;
+pub mod weights;
+
+pub use adapter::{Adapter, Lora, Scaling};
+pub use backend::{LinearProblem, Slot};
+pub use dtype::DType;
+pub use error::{Error, Result, Status};
+pub use matrix::{MatMut, MatRef, Matrix};
+pub use runtime::{Device, Runtime, RuntimeOptions};
+pub use weights::Weights;
+
+/// The crate version ("0.1.0").
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,103 @@
+//! The runtime: a device, a thread pool and the kernel table chosen when it starts.
+
+use crate::adapter::Lora;
+use crate::backend::cpu::{self, KernelTable};
+use crate::backend::{LinearProblem, Slot};
+use crate::error::{Error, Result};
+use crate::matrix::MatMut;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RuntimeOptions {
+    pub device: Device,
+    pub device_index: i32,
+    /// CPU threads; 0 = all cores.
+    pub num_threads: usize,
+}
+
+/// A runtime. Compute calls may run from many threads at once.
+pub struct Runtime {
+    pool: rayon::ThreadPool,
+    kernels: KernelTable,
+    threads: usize,
+}
+
+impl Runtime {
+    pub fn new(opts: RuntimeOptions) -> Result<Runtime> {
+        if opts.device == Device::Cuda {
+            return Err(Error::unsupported("this build of rankfuse has no CUDA backend (build with feature 'cuda')"));
+        }
+        let kernels = cpu::select()?;
+        Self::with_kernels(opts, kernels)
+    }
+
+    /// A CPU runtime with all cores.
+    pub fn cpu() -> Result<Runtime> {
+        Self::new(RuntimeOptions::default())
+    }
+
+    /// A runtime with a given kernel table (tests and benchmarks compare variants with this).
+    pub fn with_kernels(opts: RuntimeOptions, kernels: KernelTable) -> Result<Runtime> {
+        let threads = if opts.num_threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            opts.num_threads
+        };
+        if threads > 4096 {
+            return Err(Error::invalid(format!("num_threads = {threads} is out of range")));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("rankfuse-{i}"))
+            .build()
+            .map_err(|e| Error::internal(format!("cannot start {threads} threads: {e}")))?;
+        Ok(Runtime { pool, kernels, threads })
+    }
+
+    pub fn kernels(&self) -> KernelTable {
+        self.kernels
+    }
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The fused linear: checks the problem, then runs the kernel table's implementation.
+    pub fn linear(&self, p: &LinearProblem<'_>, y: &mut MatMut<'_>) -> Result<()> {
+        p.check(y)?;
+        let f = self.kernels.linear;
+        self.pool.install(|| f(p, y));
+        Ok(())
+    }
+
+    /// Runtime facts as JSON: version, backend, CPU features, kernels chosen, threads.
+    pub fn info_json(&self) -> String {
+        let info = serde_json::json!({
+            "version": crate::VERSION,
+            "abi_version": crate::ffi::types::RF_ABI_VERSION,
+            "backend": "cpu",
+            "device": "cpu",
+            "arch": std::env::consts::ARCH,
+            "cpu_features": cpu::detect::features(),
+            "isa": self.kernels.isa.name(),
+            "kernels": { "linear": self.kernels.linear_name },
+            "threads": self.threads,
+            "gpu": serde_json::Value::Null,
+        });
+        info.to_string()
+    }
+}
+
+/// Resolves a slot: rank 0 = the lora's current rank; scale = scale(rank) * scale_mult.
+pub fn slot(lora: &Lora, rank: usize, scale_mult: f32) -> Result<Slot<'_>> {
+    let r = lora.resolve_rank(rank)?;
+    if !scale_mult.is_finite() {
+        return Err(Error::invalid(format!("module '{}': scale_mult {scale_mult} is not finite", lora.name)));
+    }
+    Ok(Slot { a: lora.a_view(r), b: lora.b_view(r), scale: lora.scale_at(r) * scale_mult, module: &lora.name })
+}

@@ -1,0 +1,355 @@
+//! Safetensors files, memory-mapped and zero-copy: a single `*.safetensors` file or a sharded
+//! model's `*.safetensors.index.json`. Headers are validated by the `safetensors` crate (header
+//! length inside the file, well-formed JSON, contiguous non-overlapping offsets, byte length =
+//! product(shape) x dtype size with overflow checks) before any view is handed out.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::matrix::MatRef;
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Largest sharded index JSON we read (real ones are well under 1 MiB).
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// How a file's bytes are held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OpenMode {
+    /// Memory-map (zero-copy). A file truncated by another process while mapped makes later reads
+    /// fault with SIGBUS; that is the OS's answer and cannot be turned into an error.
+    #[default]
+    Map,
+    /// Read the whole file into memory: immune to files changing underneath, costs a copy.
+    Read,
+}
+
+enum Backing {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Map(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
+struct Shard {
+    path: PathBuf,
+    backing: Backing,
+    metadata: HashMap<String, String>,
+}
+
+/// One tensor of the table.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub name: String,
+    /// The dtype as written in the file ("F32", "I64", ...).
+    pub dtype_name: String,
+    /// The dtype, when rankfuse computes with it.
+    pub dtype: Option<DType>,
+    pub shape: Vec<usize>,
+    shard: usize,
+    /// Absolute byte range inside the shard's file.
+    start: usize,
+    end: usize,
+}
+
+/// Opened weights. Views returned by [`Weights::get`] borrow from it.
+pub struct Weights {
+    path: PathBuf,
+    shards: Vec<Shard>,
+    tensors: Vec<TensorEntry>,
+    by_name: HashMap<String, usize>,
+}
+
+fn st_dtype_name(d: StDtype) -> String {
+    format!("{d:?}")
+}
+
+fn st_to_dtype(d: StDtype) -> Option<DType> {
+    match d {
+        StDtype::F32 => Some(DType::F32),
+        StDtype::F16 => Some(DType::F16),
+        StDtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+fn read_backing(path: &Path, mode: OpenMode) -> Result<Backing> {
+    let file = std::fs::File::open(path).map_err(|e| Error::from_io(path, &e))?;
+    match mode {
+        OpenMode::Map => {
+            // SAFETY: the map is read-only; a concurrent truncation by another process is the
+            // documented SIGBUS case (use OpenMode::Read to rule it out).
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::from_io(path, &e))?;
+            Ok(Backing::Map(map))
+        }
+        OpenMode::Read => {
+            let bytes = std::fs::read(path).map_err(|e| Error::from_io(path, &e))?;
+            Ok(Backing::Owned(bytes))
+        }
+    }
+}
+
+/// Finds which tensor makes a header invalid, for a message that names it. The crate's own
+/// validation is authoritative; this only explains.
+fn explain_invalid(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
+    let data_len = bytes.len() - 8 - n;
+    let mut ranges = Vec::new();
+    for (name, v) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offs = v.get("data_offsets")?.as_array()?;
+        let (s, e) = (offs.first()?.as_u64()? as u128, offs.get(1)?.as_u64()? as u128);
+        let shape: Vec<u128> = v.get("shape")?.as_array()?.iter().map(|d| d.as_u64().unwrap_or(0) as u128).collect();
+        let size = match v.get("dtype")?.as_str()? {
+            "F64" | "I64" | "U64" => 8u128,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            _ => 1,
+        };
+        let elems = shape.iter().try_fold(1u128, |a, &d| a.checked_mul(d));
+        let Some(elems) = elems.filter(|&e| e < (1u128 << 64)) else {
+            return Some(format!("tensor '{name}': shape {shape:?} overflows"));
+        };
+        if e < s || e > data_len as u128 {
+            return Some(format!("tensor '{name}': data_offsets [{s}, {e}] outside the {data_len}-byte data section"));
+        }
+        if e - s != elems * size {
+            return Some(format!("tensor '{name}': {} bytes for shape {shape:?} ({} expected)", e - s, elems * size));
+        }
+        ranges.push((s, e, name.clone()));
+    }
+    ranges.sort();
+    for w in ranges.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Some(format!("tensors '{}' and '{}' overlap", w[0].2, w[1].2));
+        }
+        if w[1].0 > w[0].1 {
+            return Some(format!("gap between tensors '{}' and '{}'", w[0].2, w[1].2));
+        }
+    }
+    None
+}
+
+fn parse_shard(path: &Path, backing: Backing, shard_idx: usize, out: &mut Vec<TensorEntry>) -> Result<Shard> {
+    let bytes = backing.bytes();
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        let why = explain_invalid(bytes).unwrap_or_else(|| e.to_string());
+        Error::format(format!("file '{}': invalid safetensors: {why}", path.display()))
+    })?;
+    let data_start = 8 + header_len;
+    let mut entries: Vec<(String, &safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().collect();
+    entries.sort_by_key(|(_, info)| info.data_offsets);
+    for (name, info) in entries {
+        let (s, e) = info.data_offsets;
+        // read_metadata checked s <= e and that the last offset ends the file; recheck cheaply.
+        let (start, end) = (data_start.checked_add(s), data_start.checked_add(e));
+        let (Some(start), Some(end)) = (start, end) else {
+            return Err(Error::format(format!("file '{}': tensor '{name}': offsets overflow", path.display())));
+        };
+        if end > bytes.len() || start > end {
+            return Err(Error::format(format!("file '{}': tensor '{name}': data outside the file", path.display())));
+        }
+        out.push(TensorEntry {
+            name,
+            dtype_name: st_dtype_name(info.dtype),
+            dtype: st_to_dtype(info.dtype),
+            shape: info.shape.clone(),
+            shard: shard_idx,
+            start,
+            end,
+        });
+    }
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    Ok(Shard { path: path.to_path_buf(), backing, metadata })
+}
+
+impl Weights {
+    /// Opens a `.safetensors` file, or a sharded model through its `.safetensors.index.json`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Weights> {
+        Self::open_with(path, OpenMode::Map)
+    }
+
+    pub fn open_with(path: impl AsRef<Path>, mode: OpenMode) -> Result<Weights> {
+        let path = path.as_ref();
+        let is_index = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".index.json"));
+        let mut tensors = Vec::new();
+        let mut shards = Vec::new();
+        if is_index {
+            Self::open_index(path, mode, &mut shards, &mut tensors)?;
+        } else {
+            let backing = read_backing(path, mode)?;
+            shards.push(parse_shard(path, backing, 0, &mut tensors)?);
+        }
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            if by_name.insert(t.name.clone(), i).is_some() {
+                return Err(Error::format(format!("file '{}': tensor '{}' appears twice", path.display(), t.name)));
+            }
+        }
+        Ok(Weights { path: path.to_path_buf(), shards, tensors, by_name })
+    }
+
+    fn open_index(path: &Path, mode: OpenMode, shards: &mut Vec<Shard>, tensors: &mut Vec<TensorEntry>) -> Result<()> {
+        let shown = path.display();
+        let meta = std::fs::metadata(path).map_err(|e| Error::from_io(path, &e))?;
+        if meta.len() > MAX_INDEX_BYTES {
+            return Err(Error::format(format!("index '{shown}': {} bytes is over the {MAX_INDEX_BYTES}-byte limit", meta.len())));
+        }
+        let text = std::fs::read(path).map_err(|e| Error::from_io(path, &e))?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| Error::format(format!("index '{shown}': invalid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::format(format!("index '{shown}': no \"weight_map\" object")))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut shard_of: HashMap<&str, usize> = HashMap::new();
+        let mut wanted: Vec<(String, usize)> = Vec::new();
+        let mut all: Vec<TensorEntry> = Vec::new();
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| Error::format(format!("index '{shown}': weight_map['{name}'] is not a string")))?;
+            if file.is_empty() || file.contains(['/', '\\']) || file == ".." || file == "." {
+                return Err(Error::format(format!("index '{shown}': weight_map['{name}'] = '{file}' is not a file name beside the index")));
+            }
+            let idx = match shard_of.get(file) {
+                Some(&i) => i,
+                None => {
+                    let p = dir.join(file);
+                    let backing = read_backing(&p, mode).map_err(|e| e.context(format!("index '{shown}'")))?;
+                    let i = shards.len();
+                    shards.push(parse_shard(&p, backing, i, &mut all)?);
+                    shard_of.insert(file, i);
+                    i
+                }
+            };
+            wanted.push((name.clone(), idx));
+        }
+        let mut found: HashMap<(&str, usize), &TensorEntry> = HashMap::new();
+        for t in &all {
+            found.insert((t.name.as_str(), t.shard), t);
+        }
+        for (name, idx) in &wanted {
+            let t = found.get(&(name.as_str(), *idx)).ok_or_else(|| {
+                Error::not_found(format!(
+                    "index '{shown}': tensor '{name}' is not in shard '{}'",
+                    shards[*idx].path.display()
+                ))
+            })?;
+            tensors.push((*t).clone());
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+    pub fn entries(&self) -> &[TensorEntry] {
+        &self.tensors
+    }
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+    /// The `__metadata__` of the (first) file.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.shards[0].metadata
+    }
+
+    /// The raw bytes of a tensor (any dtype), inside the mapping.
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let t = self.entry(name).ok_or_else(|| self.missing(name))?;
+        Ok(&self.shards[t.shard].backing.bytes()[t.start..t.end])
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::not_found(format!("file '{}': no tensor '{name}'", self.path.display()))
+    }
+
+    /// A zero-copy 2-D view of a tensor: 2-D as is, 1-D as 1 x n, 0-D as 1 x 1; more dims or a
+    /// dtype other than F32/F16/BF16 is an error naming the tensor.
+    pub fn get(&self, name: &str) -> Result<MatRef<'_>> {
+        let t = self.entry(name).ok_or_else(|| self.missing(name))?;
+        let dtype = t.dtype.ok_or_else(|| {
+            Error::unsupported(format!(
+                "file '{}': tensor '{name}' has dtype {}; rankfuse computes with F32, F16 and BF16",
+                self.path.display(),
+                t.dtype_name
+            ))
+        })?;
+        let (rows, cols) = match t.shape.as_slice() {
+            [] => (1, 1),
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            s => {
+                return Err(Error::format(format!(
+                    "file '{}': tensor '{name}' has shape {s:?}; only 1-D and 2-D tensors are matrices",
+                    self.path.display()
+                )))
+            }
+        };
+        let bytes = &self.shards[t.shard].backing.bytes()[t.start..t.end];
+        MatRef::from_bytes(bytes, dtype, rows, cols, cols.max(1))
+    }
+}
+
+/// One tensor to write.
+pub struct TensorOut<'a> {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: std::borrow::Cow<'a, [u8]>,
+}
+
+impl safetensors::View for &TensorOut<'_> {
+    fn dtype(&self) -> StDtype {
+        match self.dtype {
+            DType::F32 => StDtype::F32,
+            DType::F16 => StDtype::F16,
+            DType::BF16 => StDtype::BF16,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes tensors to a safetensors file (the crate's serializer: sorted by dtype then name,
+/// 8-byte aligned header), with optional `__metadata__`.
+pub fn write_safetensors(path: &Path, tensors: &[TensorOut<'_>], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    for t in tensors {
+        let n: usize = t.shape.iter().product();
+        if n * t.dtype.size() != t.data.len() {
+            return Err(Error::internal(format!("tensor '{}': {} bytes for shape {:?}", t.name, t.data.len(), t.shape)));
+        }
+    }
+    let items: Vec<(&str, &TensorOut<'_>)> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    safetensors::serialize_to_file(items, metadata, path)
+        .map_err(|e| Error::io(format!("file '{}': cannot write safetensors: {e}", path.display())))
+}
