@@ -5,10 +5,12 @@
 
 pub mod adapter;
 pub mod backend;
+pub mod bench;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod matrix;
+pub mod rng;
 pub mod runtime;
 pub mod weights;
 

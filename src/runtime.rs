@@ -99,5 +99,5 @@ pub fn slot(lora: &Lora, rank: usize, scale_mult: f32) -> Result<Slot<'_>> {
     if !scale_mult.is_finite() {
         return Err(Error::invalid(format!("module '{}': scale_mult {scale_mult} is not finite", lora.name)));
     }
-    Ok(Slot { a: lora.a_view(r), b: lora.b_view(r), scale: lora.scale_at(r) * scale_mult, module: &lora.name })
+    Ok(Slot { a: lora.a_view(r), b: lora.b_view(r), scale: lora.scale_at(r) * scale_mult, gains: None, module: &lora.name })
 }

@@ -253,6 +253,19 @@ impl Weights {
         Ok(())
     }
 
+    /// Weights from bytes already in memory (e.g. data embedded in a binary); `name` stands for
+    /// the file in messages.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Weights> {
+        let path = PathBuf::from(name);
+        let mut tensors = Vec::new();
+        let shard = parse_shard(&path, Backing::Owned(bytes), 0, &mut tensors)?;
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            by_name.insert(t.name.clone(), i);
+        }
+        Ok(Weights { path, shards: vec![shard], tensors, by_name })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

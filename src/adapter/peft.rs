@@ -209,6 +209,12 @@ fn load_named(dir: &Path, name: &str) -> Result<Adapter> {
         return Err(Error::not_found(format!("file '{}' does not exist", wpath.display())));
     }
     let weights = Arc::new(Weights::open(&wpath)?);
+    from_parts(name, cfg, weights)
+}
+
+/// Builds an adapter from a parsed config and opened weights (also used for embedded data).
+pub fn from_parts(name: &str, cfg: PeftConfig, weights: Arc<Weights>) -> Result<Adapter> {
+    let wpath = weights.path().to_path_buf();
     let ranks = PatternMap::new("rank_pattern", cfg.rank_pattern.clone())?;
     let alphas = PatternMap::new("alpha_pattern", cfg.alpha_pattern.clone())?;
     let stored: HashMap<String, ModuleMeta> = weights

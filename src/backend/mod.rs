@@ -12,6 +12,9 @@ pub struct Slot<'a> {
     pub a: MatRef<'a>,
     pub b: MatRef<'a>,
     pub scale: f32,
+    /// Optional per-component gains E (1 x r, AdaLoRA/ElaLoRA's `B diag(E) A` form; a 0 masks a
+    /// component off): T[:, c] is multiplied by E[c] right after the shrink, at no extra pass.
+    pub gains: Option<MatRef<'a>>,
     /// For messages: the module the slot came from.
     pub module: &'a str,
 }
@@ -84,6 +87,14 @@ impl LinearProblem<'_> {
             }
             if s.a.rows != s.b.cols || s.a.rows == 0 {
                 return Err(Error::shape(format!("slot {i} (module '{}'): rank mismatch between A and B", s.module)));
+            }
+            if let Some(g) = &s.gains {
+                if g.rows != 1 || g.cols != s.a.rows {
+                    return Err(Error::shape(format!(
+                        "slot {i} (module '{}'): gains are {} x {}, expected 1 x {}",
+                        s.module, g.rows, g.cols, s.a.rows
+                    )));
+                }
             }
             if !s.scale.is_finite() {
                 return Err(Error::invalid(format!("slot {i} (module '{}'): scale {} is not finite", s.module, s.scale)));

@@ -114,7 +114,8 @@ fn compute_shrink<K: MicroKernel>(p: &LinearProblem<'_>) -> Shrink {
                     };
                     // SAFETY: both rows hold k floats.
                     let d = unsafe { K::dot(xr.as_ptr(), arow, k) };
-                    trow[off[s] + r] = slot.scale * d;
+                    let g = slot.gains.map_or(1.0, |g| g.get(0, r));
+                    trow[off[s] + r] = slot.scale * g * d;
                 }
             }
         })

@@ -19,6 +19,9 @@ pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
                 for kk in 0..k {
                     acc += p.x.get(i, kk) as f64 * slot.a.get(r, kk) as f64;
                 }
+                if let Some(g) = &slot.gains {
+                    acc *= g.get(0, r) as f64;
+                }
                 t[s].push(acc);
             }
         }

@@ -1,0 +1,59 @@
+//! The `rankfuse` command line. One module per subcommand.
+
+mod apply;
+mod bench;
+mod demo;
+mod inspect;
+
+use clap::{Parser, Subcommand};
+use rankfuse::{Runtime, RuntimeOptions};
+
+#[derive(Parser)]
+#[command(name = "rankfuse", version, about = "Low-rank adapters on frozen base weights: fused, fast, from C")]
+struct Cli {
+    /// CPU threads (0 = all cores).
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runtime facts as JSON (CPU features, kernels chosen, threads).
+    Info,
+    /// Tensors of a safetensors file, or the modules of a PEFT adapter folder.
+    Inspect(inspect::Args),
+    /// Runs base + adapter on every `x.<module>` of an input file, writing `y.<module>`.
+    Apply(apply::Args),
+    /// Runs on bundled data: PEFT parity, rank truncation, a mixed batch, a timing.
+    Demo,
+    /// Times fused vs base-only vs naive unfused (JSON + a table).
+    Bench(bench::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match Runtime::new(RuntimeOptions { num_threads: cli.threads, ..Default::default() }) {
+        Ok(rt) => rt,
+        Err(e) => fail(e),
+    };
+    let r = match cli.cmd {
+        Cmd::Info => {
+            println!("{}", rt.info_json());
+            Ok(())
+        }
+        Cmd::Inspect(a) => inspect::run(&a),
+        Cmd::Apply(a) => apply::run(&rt, &a),
+        Cmd::Demo => demo::run(&rt),
+        Cmd::Bench(a) => bench::run(&rt, &a),
+    };
+    if let Err(e) = r {
+        fail(e)
+    }
+}
+
+fn fail(e: rankfuse::Error) -> ! {
+    eprintln!("rankfuse: error ({:?}): {}", e.status, e.message);
+    std::process::exit(1)
+}
