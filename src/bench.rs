@@ -67,30 +67,72 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn random(rng: &mut SplitMix64, dtype: DType, rows: usize, cols: usize, amp: f32) -> Result<Matrix> {
+fn random(
+    rng: &mut SplitMix64,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    amp: f32,
+) -> Result<Matrix> {
     Matrix::from_f32(dtype, rows, cols, &rng.fill_uniform(rows * cols, -amp, amp))
 }
 
 /// Runs one case; every iteration times base, fused and naive back to back.
-pub fn run_case(rt: &Runtime, dtype: DType, m: usize, k: usize, n: usize, r: usize, opts: &BenchOptions) -> Result<BenchResult> {
+pub fn run_case(
+    rt: &Runtime,
+    dtype: DType,
+    m: usize,
+    k: usize,
+    n: usize,
+    r: usize,
+    opts: &BenchOptions,
+) -> Result<BenchResult> {
     let mut rng = SplitMix64::new((m * 31 + k * 7 + n * 3 + r) as u64);
     let x = random(&mut rng, dtype, m, k, 1.0)?;
     let w = random(&mut rng, dtype, n, k, 0.02)?;
     let a = random(&mut rng, dtype, r, k, 0.02)?;
     let b = random(&mut rng, dtype, n, r, 0.02)?;
-    let lora = Lora::new("bench", TensorData::Owned(a), TensorData::Owned(b), 2.0 * r as f32, Scaling::Lora, 0.0)?;
+    let lora = Lora::new(
+        "bench",
+        TensorData::Owned(a),
+        TensorData::Owned(b),
+        2.0 * r as f32,
+        Scaling::Lora,
+        0.0,
+    )?;
     let mut y = Matrix::zeros(dtype, m, n)?;
     let mut t = Matrix::zeros(DType::F32, m, r)?;
     let mut d = Matrix::zeros(DType::F32, m, n)?;
     let s = slot(&lora, 0, 1.0)?;
     let slots_fused = [Some(s)];
-    let base = LinearProblem { x: x.view(), w: w.view(), bias: None, slots: &[], row_slot: None };
-    let fused = LinearProblem { slots: &slots_fused, ..base };
+    let base = LinearProblem {
+        x: x.view(),
+        w: w.view(),
+        bias: None,
+        slots: &[],
+        row_slot: None,
+    };
+    let fused = LinearProblem {
+        slots: &slots_fused,
+        ..base
+    };
     let mut naive = |y: &mut Matrix| -> Result<()> {
         rt.linear(&base, &mut y.view_mut())?;
-        let shrink = LinearProblem { x: x.view(), w: lora.a_view(r), bias: None, slots: &[], row_slot: None };
+        let shrink = LinearProblem {
+            x: x.view(),
+            w: lora.a_view(r),
+            bias: None,
+            slots: &[],
+            row_slot: None,
+        };
         rt.linear(&shrink, &mut t.view_mut())?;
-        let expand = LinearProblem { x: t.view(), w: lora.b_view(r), bias: None, slots: &[], row_slot: None };
+        let expand = LinearProblem {
+            x: t.view(),
+            w: lora.b_view(r),
+            bias: None,
+            slots: &[],
+            row_slot: None,
+        };
         rt.linear(&expand, &mut d.view_mut())?;
         let scale = s.scale;
         let dv = d.to_f32_vec();
@@ -141,7 +183,11 @@ pub fn run_case(rt: &Runtime, dtype: DType, m: usize, k: usize, n: usize, r: usi
 }
 
 /// Runs every case of `opts`, calling `progress` after each.
-pub fn run(rt: &Runtime, opts: &BenchOptions, mut progress: impl FnMut(&BenchResult)) -> Result<Vec<BenchResult>> {
+pub fn run(
+    rt: &Runtime,
+    opts: &BenchOptions,
+    mut progress: impl FnMut(&BenchResult),
+) -> Result<Vec<BenchResult>> {
     let mut out = Vec::new();
     for &dtype in &opts.dtypes {
         for &(k, n) in &opts.shapes {

@@ -107,8 +107,12 @@ pub unsafe fn load_f32(p: *const u8, dtype: DType, i: usize) -> f32 {
 pub unsafe fn store_f32(p: *mut u8, dtype: DType, i: usize, v: f32) {
     match dtype {
         DType::F32 => (p as *mut f32).add(i).write_unaligned(v),
-        DType::F16 => (p as *mut u16).add(i).write_unaligned(f16::from_f32(v).to_bits()),
-        DType::BF16 => (p as *mut u16).add(i).write_unaligned(bf16::from_f32(v).to_bits()),
+        DType::F16 => (p as *mut u16)
+            .add(i)
+            .write_unaligned(f16::from_f32(v).to_bits()),
+        DType::BF16 => (p as *mut u16)
+            .add(i)
+            .write_unaligned(bf16::from_f32(v).to_bits()),
     }
 }
 

@@ -58,7 +58,12 @@ fn check_shape(what: &str, rows: usize, cols: usize, ld: usize, dtype: DType) ->
 
 impl<'a> MatRef<'a> {
     /// A view over a typed slice; checks that the slice covers the shape.
-    pub fn from_slice<T: Element>(data: &'a [T], rows: usize, cols: usize, ld: usize) -> Result<Self> {
+    pub fn from_slice<T: Element>(
+        data: &'a [T],
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Result<Self> {
         let bytes = check_shape("matrix", rows, cols, ld, T::DTYPE)?;
         if bytes > std::mem::size_of_val(data) {
             return Err(Error::shape(format!(
@@ -72,10 +77,19 @@ impl<'a> MatRef<'a> {
     }
 
     /// A view over raw bytes of `dtype`; checks that the bytes cover the shape.
-    pub fn from_bytes(data: &'a [u8], dtype: DType, rows: usize, cols: usize, ld: usize) -> Result<Self> {
+    pub fn from_bytes(
+        data: &'a [u8],
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Result<Self> {
         let bytes = check_shape("matrix", rows, cols, ld, dtype)?;
         if bytes > data.len() {
-            return Err(Error::shape(format!("matrix: {rows} x {cols} (ld {ld}) exceeds its {} bytes", data.len())));
+            return Err(Error::shape(format!(
+                "matrix: {rows} x {cols} (ld {ld}) exceeds its {} bytes",
+                data.len()
+            )));
         }
         // SAFETY: covered above.
         Ok(unsafe { Self::from_raw(data.as_ptr(), dtype, rows, cols, ld) })
@@ -84,8 +98,21 @@ impl<'a> MatRef<'a> {
     /// # Safety
     /// `ptr` must point to memory valid for reads of the span of this shape for 'a, and
     /// `ld >= cols`.
-    pub unsafe fn from_raw(ptr: *const u8, dtype: DType, rows: usize, cols: usize, ld: usize) -> Self {
-        MatRef { ptr, dtype, rows, cols, ld, _life: PhantomData }
+    pub unsafe fn from_raw(
+        ptr: *const u8,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Self {
+        MatRef {
+            ptr,
+            dtype,
+            rows,
+            cols,
+            ld,
+            _life: PhantomData,
+        }
     }
 
     pub fn as_ptr(&self) -> *const u8 {
@@ -113,19 +140,29 @@ impl<'a> MatRef<'a> {
     pub fn row_f32(&self, i: usize, c0: usize, out: &mut [f32]) {
         assert!(i < self.rows && c0 + out.len() <= self.cols);
         // SAFETY: bounds checked above.
-        unsafe { dtype::convert_to_f32(self.row_ptr(i).add(c0 * self.dtype.size()), self.dtype, out) }
+        unsafe {
+            dtype::convert_to_f32(self.row_ptr(i).add(c0 * self.dtype.size()), self.dtype, out)
+        }
     }
 
     /// The first `rows` rows and `cols` columns (a truncation; same ld).
     pub fn top_left(&self, rows: usize, cols: usize) -> MatRef<'a> {
         assert!(rows <= self.rows && cols <= self.cols);
-        MatRef { rows, cols, ..*self }
+        MatRef {
+            rows,
+            cols,
+            ..*self
+        }
     }
 
     /// Rows `r0..r0+rows` (all columns).
     pub fn row_range(&self, r0: usize, rows: usize) -> MatRef<'a> {
         assert!(r0 + rows <= self.rows);
-        let ptr = if rows == 0 { self.ptr } else { self.row_ptr(r0) };
+        let ptr = if rows == 0 {
+            self.ptr
+        } else {
+            self.row_ptr(r0)
+        };
         MatRef { ptr, rows, ..*self }
     }
 
@@ -140,7 +177,12 @@ impl<'a> MatRef<'a> {
 }
 
 impl<'a> MatMut<'a> {
-    pub fn from_slice<T: Element>(data: &'a mut [T], rows: usize, cols: usize, ld: usize) -> Result<Self> {
+    pub fn from_slice<T: Element>(
+        data: &'a mut [T],
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Result<Self> {
         let bytes = check_shape("matrix", rows, cols, ld, T::DTYPE)?;
         if bytes > std::mem::size_of_val(data) {
             return Err(Error::shape(format!(
@@ -156,8 +198,21 @@ impl<'a> MatMut<'a> {
     /// # Safety
     /// `ptr` must point to memory valid for reads and writes of the span for 'a, not aliased by
     /// any other live view, and `ld >= cols`.
-    pub unsafe fn from_raw(ptr: *mut u8, dtype: DType, rows: usize, cols: usize, ld: usize) -> Self {
-        MatMut { ptr, dtype, rows, cols, ld, _life: PhantomData }
+    pub unsafe fn from_raw(
+        ptr: *mut u8,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Self {
+        MatMut {
+            ptr,
+            dtype,
+            rows,
+            cols,
+            ld,
+            _life: PhantomData,
+        }
     }
 
     pub fn as_ref(&self) -> MatRef<'_> {
@@ -188,7 +243,13 @@ impl<'a> MatMut<'a> {
     pub fn set_row_f32(&mut self, i: usize, c0: usize, vals: &[f32]) {
         assert!(i < self.rows && c0 + vals.len() <= self.cols);
         // SAFETY: bounds checked; exclusive view.
-        unsafe { dtype::convert_from_f32(vals, self.row_ptr(i).add(c0 * self.dtype.size()), self.dtype) }
+        unsafe {
+            dtype::convert_from_f32(
+                vals,
+                self.row_ptr(i).add(c0 * self.dtype.size()),
+                self.dtype,
+            )
+        }
     }
 
     /// A pointer-copy of this view for kernels that split the writes across threads.
@@ -196,7 +257,10 @@ impl<'a> MatMut<'a> {
     /// # Safety
     /// Callers must make the threads write disjoint elements.
     pub unsafe fn alias(&self) -> MatMut<'a> {
-        MatMut { ptr: self.ptr, ..*self }
+        MatMut {
+            ptr: self.ptr,
+            ..*self
+        }
     }
 }
 
@@ -217,12 +281,20 @@ impl Matrix {
         data.try_reserve_exact(bytes)
             .map_err(|_| Error::oom(format!("cannot allocate {rows} x {cols} {}", dtype.name())))?;
         data.resize(bytes, 0);
-        Ok(Matrix { data, dtype, rows, cols })
+        Ok(Matrix {
+            data,
+            dtype,
+            rows,
+            cols,
+        })
     }
     /// A matrix of `dtype` with values rounded from `vals` (row-major, rows x cols).
     pub fn from_f32(dtype: DType, rows: usize, cols: usize, vals: &[f32]) -> Result<Self> {
         if vals.len() != rows * cols {
-            return Err(Error::shape(format!("{} values for a {rows} x {cols} matrix", vals.len())));
+            return Err(Error::shape(format!(
+                "{} values for a {rows} x {cols} matrix",
+                vals.len()
+            )));
         }
         let mut m = Self::zeros(dtype, rows, cols)?;
         // SAFETY: m holds rows*cols elements of dtype.
@@ -231,17 +303,42 @@ impl Matrix {
     }
     pub fn from_bytes(dtype: DType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
         if data.len() != rows * cols * dtype.size() {
-            return Err(Error::shape(format!("{} bytes for a {rows} x {cols} {} matrix", data.len(), dtype.name())));
+            return Err(Error::shape(format!(
+                "{} bytes for a {rows} x {cols} {} matrix",
+                data.len(),
+                dtype.name()
+            )));
         }
-        Ok(Matrix { data, dtype, rows, cols })
+        Ok(Matrix {
+            data,
+            dtype,
+            rows,
+            cols,
+        })
     }
     pub fn view(&self) -> MatRef<'_> {
         // SAFETY: data covers rows*cols elements.
-        unsafe { MatRef::from_raw(self.data.as_ptr(), self.dtype, self.rows, self.cols, self.cols.max(1)) }
+        unsafe {
+            MatRef::from_raw(
+                self.data.as_ptr(),
+                self.dtype,
+                self.rows,
+                self.cols,
+                self.cols.max(1),
+            )
+        }
     }
     pub fn view_mut(&mut self) -> MatMut<'_> {
         // SAFETY: data covers rows*cols elements, borrowed exclusively.
-        unsafe { MatMut::from_raw(self.data.as_mut_ptr(), self.dtype, self.rows, self.cols, self.cols.max(1)) }
+        unsafe {
+            MatMut::from_raw(
+                self.data.as_mut_ptr(),
+                self.dtype,
+                self.rows,
+                self.cols,
+                self.cols.max(1),
+            )
+        }
     }
     pub fn bytes(&self) -> &[u8] {
         &self.data
@@ -263,8 +360,14 @@ mod tests {
         let v = vec![0f32; 10];
         assert!(MatRef::from_slice(&v, 2, 5, 5).is_ok());
         assert!(MatRef::from_slice(&v, 2, 4, 6).is_ok()); // 6 + 4 = 10
-        assert_eq!(MatRef::from_slice(&v, 2, 5, 6).unwrap_err().status, crate::Status::Shape);
-        assert_eq!(MatRef::from_slice(&v, 2, 5, 4).unwrap_err().status, crate::Status::Shape);
+        assert_eq!(
+            MatRef::from_slice(&v, 2, 5, 6).unwrap_err().status,
+            crate::Status::Shape
+        );
+        assert_eq!(
+            MatRef::from_slice(&v, 2, 5, 4).unwrap_err().status,
+            crate::Status::Shape
+        );
         assert!(MatRef::from_slice(&v, usize::MAX / 2, 5, 5).is_err());
     }
 }

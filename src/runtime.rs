@@ -31,7 +31,9 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(opts: RuntimeOptions) -> Result<Runtime> {
         if opts.device == Device::Cuda {
-            return Err(Error::unsupported("this build of rankfuse has no CUDA backend (build with feature 'cuda')"));
+            return Err(Error::unsupported(
+                "this build of rankfuse has no CUDA backend (build with feature 'cuda')",
+            ));
         }
         let kernels = cpu::select()?;
         Self::with_kernels(opts, kernels)
@@ -50,14 +52,20 @@ impl Runtime {
             opts.num_threads
         };
         if threads > 4096 {
-            return Err(Error::invalid(format!("num_threads = {threads} is out of range")));
+            return Err(Error::invalid(format!(
+                "num_threads = {threads} is out of range"
+            )));
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("rankfuse-{i}"))
             .build()
             .map_err(|e| Error::internal(format!("cannot start {threads} threads: {e}")))?;
-        Ok(Runtime { pool, kernels, threads })
+        Ok(Runtime {
+            pool,
+            kernels,
+            threads,
+        })
     }
 
     pub fn kernels(&self) -> KernelTable {
@@ -97,7 +105,16 @@ impl Runtime {
 pub fn slot(lora: &Lora, rank: usize, scale_mult: f32) -> Result<Slot<'_>> {
     let r = lora.resolve_rank(rank)?;
     if !scale_mult.is_finite() {
-        return Err(Error::invalid(format!("module '{}': scale_mult {scale_mult} is not finite", lora.name)));
+        return Err(Error::invalid(format!(
+            "module '{}': scale_mult {scale_mult} is not finite",
+            lora.name
+        )));
     }
-    Ok(Slot { a: lora.a_view(r), b: lora.b_view(r), scale: lora.scale_at(r) * scale_mult, gains: None, module: &lora.name })
+    Ok(Slot {
+        a: lora.a_view(r),
+        b: lora.b_view(r),
+        scale: lora.scale_at(r) * scale_mult,
+        gains: None,
+        module: &lora.name,
+    })
 }

@@ -101,7 +101,8 @@ fn read_backing(path: &Path, mode: OpenMode) -> Result<Backing> {
 /// validation is authoritative; this only explains.
 fn explain_invalid(bytes: &[u8]) -> Option<String> {
     let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
     let data_len = bytes.len() - 8 - n;
     let mut ranges = Vec::new();
     for (name, v) in &header {
@@ -109,8 +110,16 @@ fn explain_invalid(bytes: &[u8]) -> Option<String> {
             continue;
         }
         let offs = v.get("data_offsets")?.as_array()?;
-        let (s, e) = (offs.first()?.as_u64()? as u128, offs.get(1)?.as_u64()? as u128);
-        let shape: Vec<u128> = v.get("shape")?.as_array()?.iter().map(|d| d.as_u64().unwrap_or(0) as u128).collect();
+        let (s, e) = (
+            offs.first()?.as_u64()? as u128,
+            offs.get(1)?.as_u64()? as u128,
+        );
+        let shape: Vec<u128> = v
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64().unwrap_or(0) as u128)
+            .collect();
         let size = match v.get("dtype")?.as_str()? {
             "F64" | "I64" | "U64" => 8u128,
             "F32" | "I32" | "U32" => 4,
@@ -122,10 +131,16 @@ fn explain_invalid(bytes: &[u8]) -> Option<String> {
             return Some(format!("tensor '{name}': shape {shape:?} overflows"));
         };
         if e < s || e > data_len as u128 {
-            return Some(format!("tensor '{name}': data_offsets [{s}, {e}] outside the {data_len}-byte data section"));
+            return Some(format!(
+                "tensor '{name}': data_offsets [{s}, {e}] outside the {data_len}-byte data section"
+            ));
         }
         if e - s != elems * size {
-            return Some(format!("tensor '{name}': {} bytes for shape {shape:?} ({} expected)", e - s, elems * size));
+            return Some(format!(
+                "tensor '{name}': {} bytes for shape {shape:?} ({} expected)",
+                e - s,
+                elems * size
+            ));
         }
         ranges.push((s, e, name.clone()));
     }
@@ -141,24 +156,39 @@ fn explain_invalid(bytes: &[u8]) -> Option<String> {
     None
 }
 
-fn parse_shard(path: &Path, backing: Backing, shard_idx: usize, out: &mut Vec<TensorEntry>) -> Result<Shard> {
+fn parse_shard(
+    path: &Path,
+    backing: Backing,
+    shard_idx: usize,
+    out: &mut Vec<TensorEntry>,
+) -> Result<Shard> {
     let bytes = backing.bytes();
     let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
         let why = explain_invalid(bytes).unwrap_or_else(|| e.to_string());
-        Error::format(format!("file '{}': invalid safetensors: {why}", path.display()))
+        Error::format(format!(
+            "file '{}': invalid safetensors: {why}",
+            path.display()
+        ))
     })?;
     let data_start = 8 + header_len;
-    let mut entries: Vec<(String, &safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().collect();
+    let mut entries: Vec<(String, &safetensors::tensor::TensorInfo)> =
+        meta.tensors().into_iter().collect();
     entries.sort_by_key(|(_, info)| info.data_offsets);
     for (name, info) in entries {
         let (s, e) = info.data_offsets;
         // read_metadata checked s <= e and that the last offset ends the file; recheck cheaply.
         let (start, end) = (data_start.checked_add(s), data_start.checked_add(e));
         let (Some(start), Some(end)) = (start, end) else {
-            return Err(Error::format(format!("file '{}': tensor '{name}': offsets overflow", path.display())));
+            return Err(Error::format(format!(
+                "file '{}': tensor '{name}': offsets overflow",
+                path.display()
+            )));
         };
         if end > bytes.len() || start > end {
-            return Err(Error::format(format!("file '{}': tensor '{name}': data outside the file", path.display())));
+            return Err(Error::format(format!(
+                "file '{}': tensor '{name}': data outside the file",
+                path.display()
+            )));
         }
         out.push(TensorEntry {
             name,
@@ -171,7 +201,11 @@ fn parse_shard(path: &Path, backing: Backing, shard_idx: usize, out: &mut Vec<Te
         });
     }
     let metadata = meta.metadata().clone().unwrap_or_default();
-    Ok(Shard { path: path.to_path_buf(), backing, metadata })
+    Ok(Shard {
+        path: path.to_path_buf(),
+        backing,
+        metadata,
+    })
 }
 
 impl Weights {
@@ -182,7 +216,10 @@ impl Weights {
 
     pub fn open_with(path: impl AsRef<Path>, mode: OpenMode) -> Result<Weights> {
         let path = path.as_ref();
-        let is_index = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".index.json"));
+        let is_index = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".index.json"));
         let mut tensors = Vec::new();
         let mut shards = Vec::new();
         if is_index {
@@ -194,21 +231,38 @@ impl Weights {
         let mut by_name = HashMap::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
             if by_name.insert(t.name.clone(), i).is_some() {
-                return Err(Error::format(format!("file '{}': tensor '{}' appears twice", path.display(), t.name)));
+                return Err(Error::format(format!(
+                    "file '{}': tensor '{}' appears twice",
+                    path.display(),
+                    t.name
+                )));
             }
         }
-        Ok(Weights { path: path.to_path_buf(), shards, tensors, by_name })
+        Ok(Weights {
+            path: path.to_path_buf(),
+            shards,
+            tensors,
+            by_name,
+        })
     }
 
-    fn open_index(path: &Path, mode: OpenMode, shards: &mut Vec<Shard>, tensors: &mut Vec<TensorEntry>) -> Result<()> {
+    fn open_index(
+        path: &Path,
+        mode: OpenMode,
+        shards: &mut Vec<Shard>,
+        tensors: &mut Vec<TensorEntry>,
+    ) -> Result<()> {
         let shown = path.display();
         let meta = std::fs::metadata(path).map_err(|e| Error::from_io(path, &e))?;
         if meta.len() > MAX_INDEX_BYTES {
-            return Err(Error::format(format!("index '{shown}': {} bytes is over the {MAX_INDEX_BYTES}-byte limit", meta.len())));
+            return Err(Error::format(format!(
+                "index '{shown}': {} bytes is over the {MAX_INDEX_BYTES}-byte limit",
+                meta.len()
+            )));
         }
         let text = std::fs::read(path).map_err(|e| Error::from_io(path, &e))?;
-        let json: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| Error::format(format!("index '{shown}': invalid JSON: {e}")))?;
+        let json: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::format(format!("index '{shown}': invalid JSON: {e}")))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -218,9 +272,11 @@ impl Weights {
         let mut wanted: Vec<(String, usize)> = Vec::new();
         let mut all: Vec<TensorEntry> = Vec::new();
         for (name, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| Error::format(format!("index '{shown}': weight_map['{name}'] is not a string")))?;
+            let file = file.as_str().ok_or_else(|| {
+                Error::format(format!(
+                    "index '{shown}': weight_map['{name}'] is not a string"
+                ))
+            })?;
             if file.is_empty() || file.contains(['/', '\\']) || file == ".." || file == "." {
                 return Err(Error::format(format!("index '{shown}': weight_map['{name}'] = '{file}' is not a file name beside the index")));
             }
@@ -228,7 +284,8 @@ impl Weights {
                 Some(&i) => i,
                 None => {
                     let p = dir.join(file);
-                    let backing = read_backing(&p, mode).map_err(|e| e.context(format!("index '{shown}'")))?;
+                    let backing = read_backing(&p, mode)
+                        .map_err(|e| e.context(format!("index '{shown}'")))?;
                     let i = shards.len();
                     shards.push(parse_shard(&p, backing, i, &mut all)?);
                     shard_of.insert(file, i);
@@ -263,7 +320,12 @@ impl Weights {
         for (i, t) in tensors.iter().enumerate() {
             by_name.insert(t.name.clone(), i);
         }
-        Ok(Weights { path, shards: vec![shard], tensors, by_name })
+        Ok(Weights {
+            path,
+            shards: vec![shard],
+            tensors,
+            by_name,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -296,7 +358,10 @@ impl Weights {
     }
 
     fn missing(&self, name: &str) -> Error {
-        Error::not_found(format!("file '{}': no tensor '{name}'", self.path.display()))
+        Error::not_found(format!(
+            "file '{}': no tensor '{name}'",
+            self.path.display()
+        ))
     }
 
     /// A zero-copy 2-D view of a tensor: 2-D as is, 1-D as 1 x n, 0-D as 1 x 1; more dims or a
@@ -314,12 +379,10 @@ impl Weights {
             [] => (1, 1),
             [n] => (1, *n),
             [r, c] => (*r, *c),
-            s => {
-                return Err(Error::format(format!(
-                    "file '{}': tensor '{name}' has shape {s:?}; only 1-D and 2-D tensors are matrices",
-                    self.path.display()
-                )))
-            }
+            s => return Err(Error::format(format!(
+                "file '{}': tensor '{name}' has shape {s:?}; only 1-D and 2-D tensors are matrices",
+                self.path.display()
+            ))),
         };
         let bytes = &self.shards[t.shard].backing.bytes()[t.start..t.end];
         MatRef::from_bytes(bytes, dtype, rows, cols, cols.max(1))
@@ -355,14 +418,27 @@ impl safetensors::View for &TensorOut<'_> {
 
 /// Writes tensors to a safetensors file (the crate's serializer: sorted by dtype then name,
 /// 8-byte aligned header), with optional `__metadata__`.
-pub fn write_safetensors(path: &Path, tensors: &[TensorOut<'_>], metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[TensorOut<'_>],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     for t in tensors {
         let n: usize = t.shape.iter().product();
         if n * t.dtype.size() != t.data.len() {
-            return Err(Error::internal(format!("tensor '{}': {} bytes for shape {:?}", t.name, t.data.len(), t.shape)));
+            return Err(Error::internal(format!(
+                "tensor '{}': {} bytes for shape {:?}",
+                t.name,
+                t.data.len(),
+                t.shape
+            )));
         }
     }
     let items: Vec<(&str, &TensorOut<'_>)> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-    safetensors::serialize_to_file(items, metadata, path)
-        .map_err(|e| Error::io(format!("file '{}': cannot write safetensors: {e}", path.display())))
+    safetensors::serialize_to_file(items, metadata, path).map_err(|e| {
+        Error::io(format!(
+            "file '{}': cannot write safetensors: {e}",
+            path.display()
+        ))
+    })
 }

@@ -45,8 +45,12 @@ impl TensorData {
         let v = weights.get(name)?;
         // SAFETY: the view points into the Weights' mapping (or owned buffer), whose address is
         // stable and which the Arc stored next to it keeps alive for this value's lifetime.
-        let view: MatRef<'static> = unsafe { MatRef::from_raw(v.as_ptr(), v.dtype, v.rows, v.cols, v.ld) };
-        Ok(TensorData::Mapped { _keep: weights.clone(), view })
+        let view: MatRef<'static> =
+            unsafe { MatRef::from_raw(v.as_ptr(), v.dtype, v.rows, v.cols, v.ld) };
+        Ok(TensorData::Mapped {
+            _keep: weights.clone(),
+            view,
+        })
     }
     pub fn view(&self) -> MatRef<'_> {
         match self {
@@ -77,7 +81,14 @@ pub struct Lora {
 
 impl Lora {
     /// A module over A (capacity x in) and B (out x capacity); checks that they agree.
-    pub fn new(name: &str, a: TensorData, b: TensorData, alpha: f32, scaling: Scaling, fixed_scale: f32) -> Result<Lora> {
+    pub fn new(
+        name: &str,
+        a: TensorData,
+        b: TensorData,
+        alpha: f32,
+        scaling: Scaling,
+        fixed_scale: f32,
+    ) -> Result<Lora> {
         let (av, bv) = (a.view(), b.view());
         if av.rows != bv.cols {
             return Err(Error::shape(format!(
@@ -86,7 +97,10 @@ impl Lora {
             )));
         }
         if av.rows == 0 || av.rows > u32::MAX as usize {
-            return Err(Error::shape(format!("module '{name}': rank {} is out of range", av.rows)));
+            return Err(Error::shape(format!(
+                "module '{name}': rank {} is out of range",
+                av.rows
+            )));
         }
         if av.dtype != bv.dtype {
             return Err(Error::dtype(format!(
@@ -96,7 +110,9 @@ impl Lora {
             )));
         }
         if !alpha.is_finite() || !fixed_scale.is_finite() {
-            return Err(Error::invalid(format!("module '{name}': alpha/scale must be finite")));
+            return Err(Error::invalid(format!(
+                "module '{name}': alpha/scale must be finite"
+            )));
         }
         Ok(Lora {
             name: name.to_string(),

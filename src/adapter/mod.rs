@@ -21,13 +21,21 @@ pub struct Adapter {
 
 impl Adapter {
     pub fn new(name: &str) -> Adapter {
-        Adapter { name: name.to_string(), modules: Vec::new(), index: HashMap::new(), peft_config: None }
+        Adapter {
+            name: name.to_string(),
+            modules: Vec::new(),
+            index: HashMap::new(),
+            peft_config: None,
+        }
     }
 
     /// Adds a module; its name must be new.
     pub fn add(&mut self, lora: Lora) -> Result<&mut Lora> {
         if self.index.contains_key(&lora.name) {
-            return Err(Error::invalid(format!("adapter '{}': module '{}' already exists", self.name, lora.name)));
+            return Err(Error::invalid(format!(
+                "adapter '{}': module '{}' already exists",
+                self.name, lora.name
+            )));
         }
         self.index.insert(lora.name.clone(), self.modules.len());
         self.modules.push(Box::new(lora));
@@ -54,7 +62,8 @@ impl Adapter {
     }
     /// Like `get`, with an error naming the adapter and module.
     pub fn module(&self, module: &str) -> Result<&Lora> {
-        self.get(module)
-            .ok_or_else(|| Error::not_found(format!("adapter '{}': no module '{module}'", self.name)))
+        self.get(module).ok_or_else(|| {
+            Error::not_found(format!("adapter '{}': no module '{module}'", self.name))
+        })
     }
 }

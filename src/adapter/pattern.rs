@@ -16,7 +16,9 @@ pub struct PatternMap<T> {
 
 impl<T: Copy> PatternMap<T> {
     pub fn empty() -> Self {
-        PatternMap { entries: Vec::new() }
+        PatternMap {
+            entries: Vec::new(),
+        }
     }
 
     /// Compiles keys in order. `field` names the config field for messages.
@@ -24,13 +26,20 @@ impl<T: Copy> PatternMap<T> {
         let mut entries = Vec::with_capacity(items.len());
         for (key, v) in items {
             if key.len() > MAX_KEY_LEN {
-                return Err(Error::format(format!("{field}: key of {} bytes is too long", key.len())));
+                return Err(Error::format(format!(
+                    "{field}: key of {} bytes is too long",
+                    key.len()
+                )));
             }
             let re = RegexBuilder::new(&format!(r"^(?:.*\.)?(?:{key})$"))
                 .size_limit(REGEX_SIZE_LIMIT)
                 .dfa_size_limit(REGEX_SIZE_LIMIT)
                 .build()
-                .map_err(|e| Error::format(format!("{field}: key '{key}' is not a supported regex: {e}")))?;
+                .map_err(|e| {
+                    Error::format(format!(
+                        "{field}: key '{key}' is not a supported regex: {e}"
+                    ))
+                })?;
             entries.push((key, re, v));
         }
         Ok(PatternMap { entries })
@@ -38,7 +47,10 @@ impl<T: Copy> PatternMap<T> {
 
     /// The value of the first key matching `module`, if any.
     pub fn resolve(&self, module: &str) -> Option<T> {
-        self.entries.iter().find(|(_, re, _)| re.is_match(module)).map(|(_, _, v)| *v)
+        self.entries
+            .iter()
+            .find(|(_, re, _)| re.is_match(module))
+            .map(|(_, _, v)| *v)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -52,13 +64,27 @@ mod tests {
 
     #[test]
     fn peft_rule() {
-        let p = PatternMap::new("rank_pattern", vec![("layers.0.self_attn.q_proj".into(), 4), ("mlp.down_proj".into(), 16)]).unwrap();
+        let p = PatternMap::new(
+            "rank_pattern",
+            vec![
+                ("layers.0.self_attn.q_proj".into(), 4),
+                ("mlp.down_proj".into(), 16),
+            ],
+        )
+        .unwrap();
         assert_eq!(p.resolve("layers.0.self_attn.q_proj"), Some(4));
         assert_eq!(p.resolve("model.layers.0.self_attn.q_proj"), Some(4));
         assert_eq!(p.resolve("layers.10.self_attn.q_proj"), None);
         assert_eq!(p.resolve("layers.1.mlp.down_proj"), Some(16));
         assert_eq!(p.resolve("layers.1.xmlp.down_proj"), None);
-        let first = PatternMap::new("p", vec![("q_proj".into(), 1), (r"layers\.0\.self_attn\.q_proj".into(), 2)]).unwrap();
+        let first = PatternMap::new(
+            "p",
+            vec![
+                ("q_proj".into(), 1),
+                (r"layers\.0\.self_attn\.q_proj".into(), 2),
+            ],
+        )
+        .unwrap();
         assert_eq!(first.resolve("layers.0.self_attn.q_proj"), Some(1));
         assert!(PatternMap::<u32>::new("p", vec![("(".into(), 1)]).is_err());
         assert!(PatternMap::<u32>::new("p", vec![("(?=x)".into(), 1)]).is_err());

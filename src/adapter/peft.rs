@@ -35,7 +35,10 @@ pub struct PeftConfig {
 }
 
 fn field_err(file: &Path, field: &str, why: &str) -> Error {
-    Error::format(format!("config '{}': field '{field}' {why}", file.display()))
+    Error::format(format!(
+        "config '{}': field '{field}' {why}",
+        file.display()
+    ))
 }
 
 fn truthy(v: &Value) -> bool {
@@ -50,17 +53,33 @@ fn truthy(v: &Value) -> bool {
 }
 
 fn positive_int(v: &Value, file: &Path, field: &str) -> Result<u32> {
-    let n = v.as_u64().ok_or_else(|| field_err(file, field, &format!("must be a positive integer, found {v}")))?;
+    let n = v.as_u64().ok_or_else(|| {
+        field_err(
+            file,
+            field,
+            &format!("must be a positive integer, found {v}"),
+        )
+    })?;
     if n == 0 || n > (1 << 20) {
-        return Err(field_err(file, field, &format!("= {n} is out of range 1..=1048576")));
+        return Err(field_err(
+            file,
+            field,
+            &format!("= {n} is out of range 1..=1048576"),
+        ));
     }
     Ok(n as u32)
 }
 
 fn finite_number(v: &Value, file: &Path, field: &str) -> Result<f32> {
-    let x = v.as_f64().ok_or_else(|| field_err(file, field, &format!("must be a number, found {v}")))?;
+    let x = v
+        .as_f64()
+        .ok_or_else(|| field_err(file, field, &format!("must be a number, found {v}")))?;
     if !x.is_finite() || x.abs() > 1e30 {
-        return Err(field_err(file, field, &format!("= {x} is not a usable number")));
+        return Err(field_err(
+            file,
+            field,
+            &format!("= {x} is not a usable number"),
+        ));
     }
     Ok(x as f32)
 }
@@ -68,10 +87,14 @@ fn finite_number(v: &Value, file: &Path, field: &str) -> Result<f32> {
 impl PeftConfig {
     /// Parses and checks a config; refuses options that would make the result wrong.
     pub fn parse(file: &Path, text: &[u8]) -> Result<PeftConfig> {
-        let v: Value = serde_json::from_slice(text)
-            .map_err(|e| Error::format(format!("config '{}': invalid JSON: {e}", file.display())))?;
+        let v: Value = serde_json::from_slice(text).map_err(|e| {
+            Error::format(format!("config '{}': invalid JSON: {e}", file.display()))
+        })?;
         let Value::Object(raw) = v else {
-            return Err(Error::format(format!("config '{}': not a JSON object", file.display())));
+            return Err(Error::format(format!(
+                "config '{}': not a JSON object",
+                file.display()
+            )));
         };
         match raw.get("peft_type") {
             None => {}
@@ -84,7 +107,18 @@ impl PeftConfig {
             }
         }
         // Options that change the forward pass and that rankfuse does not implement.
-        for field in ["use_dora", "use_qalora", "use_bdlora", "lora_bias", "layer_replication", "alora_invocation_tokens", "target_parameters", "trainable_token_indices", "megatron_config", "arrow_config"] {
+        for field in [
+            "use_dora",
+            "use_qalora",
+            "use_bdlora",
+            "lora_bias",
+            "layer_replication",
+            "alora_invocation_tokens",
+            "target_parameters",
+            "trainable_token_indices",
+            "megatron_config",
+            "arrow_config",
+        ] {
             if raw.get(field).is_some_and(truthy) {
                 return Err(Error::unsupported(format!(
                     "config '{}': field '{field}' = {} is not supported by rankfuse",
@@ -96,7 +130,11 @@ impl PeftConfig {
         if let Some(Value::String(init)) = raw.get("init_lora_weights") {
             // These inits rewrite the base weights: the adapter is only right on the modified base.
             let l = init.to_ascii_lowercase();
-            if l.starts_with("pissa") || l.starts_with("olora") || l.starts_with("corda") || l.starts_with("loftq") {
+            if l.starts_with("pissa")
+                || l.starts_with("olora")
+                || l.starts_with("corda")
+                || l.starts_with("loftq")
+            {
                 return Err(Error::unsupported(format!(
                     "config '{}': field 'init_lora_weights' = \"{init}\" modifies the base weights; convert the adapter to plain LoRA first",
                     file.display()
@@ -104,12 +142,20 @@ impl PeftConfig {
             }
         }
         let r = positive_int(raw.get("r").unwrap_or(&json!(8)), file, "r")?;
-        let lora_alpha = finite_number(raw.get("lora_alpha").unwrap_or(&json!(8)), file, "lora_alpha")?;
+        let lora_alpha = finite_number(
+            raw.get("lora_alpha").unwrap_or(&json!(8)),
+            file,
+            "lora_alpha",
+        )?;
         let bool_field = |f: &str| -> Result<bool> {
             match raw.get(f) {
                 None | Some(Value::Null) => Ok(false),
                 Some(Value::Bool(b)) => Ok(*b),
-                Some(other) => Err(field_err(file, f, &format!("must be true or false, found {other}"))),
+                Some(other) => Err(field_err(
+                    file,
+                    f,
+                    &format!("must be true or false, found {other}"),
+                )),
             }
         };
         let use_rslora = bool_field("use_rslora")?;
@@ -129,15 +175,35 @@ impl PeftConfig {
                         }
                     }
                 }
-                Some(other) => return Err(field_err(file, field, &format!("must be an object, found {other}"))),
+                Some(other) => {
+                    return Err(field_err(
+                        file,
+                        field,
+                        &format!("must be an object, found {other}"),
+                    ))
+                }
             }
         }
         match raw.get("target_modules") {
             None | Some(Value::Null) | Some(Value::String(_)) => {}
             Some(Value::Array(a)) if a.iter().all(|x| x.is_string()) => {}
-            Some(other) => return Err(field_err(file, "target_modules", &format!("must be a string or a list of strings, found {other}"))),
+            Some(other) => {
+                return Err(field_err(
+                    file,
+                    "target_modules",
+                    &format!("must be a string or a list of strings, found {other}"),
+                ))
+            }
         }
-        Ok(PeftConfig { r, lora_alpha, use_rslora, fan_in_fan_out, rank_pattern, alpha_pattern, raw })
+        Ok(PeftConfig {
+            r,
+            lora_alpha,
+            use_rslora,
+            fan_in_fan_out,
+            rank_pattern,
+            alpha_pattern,
+            raw,
+        })
     }
 }
 
@@ -153,7 +219,11 @@ fn read_config(dir: &Path) -> Result<(std::path::PathBuf, Vec<u8>)> {
     let path = dir.join(CONFIG_FILE);
     let meta = std::fs::metadata(&path).map_err(|e| Error::from_io(&path, &e))?;
     if meta.len() > MAX_CONFIG_BYTES {
-        return Err(Error::format(format!("config '{}': {} bytes is over the limit", path.display(), meta.len())));
+        return Err(Error::format(format!(
+            "config '{}': {} bytes is over the limit",
+            path.display(),
+            meta.len()
+        )));
     }
     let text = std::fs::read(&path).map_err(|e| Error::from_io(&path, &e))?;
     Ok((path, text))
@@ -181,7 +251,9 @@ pub fn split_key(key: &str) -> Result<(String, char)> {
     } else {
         "not a lora_A/lora_B weight"
     };
-    Err(Error::unsupported(format!("tensor '{key}' is {what}; rankfuse loads plain LoRA modules only")))
+    Err(Error::unsupported(format!(
+        "tensor '{key}' is {what}; rankfuse loads plain LoRA modules only"
+    )))
 }
 
 /// Loads a PEFT LoRA folder. Tensors stay in the file's mapping (no copies).
@@ -206,7 +278,10 @@ fn load_named(dir: &Path, name: &str) -> Result<Adapter> {
                 bin.display()
             )));
         }
-        return Err(Error::not_found(format!("file '{}' does not exist", wpath.display())));
+        return Err(Error::not_found(format!(
+            "file '{}' does not exist",
+            wpath.display()
+        )));
     }
     let weights = Arc::new(Weights::open(&wpath)?);
     from_parts(name, cfg, weights)
@@ -234,18 +309,25 @@ pub fn from_parts(name: &str, cfg: PeftConfig, weights: Arc<Weights>) -> Result<
         });
         let slot = if which == 'A' { &mut e.0 } else { &mut e.1 };
         if slot.is_some() {
-            return Err(Error::format(format!("module '{module}': lora_{which} appears twice")));
+            return Err(Error::format(format!(
+                "module '{module}': lora_{which} appears twice"
+            )));
         }
         *slot = Some(t.name.clone());
     }
     if order.is_empty() {
-        return Err(Error::format(format!("file '{}': no lora_A/lora_B tensors", wpath.display())));
+        return Err(Error::format(format!(
+            "file '{}': no lora_A/lora_B tensors",
+            wpath.display()
+        )));
     }
     order.sort();
     let mut adapter = Adapter::new(name);
     for module in order {
         let (Some(ka), Some(kb)) = pairs.remove(&module).expect("paired") else {
-            return Err(Error::format(format!("module '{module}': lora_A and lora_B must both be present")));
+            return Err(Error::format(format!(
+                "module '{module}': lora_A and lora_B must both be present"
+            )));
         };
         for k in [&ka, &kb] {
             let e = weights.entry(k).expect("listed");
@@ -266,7 +348,11 @@ pub fn from_parts(name: &str, cfg: PeftConfig, weights: Arc<Weights>) -> Result<
                 "module '{module}': lora_A has {ar} rows and lora_B has {bc} columns, config gives r = {r}"
             )));
         }
-        let mut scaling = if cfg.use_rslora { Scaling::RsLora } else { Scaling::Lora };
+        let mut scaling = if cfg.use_rslora {
+            Scaling::RsLora
+        } else {
+            Scaling::Lora
+        };
         let mut fixed = 0.0;
         let mut alpha_used = alpha;
         if let Some(m) = stored.get(&module) {
@@ -320,12 +406,21 @@ fn f32_json(x: f32) -> Value {
 /// the same scale, and rankfuse's own scaling rule goes into the weights' metadata.
 pub fn save(adapter: &Adapter, dir: &Path) -> Result<()> {
     if adapter.is_empty() {
-        return Err(Error::invalid(format!("adapter '{}': no modules to save", adapter.name)));
+        return Err(Error::invalid(format!(
+            "adapter '{}': no modules to save",
+            adapter.name
+        )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::from_io(dir, &e))?;
-    let mut cfg = adapter.peft_config.clone().unwrap_or_else(|| default_config(adapter));
+    let mut cfg = adapter
+        .peft_config
+        .clone()
+        .unwrap_or_else(|| default_config(adapter));
     let use_rslora = {
-        let rs = adapter.modules().filter(|l| l.scaling == Scaling::RsLora).count();
+        let rs = adapter
+            .modules()
+            .filter(|l| l.scaling == Scaling::RsLora)
+            .count();
         rs * 2 > adapter.len()
     };
     // Per module: the r written and the alpha that reproduces the scale at that r.
@@ -338,7 +433,11 @@ pub fn save(adapter: &Adapter, dir: &Path) -> Result<()> {
             (Scaling::Lora, false) | (Scaling::RsLora, true) => l.alpha,
             _ => {
                 let s = l.scale_at(r) as f64;
-                (if use_rslora { s * (r as f64).sqrt() } else { s * r as f64 }) as f32
+                (if use_rslora {
+                    s * (r as f64).sqrt()
+                } else {
+                    s * r as f64
+                }) as f32
             }
         };
         per.push((l.name.clone(), r as u32, alpha));
@@ -347,7 +446,14 @@ pub fn save(adapter: &Adapter, dir: &Path) -> Result<()> {
             Scaling::RsLora => "rslora",
             Scaling::Fixed => "fixed",
         };
-        meta.insert(l.name.clone(), ModuleMeta { scaling: scaling.into(), scale: l.scale_at(r), alpha: l.alpha });
+        meta.insert(
+            l.name.clone(),
+            ModuleMeta {
+                scaling: scaling.into(),
+                scale: l.scale_at(r),
+                alpha: l.alpha,
+            },
+        );
         let (a, b) = (l.a_view(r), l.b_view(r));
         tensors.push(TensorOut {
             name: format!("{KEY_PREFIX}{}.lora_A.weight", l.name),
@@ -367,7 +473,10 @@ pub fn save(adapter: &Adapter, dir: &Path) -> Result<()> {
     for (_, r, a) in &per {
         *counts.entry((*r, a.to_bits())).or_default() += 1;
     }
-    let (&(gr, ga_bits), _) = counts.iter().max_by_key(|(k, c)| (**c, std::cmp::Reverse(**k))).expect("non-empty");
+    let (&(gr, ga_bits), _) = counts
+        .iter()
+        .max_by_key(|(k, c)| (**c, std::cmp::Reverse(**k)))
+        .expect("non-empty");
     let ga = f32::from_bits(ga_bits);
     let mut rank_pattern = Map::new();
     let mut alpha_pattern = Map::new();
@@ -393,7 +502,10 @@ pub fn save(adapter: &Adapter, dir: &Path) -> Result<()> {
     std::fs::write(&cpath, text).map_err(|e| Error::from_io(&cpath, &e))?;
     let mut md = HashMap::new();
     md.insert("format".to_string(), "pt".to_string());
-    md.insert(RANKFUSE_META_KEY.to_string(), serde_json::to_string(&meta).map_err(|e| Error::internal(e.to_string()))?);
+    md.insert(
+        RANKFUSE_META_KEY.to_string(),
+        serde_json::to_string(&meta).map_err(|e| Error::internal(e.to_string()))?,
+    );
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(md))
 }
 

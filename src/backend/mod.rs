@@ -64,11 +64,17 @@ impl LinearProblem<'_> {
             )));
         }
         if y.rows != m || y.cols != n {
-            return Err(Error::shape(format!("y is {} x {}, expected {m} x {n} (x rows x w rows)", y.rows, y.cols)));
+            return Err(Error::shape(format!(
+                "y is {} x {}, expected {m} x {n} (x rows x w rows)",
+                y.rows, y.cols
+            )));
         }
         if let Some(b) = &self.bias {
             if b.rows != 1 || b.cols != n {
-                return Err(Error::shape(format!("bias is {} x {}, expected 1 x {n}", b.rows, b.cols)));
+                return Err(Error::shape(format!(
+                    "bias is {} x {}, expected 1 x {n}",
+                    b.rows, b.cols
+                )));
             }
         }
         for (i, s) in self.slots.iter().enumerate() {
@@ -86,7 +92,10 @@ impl LinearProblem<'_> {
                 )));
             }
             if s.a.rows != s.b.cols || s.a.rows == 0 {
-                return Err(Error::shape(format!("slot {i} (module '{}'): rank mismatch between A and B", s.module)));
+                return Err(Error::shape(format!(
+                    "slot {i} (module '{}'): rank mismatch between A and B",
+                    s.module
+                )));
             }
             if let Some(g) = &s.gains {
                 if g.rows != 1 || g.cols != s.a.rows {
@@ -97,12 +106,18 @@ impl LinearProblem<'_> {
                 }
             }
             if !s.scale.is_finite() {
-                return Err(Error::invalid(format!("slot {i} (module '{}'): scale {} is not finite", s.module, s.scale)));
+                return Err(Error::invalid(format!(
+                    "slot {i} (module '{}'): scale {} is not finite",
+                    s.module, s.scale
+                )));
             }
         }
         if let Some(rs) = self.row_slot {
             if rs.len() != m {
-                return Err(Error::shape(format!("row_slot has {} entries, x has {m} rows", rs.len())));
+                return Err(Error::shape(format!(
+                    "row_slot has {} entries, x has {m} rows",
+                    rs.len()
+                )));
             }
             for (i, &s) in rs.iter().enumerate() {
                 if s < -1 || s >= self.slots.len() as i64 as i32 {
@@ -124,7 +139,9 @@ impl LinearProblem<'_> {
             for (name, mat) in inputs {
                 let s = span(&mat);
                 if s.0 < ys.1 && ys.0 < s.1 {
-                    return Err(Error::invalid(format!("y overlaps {name}; the output needs its own buffer")));
+                    return Err(Error::invalid(format!(
+                        "y overlaps {name}; the output needs its own buffer"
+                    )));
                 }
             }
         }

@@ -12,7 +12,11 @@ use std::path::Path;
 /// Loads a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`). Tensors are
 /// used in place from the file's mapping. The caller owns `*out` (free with `rf_adapter_free`).
 #[no_mangle]
-pub unsafe extern "C" fn rf_adapter_load_peft(rt: *mut rf_runtime, dir: *const c_char, out: *mut *mut rf_adapter) -> *mut rf_error {
+pub unsafe extern "C" fn rf_adapter_load_peft(
+    rt: *mut rf_runtime,
+    dir: *const c_char,
+    out: *mut *mut rf_adapter,
+) -> *mut rf_error {
     boundary!({
         let _rt = arg_ref(rt, "rt")?;
         let dir = arg_str(dir, "dir")?;
@@ -27,7 +31,10 @@ pub unsafe extern "C" fn rf_adapter_load_peft(rt: *mut rf_runtime, dir: *const c
 /// each module's rank in use becomes its `r` (rank_pattern), alpha is chosen so the scale is
 /// unchanged. Reads the adapter only.
 #[no_mangle]
-pub unsafe extern "C" fn rf_adapter_save_peft(a: *const rf_adapter, dir: *const c_char) -> *mut rf_error {
+pub unsafe extern "C" fn rf_adapter_save_peft(
+    a: *const rf_adapter,
+    dir: *const c_char,
+) -> *mut rf_error {
     boundary!({
         let a = arg_ref(a, "a")?;
         let dir = arg_str(dir, "dir")?;
@@ -53,12 +60,20 @@ pub unsafe extern "C" fn rf_adapter_module_count(a: *const rf_adapter) -> usize 
 
 /// Name of module `i` (sorted order), valid until `rf_adapter_free`.
 #[no_mangle]
-pub unsafe extern "C" fn rf_adapter_module_name(a: *const rf_adapter, i: usize, name_out: *mut *const c_char) -> *mut rf_error {
+pub unsafe extern "C" fn rf_adapter_module_name(
+    a: *const rf_adapter,
+    i: usize,
+    name_out: *mut *const c_char,
+) -> *mut rf_error {
     boundary!({
         let a = arg_ref(a, "a")?;
         let out = arg_out(name_out, "name_out")?;
         let n = a.names.get(i).ok_or_else(|| {
-            Error::invalid(format!("index {i} is out of range: adapter '{}' has {} modules", a.inner.name, a.names.len()))
+            Error::invalid(format!(
+                "index {i} is out of range: adapter '{}' has {} modules",
+                a.inner.name,
+                a.names.len()
+            ))
         })?;
         *out = n.as_ptr();
         Ok(())
@@ -68,7 +83,11 @@ pub unsafe extern "C" fn rf_adapter_module_name(a: *const rf_adapter, i: usize, 
 /// The module named `module` (the base model's module path). Borrowed: valid as long as the
 /// adapter; do not free it.
 #[no_mangle]
-pub unsafe extern "C" fn rf_adapter_module(a: *mut rf_adapter, module: *const c_char, out: *mut *mut rf_lora) -> *mut rf_error {
+pub unsafe extern "C" fn rf_adapter_module(
+    a: *mut rf_adapter,
+    module: *const c_char,
+    out: *mut *mut rf_lora,
+) -> *mut rf_error {
     boundary!({
         let a = arg_ref(a, "a")?;
         let module = arg_str(module, "module")?;
@@ -80,7 +99,10 @@ pub unsafe extern "C" fn rf_adapter_module(a: *mut rf_adapter, module: *const c_
 
 /// Shapes, capacity, rank in use, alpha, the scale at that rank, scaling rule and dtype.
 #[no_mangle]
-pub unsafe extern "C" fn rf_lora_info_get(l: *const rf_lora, out: *mut rf_lora_info) -> *mut rf_error {
+pub unsafe extern "C" fn rf_lora_info_get(
+    l: *const rf_lora,
+    out: *mut rf_lora_info,
+) -> *mut rf_error {
     boundary!({
         let l = lora_ref(l, "l")?;
         let out = arg_out(out, "out")?;

@@ -9,7 +9,9 @@ use std::ffi::{c_char, CStr};
 /// Runs `$body` (a block evaluating to `Result<()>`) and returns `*mut rf_error`.
 macro_rules! boundary {
     ($body:block) => {{
-        let r = ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| -> $crate::error::Result<()> { $body }));
+        let r = ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(
+            || -> $crate::error::Result<()> { $body },
+        ));
         $crate::ffi::error::to_raw($crate::ffi::boundary::flatten(r))
     }};
 }
@@ -34,7 +36,9 @@ pub fn flatten(r: std::thread::Result<Result<()>>) -> Result<()> {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(Error::internal(format!("internal error (panic caught at the C boundary): {what}")))
+            Err(Error::internal(format!(
+                "internal error (panic caught at the C boundary): {what}"
+            )))
         }
     }
 }
@@ -44,7 +48,8 @@ pub fn flatten(r: std::thread::Result<Result<()>>) -> Result<()> {
 /// # Safety
 /// A non-NULL `p` must point to a live `T`.
 pub unsafe fn arg_ref<'a, T>(p: *const T, name: &str) -> Result<&'a T> {
-    p.as_ref().ok_or_else(|| Error::invalid(format!("argument '{name}' is NULL")))
+    p.as_ref()
+        .ok_or_else(|| Error::invalid(format!("argument '{name}' is NULL")))
 }
 
 /// `&mut T` from an out-pointer argument, or INVALID_ARGUMENT naming it.
@@ -52,7 +57,8 @@ pub unsafe fn arg_ref<'a, T>(p: *const T, name: &str) -> Result<&'a T> {
 /// # Safety
 /// A non-NULL `p` must point to writable memory for a `T`.
 pub unsafe fn arg_out<'a, T>(p: *mut T, name: &str) -> Result<&'a mut T> {
-    p.as_mut().ok_or_else(|| Error::invalid(format!("argument '{name}' is NULL")))
+    p.as_mut()
+        .ok_or_else(|| Error::invalid(format!("argument '{name}' is NULL")))
 }
 
 /// A UTF-8 string argument.

@@ -23,7 +23,10 @@ pub fn to_raw(r: Result<()>) -> *mut rf_error {
 pub fn new_raw(e: Error) -> *mut rf_error {
     let msg = e.message.replace('\0', "\\0");
     let message = CString::new(msg).unwrap_or_default();
-    Box::into_raw(Box::new(rf_error { status: e.status.into(), message }))
+    Box::into_raw(Box::new(rf_error {
+        status: e.status.into(),
+        message,
+    }))
 }
 
 /// The status of an error; RF_STATUS_OK for NULL (NULL means success).

@@ -32,12 +32,16 @@ pub struct rf_lora {
 }
 
 pub fn c_name(s: &str, what: &str) -> Result<CString> {
-    CString::new(s).map_err(|_| Error::format(format!("{what} '{}' contains a NUL byte", s.escape_debug())))
+    CString::new(s)
+        .map_err(|_| Error::format(format!("{what} '{}' contains a NUL byte", s.escape_debug())))
 }
 
 impl rf_adapter {
     pub fn new(inner: Adapter) -> Result<rf_adapter> {
-        let names = inner.modules().map(|l| c_name(&l.name, "module name")).collect::<Result<_>>()?;
+        let names = inner
+            .modules()
+            .map(|l| c_name(&l.name, "module name"))
+            .collect::<Result<_>>()?;
         Ok(rf_adapter { inner, names })
     }
 }

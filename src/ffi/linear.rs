@@ -28,14 +28,19 @@ pub unsafe fn read_matrix(p: *const rf_matrix, name: &str) -> Result<Desc> {
         return Err(Error::invalid(format!("argument '{name}' is NULL")));
     }
     let raw_dtype = (addr_of!((*p).dtype) as *const i32).read_unaligned();
-    let dtype = DType::from_raw(raw_dtype as i64)
-        .ok_or_else(|| Error::dtype(format!("{name}: dtype {raw_dtype} is not an rf_dtype (0 = F32, 1 = F16, 2 = BF16)")))?;
+    let dtype = DType::from_raw(raw_dtype as i64).ok_or_else(|| {
+        Error::dtype(format!(
+            "{name}: dtype {raw_dtype} is not an rf_dtype (0 = F32, 1 = F16, 2 = BF16)"
+        ))
+    })?;
     let data = addr_of!((*p).data).read_unaligned() as *mut u8;
     let rows = addr_of!((*p).rows).read_unaligned();
     let cols = addr_of!((*p).cols).read_unaligned();
     let ld = addr_of!((*p).ld).read_unaligned();
     if rows < 0 || cols < 0 {
-        return Err(Error::shape(format!("{name}: negative shape {rows} x {cols}")));
+        return Err(Error::shape(format!(
+            "{name}: negative shape {rows} x {cols}"
+        )));
     }
     if ld < cols {
         return Err(Error::shape(format!("{name}: ld {ld} < cols {cols}")));
@@ -44,11 +49,23 @@ pub unsafe fn read_matrix(p: *const rf_matrix, name: &str) -> Result<Desc> {
     let bytes = crate::matrix::span_elems(rows, cols, ld)
         .and_then(|e| e.checked_mul(dtype.size()))
         .filter(|&b| b <= isize::MAX as usize)
-        .ok_or_else(|| Error::shape(format!("{name}: {rows} x {cols} (ld {ld}) overflows the address space")))?;
+        .ok_or_else(|| {
+            Error::shape(format!(
+                "{name}: {rows} x {cols} (ld {ld}) overflows the address space"
+            ))
+        })?;
     if data.is_null() && bytes > 0 {
-        return Err(Error::invalid(format!("{name}: data is NULL for a {rows} x {cols} matrix")));
+        return Err(Error::invalid(format!(
+            "{name}: data is NULL for a {rows} x {cols} matrix"
+        )));
     }
-    Ok(Desc { data, dtype, rows, cols, ld })
+    Ok(Desc {
+        data,
+        dtype,
+        rows,
+        cols,
+        ld,
+    })
 }
 
 impl Desc {
@@ -87,15 +104,27 @@ pub unsafe extern "C" fn rf_linear(
         let rt = arg_ref(rt, "rt")?;
         let xd = read_matrix(x, "x")?;
         let wd = read_matrix(w, "w")?;
-        let bd = if bias.is_null() { None } else { Some(read_matrix(bias, "bias")?) };
+        let bd = if bias.is_null() {
+            None
+        } else {
+            Some(read_matrix(bias, "bias")?)
+        };
         let yd = read_matrix(y, "y")?;
         if n_slots > 0 && slots.is_null() {
-            return Err(Error::invalid(format!("argument 'slots' is NULL with n_slots = {n_slots}")));
+            return Err(Error::invalid(format!(
+                "argument 'slots' is NULL with n_slots = {n_slots}"
+            )));
         }
         if n_slots > (1 << 20) {
-            return Err(Error::invalid(format!("n_slots = {n_slots} is out of range")));
+            return Err(Error::invalid(format!(
+                "n_slots = {n_slots} is out of range"
+            )));
         }
-        let raw_slots: &[rf_lora_slot] = if n_slots == 0 { &[] } else { std::slice::from_raw_parts(slots, n_slots) };
+        let raw_slots: &[rf_lora_slot] = if n_slots == 0 {
+            &[]
+        } else {
+            std::slice::from_raw_parts(slots, n_slots)
+        };
         let mut resolved: Vec<Option<Slot<'_>>> = Vec::with_capacity(n_slots);
         for (i, s) in raw_slots.iter().enumerate() {
             if s.lora.is_null() {
@@ -103,10 +132,15 @@ pub unsafe extern "C" fn rf_linear(
                 continue;
             }
             let l = lora_ref(s.lora, "slots[].lora")?;
-            let slot = crate::runtime::slot(l, s.rank as usize, s.scale_mult).map_err(|e| e.context(format!("slot {i}")))?;
+            let slot = crate::runtime::slot(l, s.rank as usize, s.scale_mult)
+                .map_err(|e| e.context(format!("slot {i}")))?;
             resolved.push(Some(slot));
         }
-        let rs = if row_slot.is_null() { None } else { Some(std::slice::from_raw_parts(row_slot, xd.rows)) };
+        let rs = if row_slot.is_null() {
+            None
+        } else {
+            Some(std::slice::from_raw_parts(row_slot, xd.rows))
+        };
         let problem = LinearProblem {
             x: xd.as_ref(),
             w: wd.as_ref(),

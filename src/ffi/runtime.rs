@@ -36,7 +36,11 @@ unsafe fn read_options(p: *const rf_runtime_options) -> crate::Result<RuntimeOpt
     let device = match (addr_of!((*p).device) as *const i32).read_unaligned() {
         0 => Device::Cpu,
         1 => Device::Cuda,
-        d => return Err(Error::invalid(format!("opts->device = {d} is not an rf_device"))),
+        d => {
+            return Err(Error::invalid(format!(
+                "opts->device = {d} is not an rf_device"
+            )))
+        }
     };
     Ok(RuntimeOptions {
         device,
@@ -48,7 +52,10 @@ unsafe fn read_options(p: *const rf_runtime_options) -> crate::Result<RuntimeOpt
 /// Creates a runtime. `opts` NULL = CPU, all cores. The caller owns `*out` and frees it with
 /// `rf_runtime_free` after every object made with it. Thread-safe for compute calls.
 #[no_mangle]
-pub unsafe extern "C" fn rf_runtime_create(opts: *const rf_runtime_options, out: *mut *mut rf_runtime) -> *mut rf_error {
+pub unsafe extern "C" fn rf_runtime_create(
+    opts: *const rf_runtime_options,
+    out: *mut *mut rf_runtime,
+) -> *mut rf_error {
     boundary!({
         let out = arg_out(out, "out")?;
         let o = read_options(opts)?;
@@ -72,14 +79,22 @@ pub unsafe extern "C" fn rf_runtime_free(rt: *mut rf_runtime) {
 /// variant chosen, threads, GPU). `*len_out` = the JSON's length without the NUL. Call with
 /// `buf` NULL to learn the length; a `cap` too small is RF_STATUS_INVALID_ARGUMENT.
 #[no_mangle]
-pub unsafe extern "C" fn rf_runtime_info(rt: *const rf_runtime, buf: *mut c_char, cap: usize, len_out: *mut usize) -> *mut rf_error {
+pub unsafe extern "C" fn rf_runtime_info(
+    rt: *const rf_runtime,
+    buf: *mut c_char,
+    cap: usize,
+    len_out: *mut usize,
+) -> *mut rf_error {
     boundary!({
         let rt = arg_ref(rt, "rt")?;
         let len_out = arg_out(len_out, "len_out")?;
         let json = rt.inner.info_json();
         if !buf.is_null() {
             if cap < json.len() + 1 {
-                return Err(Error::invalid(format!("buf: cap {cap} is too small; {} bytes needed", json.len() + 1)));
+                return Err(Error::invalid(format!(
+                    "buf: cap {cap} is too small; {} bytes needed",
+                    json.len() + 1
+                )));
             }
             std::ptr::copy_nonoverlapping(json.as_ptr(), buf as *mut u8, json.len());
             *buf.add(json.len()) = 0;

@@ -7,6 +7,7 @@ pub const RF_ABI_VERSION: u32 = 1;
 pub const RF_VERSION_MAJOR: u32 = 0;
 pub const RF_VERSION_MINOR: u32 = 1;
 pub const RF_VERSION_PATCH: u32 = 0;
+/// Also `#define RF_VERSION_STRING` in the header (cbindgen.toml, checked by tests/header.rs).
 pub const RF_VERSION_STRING: &str = "0.1.0";
 
 /// Stable status numbers; append-only, retired numbers are never reused.
@@ -152,8 +153,17 @@ mod tests {
     #[test]
     fn version_macros_match_cargo() {
         assert_eq!(super::RF_VERSION_STRING, env!("CARGO_PKG_VERSION"));
-        assert_eq!(super::RF_VERSION_MAJOR.to_string(), env!("CARGO_PKG_VERSION_MAJOR"));
-        assert_eq!(super::RF_VERSION_MINOR.to_string(), env!("CARGO_PKG_VERSION_MINOR"));
-        assert_eq!(super::RF_VERSION_PATCH.to_string(), env!("CARGO_PKG_VERSION_PATCH"));
+        assert_eq!(
+            super::RF_VERSION_MAJOR.to_string(),
+            env!("CARGO_PKG_VERSION_MAJOR")
+        );
+        assert_eq!(
+            super::RF_VERSION_MINOR.to_string(),
+            env!("CARGO_PKG_VERSION_MINOR")
+        );
+        assert_eq!(
+            super::RF_VERSION_PATCH.to_string(),
+            env!("CARGO_PKG_VERSION_PATCH")
+        );
     }
 }

@@ -13,14 +13,25 @@ use std::sync::Arc;
 /// The caller owns `*out` (free with `rf_weights_free`); views from `rf_weights_get` stay valid
 /// until then. Immutable after opening: safe to share across threads.
 #[no_mangle]
-pub unsafe extern "C" fn rf_weights_open(rt: *mut rf_runtime, path: *const c_char, out: *mut *mut rf_weights) -> *mut rf_error {
+pub unsafe extern "C" fn rf_weights_open(
+    rt: *mut rf_runtime,
+    path: *const c_char,
+    out: *mut *mut rf_weights,
+) -> *mut rf_error {
     boundary!({
         let _rt = arg_ref(rt, "rt")?;
         let path = arg_str(path, "path")?;
         let out = arg_out(out, "out")?;
         let w = Weights::open(path)?;
-        let names = w.entries().iter().map(|t| c_name(&t.name, "tensor name")).collect::<Result<Vec<_>>>()?;
-        *out = Box::into_raw(Box::new(rf_weights { inner: Arc::new(w), names }));
+        let names = w
+            .entries()
+            .iter()
+            .map(|t| c_name(&t.name, "tensor name"))
+            .collect::<Result<Vec<_>>>()?;
+        *out = Box::into_raw(Box::new(rf_weights {
+            inner: Arc::new(w),
+            names,
+        }));
         Ok(())
     })
 }
@@ -43,12 +54,20 @@ pub unsafe extern "C" fn rf_weights_count(w: *const rf_weights) -> usize {
 
 /// Name of tensor `i` (file order), valid until `rf_weights_free`.
 #[no_mangle]
-pub unsafe extern "C" fn rf_weights_name(w: *const rf_weights, i: usize, name_out: *mut *const c_char) -> *mut rf_error {
+pub unsafe extern "C" fn rf_weights_name(
+    w: *const rf_weights,
+    i: usize,
+    name_out: *mut *const c_char,
+) -> *mut rf_error {
     boundary!({
         let w = arg_ref(w, "w")?;
         let out = arg_out(name_out, "name_out")?;
         let n = w.names.get(i).ok_or_else(|| {
-            Error::invalid(format!("index {i} is out of range: '{}' has {} tensors", w.inner.path().display(), w.names.len()))
+            Error::invalid(format!(
+                "index {i} is out of range: '{}' has {} tensors",
+                w.inner.path().display(),
+                w.names.len()
+            ))
         })?;
         *out = n.as_ptr();
         Ok(())
@@ -59,7 +78,11 @@ pub unsafe extern "C" fn rf_weights_name(w: *const rf_weights, i: usize, name_ou
 /// other than F32/F16/BF16 is RF_STATUS_UNSUPPORTED. `out->data` points into the mapping
 /// (read-only memory: do not write through it).
 #[no_mangle]
-pub unsafe extern "C" fn rf_weights_get(w: *const rf_weights, name: *const c_char, out: *mut rf_matrix) -> *mut rf_error {
+pub unsafe extern "C" fn rf_weights_get(
+    w: *const rf_weights,
+    name: *const c_char,
+    out: *mut rf_matrix,
+) -> *mut rf_error {
     boundary!({
         let w = arg_ref(w, "w")?;
         let name = arg_str(name, "name")?;

@@ -31,7 +31,11 @@ unsafe fn dot_avx2(a: *const f32, b: *const f32, n: usize) -> f32 {
     let mut i = 0;
     while i + 16 <= n {
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i + 8)), _mm256_loadu_ps(b.add(i + 8)), s1);
+        s1 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.add(i + 8)),
+            _mm256_loadu_ps(b.add(i + 8)),
+            s1,
+        );
         i += 16;
     }
     let s = _mm256_add_ps(s0, s1);

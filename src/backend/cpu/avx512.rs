@@ -31,7 +31,11 @@ unsafe fn dot_avx512(a: *const f32, b: *const f32, n: usize) -> f32 {
     let mut i = 0;
     while i + 32 <= n {
         s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), _mm512_loadu_ps(b.add(i)), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i + 16)), _mm512_loadu_ps(b.add(i + 16)), s1);
+        s1 = _mm512_fmadd_ps(
+            _mm512_loadu_ps(a.add(i + 16)),
+            _mm512_loadu_ps(b.add(i + 16)),
+            s1,
+        );
         i += 32;
     }
     while i + 16 <= n {

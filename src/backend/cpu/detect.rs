@@ -65,7 +65,10 @@ fn amx() -> (bool, bool) {
 
 #[cfg(target_arch = "aarch64")]
 fn detect() -> CpuFeatures {
-    CpuFeatures { neon: std::arch::is_aarch64_feature_detected!("neon"), ..Default::default() }
+    CpuFeatures {
+        neon: std::arch::is_aarch64_feature_detected!("neon"),
+        ..Default::default()
+    }
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]

@@ -35,7 +35,7 @@ const KC: usize = 256;
 const MC_TARGET: usize = 128;
 const NC_TARGET: usize = 256;
 /// Rows at or below this take the streaming decode path.
-pub const DECODE_MAX_M: usize = 8;
+pub(crate) const DECODE_MAX_M: usize = 8;
 /// Width of the W chunks the decode path converts at a time (fits L1).
 const DECODE_CHUNK: usize = 1024;
 
@@ -95,8 +95,11 @@ fn compute_shrink<K: MicroKernel>(p: &LinearProblem<'_>) -> Shrink {
         return Shrink { t, r_total, off };
     }
     // A in f32 once per call (adapter tensors are small next to W).
-    let a32: Vec<Option<Vec<f32>>> =
-        p.slots.iter().map(|s| s.and_then(|s| (s.a.dtype != DType::F32 || s.a.ld != k).then(|| s.a.to_f32_vec()))).collect();
+    let a32: Vec<Option<Vec<f32>>> = p
+        .slots
+        .iter()
+        .map(|s| s.and_then(|s| (s.a.dtype != DType::F32 || s.a.ld != k).then(|| s.a.to_f32_vec())))
+        .collect();
     t.par_chunks_mut(r_total).enumerate().for_each(|(i, trow)| {
         WS.with(|ws| {
             let ws = &mut *ws.borrow_mut();
@@ -125,7 +128,15 @@ fn compute_shrink<K: MicroKernel>(p: &LinearProblem<'_>) -> Shrink {
 
 /// Packs rows `rows` (source row indices, or None = zero row) of `src`, columns c0..c0+kc, into
 /// panels of `mr` rows: `dst[panel][p][i]`.
-fn pack_rows(src: &MatRef<'_>, rows: &[Option<usize>], c0: usize, kc: usize, mr: usize, dst: &mut [f32], tmp: &mut [f32]) {
+fn pack_rows(
+    src: &MatRef<'_>,
+    rows: &[Option<usize>],
+    c0: usize,
+    kc: usize,
+    mr: usize,
+    dst: &mut [f32],
+    tmp: &mut [f32],
+) {
     let panels = rows.len().div_ceil(mr);
     for pi in 0..panels {
         let base = pi * mr * kc;
@@ -149,7 +160,12 @@ fn pack_rows(src: &MatRef<'_>, rows: &[Option<usize>], c0: usize, kc: usize, mr:
 }
 
 /// Fused GEMM path.
-fn gemm<K: MicroKernel>(p: &LinearProblem<'_>, y: &mut MatMut<'_>, sh: &Shrink, plan: &Option<RowPlan>) {
+fn gemm<K: MicroKernel>(
+    p: &LinearProblem<'_>,
+    y: &mut MatMut<'_>,
+    sh: &Shrink,
+    plan: &Option<RowPlan>,
+) {
     let (m, n, k) = (p.m(), p.n(), p.k());
     let (mr, nr) = (K::MR, K::NR);
     let mc = (MC_TARGET / mr).max(1) * mr;
@@ -159,7 +175,15 @@ fn gemm<K: MicroKernel>(p: &LinearProblem<'_>, y: &mut MatMut<'_>, sh: &Shrink, 
     let yv = &*y;
     let t_mat = (sh.r_total > 0).then(|| {
         // SAFETY: t holds m x r_total floats.
-        unsafe { MatRef::from_raw(sh.t.as_ptr() as *const u8, DType::F32, m, sh.r_total, sh.r_total) }
+        unsafe {
+            MatRef::from_raw(
+                sh.t.as_ptr() as *const u8,
+                DType::F32,
+                m,
+                sh.r_total,
+                sh.r_total,
+            )
+        }
     });
     (0..mb * nb).into_par_iter().for_each(|tile| {
         let (bi, bj) = (tile / nb, tile % nb);
@@ -169,12 +193,20 @@ fn gemm<K: MicroKernel>(p: &LinearProblem<'_>, y: &mut MatMut<'_>, sh: &Shrink, 
         let mtp = mt.div_ceil(mr) * mr;
         let ntp = nt.div_ceil(nr) * nr;
         // Source row of each position of the block, in walk order.
-        let src_rows: Vec<Option<usize>> =
-            (i0..i1).map(|i| Some(plan.as_ref().map_or(i, |pl| pl.perm[i]))).collect();
+        let src_rows: Vec<Option<usize>> = (i0..i1)
+            .map(|i| Some(plan.as_ref().map_or(i, |pl| pl.perm[i])))
+            .collect();
         let w_rows: Vec<Option<usize>> = (j0..j1).map(Some).collect();
         WS.with(|ws| {
             let ws = &mut *ws.borrow_mut();
-            let kmax = KC.max(sh.off.iter().zip(p.slots).map(|(_, s)| s.map_or(0, |s| s.rank())).max().unwrap_or(0));
+            let kmax = KC.max(
+                sh.off
+                    .iter()
+                    .zip(p.slots)
+                    .map(|(_, s)| s.map_or(0, |s| s.rank()))
+                    .max()
+                    .unwrap_or(0),
+            );
             let apack = grow(&mut ws.apack, mtp * kmax);
             let bpack = grow(&mut ws.bpack, ntp * kmax);
             let tmp = grow(&mut ws.row, kmax.max(nt));
@@ -196,7 +228,10 @@ fn gemm<K: MicroKernel>(p: &LinearProblem<'_>, y: &mut MatMut<'_>, sh: &Shrink, 
                     let present: Vec<bool> = match plan {
                         None => vec![true; mtp / mr],
                         Some(pl) => (0..mtp / mr)
-                            .map(|pi| (i0 + pi * mr..(i0 + (pi + 1) * mr).min(i1)).any(|i| pl.slot_of[i] == s as i32))
+                            .map(|pi| {
+                                (i0 + pi * mr..(i0 + (pi + 1) * mr).min(i1))
+                                    .any(|i| pl.slot_of[i] == s as i32)
+                            })
                             .collect(),
                     };
                     if !present.iter().any(|&b| b) {
@@ -211,7 +246,16 @@ fn gemm<K: MicroKernel>(p: &LinearProblem<'_>, y: &mut MatMut<'_>, sh: &Shrink, 
                     let tcols = tm.top_left(m, sh.off[s] + r);
                     pack_rows(&slot.b, &w_rows, 0, r, nr, bpack, tmp);
                     pack_rows(&tcols, &t_rows, sh.off[s], r, mr, apack, tmp);
-                    run_block::<K>(r, mtp / mr, ntp / nr, apack, bpack, ctile, ntp, Some(&present));
+                    run_block::<K>(
+                        r,
+                        mtp / mr,
+                        ntp / nr,
+                        apack,
+                        bpack,
+                        ctile,
+                        ntp,
+                        Some(&present),
+                    );
                 }
             }
             // Epilogue: bias, convert, one write of y.
@@ -232,7 +276,11 @@ fn gemm<K: MicroKernel>(p: &LinearProblem<'_>, y: &mut MatMut<'_>, sh: &Shrink, 
                 let row = src.expect("real row");
                 // SAFETY: tiles write disjoint (row, column) ranges of y; the view covers them.
                 unsafe {
-                    dtype::convert_from_f32(out, yv.row_ptr(row).add(j0 * yv.dtype.size()), yv.dtype);
+                    dtype::convert_from_f32(
+                        out,
+                        yv.row_ptr(row).add(j0 * yv.dtype.size()),
+                        yv.dtype,
+                    );
                 }
             }
         });
@@ -240,7 +288,16 @@ fn gemm<K: MicroKernel>(p: &LinearProblem<'_>, y: &mut MatMut<'_>, sh: &Shrink, 
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_block<K: MicroKernel>(kc: usize, mpanels: usize, npanels: usize, apack: &[f32], bpack: &[f32], ctile: &mut [f32], ldc: usize, present: Option<&[bool]>) {
+fn run_block<K: MicroKernel>(
+    kc: usize,
+    mpanels: usize,
+    npanels: usize,
+    apack: &[f32],
+    bpack: &[f32],
+    ctile: &mut [f32],
+    ldc: usize,
+    present: Option<&[bool]>,
+) {
     if kc == 0 {
         return;
     }

@@ -1,14 +1,14 @@
 //! The CPU backend: a kernel table chosen once when a runtime starts (BLIS style: the reference
 //! is always there, optimized variants replace it where the CPU allows), and the thread pool.
 
-pub mod detect;
-pub mod driver;
-pub mod portable;
-pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+pub mod detect;
+pub mod driver;
+pub mod portable;
+pub mod reference;
 
 use crate::backend::LinearProblem;
 use crate::error::{Error, Result};
@@ -75,19 +75,38 @@ pub fn supported(isa: Isa) -> bool {
 /// The table for `isa`, or UNSUPPORTED when this CPU cannot run it.
 pub fn table(isa: Isa) -> Result<KernelTable> {
     if !supported(isa) {
-        return Err(Error::unsupported(format!("this CPU cannot run the '{}' kernels", isa.name())));
+        return Err(Error::unsupported(format!(
+            "this CPU cannot run the '{}' kernels",
+            isa.name()
+        )));
     }
-    let mut t = KernelTable { isa: Isa::Reference, linear_name: "fused_linear_reference", linear: reference::linear };
+    let mut t = KernelTable {
+        isa: Isa::Reference,
+        linear_name: "fused_linear_reference",
+        linear: reference::linear,
+    };
     if isa >= Isa::Portable {
-        t = KernelTable { isa: Isa::Portable, linear_name: "fused_linear_portable", linear: driver::linear::<portable::Portable> };
+        t = KernelTable {
+            isa: Isa::Portable,
+            linear_name: "fused_linear_portable",
+            linear: driver::linear::<portable::Portable>,
+        };
     }
     #[cfg(target_arch = "x86_64")]
     {
         if isa >= Isa::Avx2 {
-            t = KernelTable { isa: Isa::Avx2, linear_name: "fused_linear_avx2_6x16", linear: driver::linear::<avx2::Avx2> };
+            t = KernelTable {
+                isa: Isa::Avx2,
+                linear_name: "fused_linear_avx2_6x16",
+                linear: driver::linear::<avx2::Avx2>,
+            };
         }
         if isa >= Isa::Avx512 {
-            t = KernelTable { isa: Isa::Avx512, linear_name: "fused_linear_avx512_8x32", linear: driver::linear::<avx512::Avx512> };
+            t = KernelTable {
+                isa: Isa::Avx512,
+                linear_name: "fused_linear_avx512_8x32",
+                linear: driver::linear::<avx512::Avx512>,
+            };
         }
     }
     Ok(t)
@@ -98,11 +117,18 @@ pub fn select() -> Result<KernelTable> {
     if let Ok(v) = std::env::var("RANKFUSE_ISA") {
         if !v.is_empty() {
             let isa = Isa::parse(&v).ok_or_else(|| {
-                Error::invalid(format!("RANKFUSE_ISA='{v}': expected reference, portable, avx2 or avx512"))
+                Error::invalid(format!(
+                    "RANKFUSE_ISA='{v}': expected reference, portable, avx2 or avx512"
+                ))
             })?;
             return table(isa);
         }
     }
-    let best = Isa::ALL.iter().rev().copied().find(|&i| supported(i)).unwrap_or(Isa::Portable);
+    let best = Isa::ALL
+        .iter()
+        .rev()
+        .copied()
+        .find(|&i| supported(i))
+        .unwrap_or(Isa::Portable);
     table(best)
 }

@@ -33,31 +33,43 @@ pub struct Args {
 
 fn find<'w>(base: &'w Weights, module: &str, suffix: &str) -> Option<&'w str> {
     // The module path as in PEFT, or with a leading "model." stripped/added.
-    let cands = [format!("{module}.{suffix}"), format!("model.{module}.{suffix}")];
+    let cands = [
+        format!("{module}.{suffix}"),
+        format!("model.{module}.{suffix}"),
+    ];
     for c in cands {
         if let Some(e) = base.entry(&c) {
             return Some(e.name.as_str());
         }
     }
-    module
-        .strip_prefix("model.")
-        .and_then(|m| base.entry(&format!("{m}.{suffix}")).map(|e| e.name.as_str()))
+    module.strip_prefix("model.").and_then(|m| {
+        base.entry(&format!("{m}.{suffix}"))
+            .map(|e| e.name.as_str())
+    })
 }
 
 pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
     let compute = DType::parse(&a.compute)
         .filter(|d| *d != DType::F16)
-        .ok_or_else(|| Error::invalid(format!("--compute '{}': expected f32 or bf16", a.compute)))?;
+        .ok_or_else(|| {
+            Error::invalid(format!("--compute '{}': expected f32 or bf16", a.compute))
+        })?;
     let base = Weights::open(&a.base)?;
     let ad = peft::load(&a.adapter)?;
     let fan_in_fan_out = peft::fan_in_fan_out(&ad);
     let input = Weights::open(&a.input)?;
     let mut outs: Vec<TensorOut<'static>> = Vec::new();
     for e in input.entries() {
-        let Some(module) = e.name.strip_prefix("x.") else { continue };
+        let Some(module) = e.name.strip_prefix("x.") else {
+            continue;
+        };
         let lora = ad.module(module)?;
-        let wname = find(&base, module, "weight")
-            .ok_or_else(|| Error::not_found(format!("base '{}': no weight for module '{module}'", a.base.display())))?;
+        let wname = find(&base, module, "weight").ok_or_else(|| {
+            Error::not_found(format!(
+                "base '{}': no weight for module '{module}'",
+                a.base.display()
+            ))
+        })?;
         let mut w = base.get(wname)?;
         let transposed;
         if fan_in_fan_out {
@@ -73,17 +85,32 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
             transposed = Matrix::from_f32(w.dtype, c, r, &t)?;
             w = transposed.view();
         }
-        let bias = find(&base, module, "bias").map(|b| base.get(b)).transpose()?;
+        let bias = find(&base, module, "bias")
+            .map(|b| base.get(b))
+            .transpose()?;
         let x = input.get(&e.name)?;
-        let conv = |m: rankfuse::MatRef<'_>| Matrix::from_f32(compute, m.rows, m.cols, &m.to_f32_vec());
+        let conv =
+            |m: rankfuse::MatRef<'_>| Matrix::from_f32(compute, m.rows, m.cols, &m.to_f32_vec());
         let (xc, wc, bc) = (conv(x)?, conv(w)?, bias.map(conv).transpose()?);
-        let s = slot(lora, a.rank.unwrap_or(0) as usize, 1.0).map_err(|e| e.context(format!("module '{module}'")))?;
+        let s = slot(lora, a.rank.unwrap_or(0) as usize, 1.0)
+            .map_err(|e| e.context(format!("module '{module}'")))?;
         let (a_c, b_c) = (conv(s.a)?, conv(s.b)?);
-        let s = rankfuse::Slot { a: a_c.view(), b: b_c.view(), ..s };
+        let s = rankfuse::Slot {
+            a: a_c.view(),
+            b: b_c.view(),
+            ..s
+        };
         let slots = [Some(s)];
-        let p = LinearProblem { x: xc.view(), w: wc.view(), bias: bc.as_ref().map(|b| b.view()), slots: &slots, row_slot: None };
+        let p = LinearProblem {
+            x: xc.view(),
+            w: wc.view(),
+            bias: bc.as_ref().map(|b| b.view()),
+            slots: &slots,
+            row_slot: None,
+        };
         let mut y = Matrix::zeros(compute, x.rows, w.rows)?;
-        rt.linear(&p, &mut y.view_mut()).map_err(|e| e.context(format!("module '{module}'")))?;
+        rt.linear(&p, &mut y.view_mut())
+            .map_err(|e| e.context(format!("module '{module}'")))?;
         let y32 = Matrix::from_f32(DType::F32, y.rows, y.cols, &y.to_f32_vec())?;
         outs.push(TensorOut {
             name: format!("y.{module}"),
@@ -93,7 +120,10 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
         });
     }
     if outs.is_empty() {
-        return Err(Error::not_found(format!("input '{}': no x.<module> tensors", a.input.display())));
+        return Err(Error::not_found(format!(
+            "input '{}': no x.<module> tensors",
+            a.input.display()
+        )));
     }
     write_safetensors(&a.output, &outs, None)?;
     eprintln!("wrote {} tensors to {}", outs.len(), a.output.display());

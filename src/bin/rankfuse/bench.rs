@@ -31,8 +31,15 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
         .shapes
         .iter()
         .map(|s| {
-            let (k, n) = s.split_once(':').ok_or_else(|| Error::invalid(format!("--shapes '{s}': expected K:N")))?;
-            Ok((k.parse().map_err(|_| Error::invalid(format!("--shapes '{s}'")))?, n.parse().map_err(|_| Error::invalid(format!("--shapes '{s}'")))?))
+            let (k, n) = s
+                .split_once(':')
+                .ok_or_else(|| Error::invalid(format!("--shapes '{s}': expected K:N")))?;
+            Ok((
+                k.parse()
+                    .map_err(|_| Error::invalid(format!("--shapes '{s}'")))?,
+                n.parse()
+                    .map_err(|_| Error::invalid(format!("--shapes '{s}'")))?,
+            ))
         })
         .collect::<Result<Vec<(usize, usize)>>>()?;
     let dtypes = a
@@ -48,11 +55,34 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
         min_time: Duration::from_millis(a.min_ms),
         ..Default::default()
     };
-    eprintln!("{:>5} {:>5} {:>6} {:>6} {:>4} {:>10} {:>10} {:>10} {:>11} {:>11} {:>9}", "dtype", "m", "k", "n", "r", "base ms", "fused ms", "naive ms", "fused/base", "naive/base", "GFLOP/s");
+    eprintln!(
+        "{:>5} {:>5} {:>6} {:>6} {:>4} {:>10} {:>10} {:>10} {:>11} {:>11} {:>9}",
+        "dtype",
+        "m",
+        "k",
+        "n",
+        "r",
+        "base ms",
+        "fused ms",
+        "naive ms",
+        "fused/base",
+        "naive/base",
+        "GFLOP/s"
+    );
     let results = run_bench(rt, &opts, |r| {
         eprintln!(
             "{:>5} {:>5} {:>6} {:>6} {:>4} {:>10.3} {:>10.3} {:>10.3} {:>11.3} {:>11.3} {:>9.1}",
-            r.dtype, r.m, r.k, r.n, r.r, r.base_ms, r.fused_ms, r.naive_ms, r.fused_over_base, r.naive_over_base, r.fused_gflops
+            r.dtype,
+            r.m,
+            r.k,
+            r.n,
+            r.r,
+            r.base_ms,
+            r.fused_ms,
+            r.naive_ms,
+            r.fused_over_base,
+            r.naive_over_base,
+            r.fused_gflops
         )
     })?;
     let info: serde_json::Value = serde_json::from_str(&rt.info_json()).unwrap_or_default();

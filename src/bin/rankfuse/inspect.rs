@@ -14,7 +14,10 @@ pub fn run(a: &Args) -> Result<()> {
     if a.path.is_dir() {
         let ad = peft::load(&a.path)?;
         println!("adapter '{}': {} modules", ad.name, ad.len());
-        println!("{:<48} {:>7} {:>7} {:>5} {:>8} {:>10} {:>8} {:>5}", "module", "in", "out", "r", "alpha", "scale", "scaling", "dtype");
+        println!(
+            "{:<48} {:>7} {:>7} {:>5} {:>8} {:>10} {:>8} {:>5}",
+            "module", "in", "out", "r", "alpha", "scale", "scaling", "dtype"
+        );
         for l in ad.modules() {
             println!(
                 "{:<48} {:>7} {:>7} {:>5} {:>8} {:>10.6} {:>8} {:>5}",

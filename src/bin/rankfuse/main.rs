@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use rankfuse::{Runtime, RuntimeOptions};
 
 #[derive(Parser)]
-#[command(name = "rankfuse", version, about = "Low-rank adapters on frozen base weights: fused, fast, from C")]
+#[command(
+    name = "rankfuse",
+    version,
+    about = "Low-rank adapters on frozen base weights: fused, fast, from C"
+)]
 struct Cli {
     /// CPU threads (0 = all cores).
     #[arg(long, global = true, default_value_t = 0)]
@@ -34,7 +38,10 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match Runtime::new(RuntimeOptions { num_threads: cli.threads, ..Default::default() }) {
+    let rt = match Runtime::new(RuntimeOptions {
+        num_threads: cli.threads,
+        ..Default::default()
+    }) {
         Ok(rt) => rt,
         Err(e) => fail(e),
     };
