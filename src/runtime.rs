@@ -19,6 +19,15 @@ pub struct RuntimeOptions {
     pub device_index: i32,
     /// CPU threads; 0 = all cores.
     pub num_threads: usize,
+    /// The host engine's `CUstream` (as an address); 0 = the runtime's own stream.
+    pub cuda_stream: usize,
+}
+
+/// Where `linear` runs.
+enum Backend {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::backend::cuda::CudaBackend>),
 }
 
 /// A runtime. Compute calls may run from many threads at once.
@@ -26,17 +35,36 @@ pub struct Runtime {
     pool: rayon::ThreadPool,
     kernels: KernelTable,
     threads: usize,
+    backend: Backend,
 }
 
 impl Runtime {
     pub fn new(opts: RuntimeOptions) -> Result<Runtime> {
-        if opts.device == Device::Cuda {
-            return Err(Error::unsupported(
-                "this build of rankfuse has no CUDA backend (build with feature 'cuda')",
-            ));
-        }
         let kernels = cpu::select()?;
-        Self::with_kernels(opts, kernels)
+        match opts.device {
+            Device::Cpu => Self::with_kernels(opts, kernels),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                let cuda = crate::backend::cuda::CudaBackend::new(
+                    opts.device_index,
+                    opts.cuda_stream as *mut std::ffi::c_void,
+                )?;
+                // The CPU side only does host work (argument checks): one thread.
+                let mut rt = Self::with_kernels(
+                    RuntimeOptions {
+                        num_threads: 1,
+                        ..opts
+                    },
+                    kernels,
+                )?;
+                rt.backend = Backend::Cuda(Box::new(cuda));
+                Ok(rt)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => Err(Error::unsupported(
+                "this build of rankfuse has no CUDA backend (build with feature 'cuda')",
+            )),
+        }
     }
 
     /// A CPU runtime with all cores.
@@ -65,6 +93,7 @@ impl Runtime {
             pool,
             kernels,
             threads,
+            backend: Backend::Cpu,
         })
     }
 
@@ -74,28 +103,54 @@ impl Runtime {
     pub fn threads(&self) -> usize {
         self.threads
     }
+    pub fn device(&self) -> Device {
+        match self.backend {
+            Backend::Cpu => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => Device::Cuda,
+        }
+    }
+    /// The CUDA backend of a CUDA runtime.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(&self) -> Option<&crate::backend::cuda::CudaBackend> {
+        match &self.backend {
+            Backend::Cuda(c) => Some(c),
+            Backend::Cpu => None,
+        }
+    }
 
     /// The fused linear: checks the problem, then runs the kernel table's implementation.
     pub fn linear(&self, p: &LinearProblem<'_>, y: &mut MatMut<'_>) -> Result<()> {
         p.check(y)?;
-        let f = self.kernels.linear;
-        self.pool.install(|| f(p, y));
-        Ok(())
+        match &self.backend {
+            Backend::Cpu => {
+                let f = self.kernels.linear;
+                self.pool.install(|| f(p, y));
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(c) => c.linear(p, y),
+        }
     }
 
     /// Runtime facts as JSON: version, backend, CPU features, kernels chosen, threads.
     pub fn info_json(&self) -> String {
+        let (backend, gpu) = match &self.backend {
+            Backend::Cpu => ("cpu", serde_json::Value::Null),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(c) => ("cuda", c.info_json()),
+        };
         let info = serde_json::json!({
             "version": crate::VERSION,
             "abi_version": crate::ffi::types::RF_ABI_VERSION,
-            "backend": "cpu",
-            "device": "cpu",
+            "backend": backend,
+            "device": backend,
             "arch": std::env::consts::ARCH,
             "cpu_features": cpu::detect::features(),
             "isa": self.kernels.isa.name(),
             "kernels": { "linear": self.kernels.linear_name },
             "threads": self.threads,
-            "gpu": serde_json::Value::Null,
+            "gpu": gpu,
         });
         info.to_string()
     }

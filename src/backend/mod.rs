@@ -2,6 +2,8 @@
 //! checked, and the CPU implementation behind a kernel table (CUDA joins behind feature `cuda`).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::error::{Error, Result};
 use crate::matrix::{MatMut, MatRef};

@@ -46,6 +46,7 @@ unsafe fn read_options(p: *const rf_runtime_options) -> crate::Result<RuntimeOpt
         device,
         device_index: addr_of!((*p).device_index).read_unaligned(),
         num_threads: addr_of!((*p).num_threads).read_unaligned() as usize,
+        cuda_stream: addr_of!((*p).cuda_stream).read_unaligned() as usize,
     })
 }
 
