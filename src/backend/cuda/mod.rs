@@ -662,6 +662,60 @@ impl CudaBackend {
         )
     }
 
+    /// Copies device -> device on the stream (benchmarks measure bandwidth with it).
+    ///
+    /// # Safety
+    /// Both pointers must be device memory of at least `bytes`.
+    pub unsafe fn copy_device_to_device(
+        &self,
+        dst: *mut c_void,
+        src: *const c_void,
+        bytes: usize,
+    ) -> Result<()> {
+        self.bind()?;
+        check(
+            sys::cuMemcpyDtoDAsync_v2(
+                dst as sys::CUdeviceptr,
+                src as sys::CUdeviceptr,
+                bytes,
+                self.stream,
+            ),
+            "copy device to device",
+        )
+    }
+
+    /// Milliseconds per run of `f` on the stream (CUDA events), over `iters` runs after one
+    /// warm-up run.
+    pub fn time_ms(&self, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        self.bind()?;
+        f()?;
+        let mut ev = [std::ptr::null_mut(); 2];
+        // SAFETY: events are created, recorded on our stream and destroyed here.
+        unsafe {
+            for e in ev.iter_mut() {
+                check(sys::cuEventCreate(e, 0), "cuEventCreate")?;
+            }
+            let run = (|| -> Result<f32> {
+                check(sys::cuEventRecord(ev[0], self.stream), "cuEventRecord")?;
+                for _ in 0..iters.max(1) {
+                    f()?;
+                }
+                check(sys::cuEventRecord(ev[1], self.stream), "cuEventRecord")?;
+                check(sys::cuEventSynchronize(ev[1]), "cuEventSynchronize")?;
+                let mut ms = 0f32;
+                check(
+                    sys::cuEventElapsedTime(&mut ms, ev[0], ev[1]),
+                    "cuEventElapsedTime",
+                )?;
+                Ok(ms)
+            })();
+            for e in ev {
+                sys::cuEventDestroy_v2(e);
+            }
+            Ok(run? as f64 / iters.max(1) as f64)
+        }
+    }
+
     /// Uploads host bytes (e.g. a tensor inside a memory-mapped safetensors file) through
     /// pinned staging buffers, double-buffered so reading the file overlaps the DMA. Returns
     /// when the data is on the device.
