@@ -219,6 +219,37 @@ rf_error *rf_lora_info_get(const rf_lora *l, rf_lora_info *out);
 rf_error *rf_lora_set_rank(rf_lora *l, uint32_t rank);
 
 /*
+ Allocates `bytes` of device memory on the runtime's GPU; `*out` receives the device pointer.
+ The caller owns it and frees it with `rf_device_free` on the same runtime. Thread-safe.
+ */
+rf_error *rf_device_alloc(rf_runtime *rt, size_t bytes, void **out);
+
+/*
+ Frees memory from `rf_device_alloc`; NULL is accepted. Waits for work still using it (the
+ driver synchronizes). Thread-safe, but a pointer must be freed once.
+ */
+rf_error *rf_device_free(rf_runtime *rt, void *ptr);
+
+/*
+ Copies `bytes` from host `src` to device `dst`, asynchronously on the runtime's stream: keep
+ `src` alive and unchanged until `rf_runtime_synchronize` (pinned memory makes it truly
+ asynchronous). Thread-safe.
+ */
+rf_error *rf_copy_to_device(rf_runtime *rt, void *dst, const void *src, size_t bytes);
+
+/*
+ Copies `bytes` from device `src` to host `dst`, asynchronously on the runtime's stream: read
+ `dst` only after `rf_runtime_synchronize`. Thread-safe.
+ */
+rf_error *rf_copy_to_host(rf_runtime *rt, void *dst, const void *src, size_t bytes);
+
+/*
+ Waits until all work the runtime queued (rf_linear, copies) is done. On a CPU runtime calls
+ are synchronous and this returns at once. Thread-safe.
+ */
+rf_error *rf_runtime_synchronize(rf_runtime *rt);
+
+/*
  The status of an error; RF_STATUS_OK for NULL (NULL means success).
  */
 rf_status rf_error_code(const rf_error *e);

@@ -10,27 +10,27 @@ use crate::error::{Error, Result};
 use std::ffi::c_void;
 
 /// Most adapter slots one call may use (`RF_MAX_SLOTS` in kernels/common.cuh).
-pub const MAX_SLOTS: usize = 32;
+pub(crate) const MAX_SLOTS: usize = 32;
 /// Largest m served by the decode (GEMV) kernels.
-pub const DECODE_MAX_M: usize = 8;
+pub(crate) const DECODE_MAX_M: usize = 8;
 /// Threads per block of every kernel.
-pub const BLOCK: u32 = 256;
+pub(crate) const BLOCK: u32 = 256;
 /// FMA tile kernel: output tile.
-pub const TILE_BM: usize = 64;
-pub const TILE_BN: usize = 64;
+pub(crate) const TILE_BM: usize = 64;
+pub(crate) const TILE_BN: usize = 64;
 /// Tensor-core kernel: output tile.
-pub const MMA_BM: usize = 128;
-pub const MMA_BN: usize = 128;
+pub(crate) const MMA_BM: usize = 128;
+pub(crate) const MMA_BN: usize = 128;
 /// Shrink: rows (warps) per block.
-pub const SHRINK_ROWS: usize = 8;
+pub(crate) const SHRINK_ROWS: usize = 8;
 /// Decode: output columns per block (8 warps x 2).
-pub const DECODE_COLS: usize = 16;
+pub(crate) const DECODE_COLS: usize = 16;
 /// Decode: the x chunk in shared memory is at most this many bytes (m * k_chunk * 4).
-pub const DECODE_SMEM_MAX: usize = 32 * 1024;
+pub(crate) const DECODE_SMEM_MAX: usize = 32 * 1024;
 /// Decode: k_chunk granularity (keeps every split's W start 16-byte aligned).
-pub const DECODE_K_ALIGN: usize = 256;
+pub(crate) const DECODE_K_ALIGN: usize = 256;
 /// Largest grid.y / grid.z the driver accepts.
-pub const GRID_YZ_MAX: usize = 65535;
+pub(crate) const GRID_YZ_MAX: usize = 65535;
 
 /// dtype numbers of the kernels (`RF_F32`... in common.cuh; same as `rf_dtype`).
 pub fn dtype_code(d: DType) -> i32 {
