@@ -96,6 +96,26 @@ pub fn entries(ptx: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Byte sizes of the `.param` arguments of entry `name` (e.g. `[2448]` for one LinearParams).
+pub fn entry_param_sizes(ptx: &str, name: &str) -> Option<Vec<usize>> {
+    let mut lines = ptx.lines().skip_while(|l| {
+        let l = l.trim_start();
+        !(l.starts_with(".visible .entry ") || l.starts_with(".entry "))
+            || !l.contains(&format!(" {name}("))
+    });
+    lines.next()?;
+    let mut sizes = Vec::new();
+    for l in lines {
+        let l = l.trim();
+        if l.starts_with(')') {
+            return Some(sizes);
+        }
+        let (_, rest) = l.split_once('[')?;
+        sizes.push(rest.split(']').next()?.parse().ok()?);
+    }
+    None
+}
+
 /// The `.version` (PTX ISA) of a PTX text, e.g. (8, 2).
 pub fn ptx_isa_version(ptx: &str) -> Option<(u32, u32)> {
     let v = ptx
@@ -136,6 +156,23 @@ mod tests {
                     "{k} is not an .entry of {}.compute_{}.ptx",
                     m.stem,
                     m.arch
+                );
+            }
+        }
+    }
+
+    /// The compiled kernels take exactly one parameter of the size of the Rust mirror.
+    #[test]
+    fn kernel_parameter_block_matches_the_rust_layout() {
+        let size = std::mem::size_of::<crate::backend::cuda::launch::LinearParams>();
+        for p in PTX {
+            for e in entries(p.text) {
+                assert_eq!(
+                    entry_param_sizes(p.text, e),
+                    Some(vec![size]),
+                    "{e} in {}.compute_{}",
+                    p.stem,
+                    p.arch
                 );
             }
         }
