@@ -62,11 +62,13 @@ struct LinearParams {
   int k_chunk;      // decode: K elements per split
   int splits;       // decode: number of K splits
   int vec_ok;       // decode: W rows are 16-byte aligned (128-bit loads allowed)
+  int shrink_k_chunk;   // shrink: K elements per split (a multiple of 32)
+  int shrink_c_chunks;  // shrink: 32-component chunks of the largest active rank
   SlotParams slots[RF_MAX_SLOTS];
 };
 
 static_assert(sizeof(SlotParams) == 72, "SlotParams layout is mirrored in launch.rs");
-static_assert(sizeof(LinearParams) == 144 + 72 * RF_MAX_SLOTS, "LinearParams layout is mirrored in launch.rs");
+static_assert(sizeof(LinearParams) == 152 + 72 * RF_MAX_SLOTS, "LinearParams layout is mirrored in launch.rs");
 
 // ---------------------------------------------------------------------------------------------
 // Conversions

@@ -21,8 +21,12 @@ pub(crate) const TILE_BN: usize = 64;
 /// Tensor-core kernel: output tile.
 pub(crate) const MMA_BM: usize = 128;
 pub(crate) const MMA_BN: usize = 128;
-/// Shrink: rows (warps) per block.
-pub(crate) const SHRINK_ROWS: usize = 8;
+/// Shrink: tile of 64 rows x 32 components, K in steps of 32.
+pub(crate) const SHRINK_ROWS: usize = 64;
+pub(crate) const SHRINK_COMPS: usize = 32;
+pub(crate) const SHRINK_K_STEP: usize = 32;
+/// Shrink: a K split is never shorter than this (keeps the atomics few).
+pub(crate) const SHRINK_MIN_K: usize = 64;
 /// Decode: output columns per block (8 warps x 2).
 pub(crate) const DECODE_COLS: usize = 16;
 /// Decode: the x chunk in shared memory is at most this many bytes (m * k_chunk * 4).
@@ -84,7 +88,7 @@ impl Default for SlotParams {
     }
 }
 
-/// Mirrors `struct LinearParams` in kernels/common.cuh (144 + 72 * MAX_SLOTS bytes); passed by
+/// Mirrors `struct LinearParams` in kernels/common.cuh (152 + 72 * MAX_SLOTS bytes); passed by
 /// value to every kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -113,11 +117,13 @@ pub struct LinearParams {
     pub k_chunk: i32,
     pub splits: i32,
     pub vec_ok: i32,
+    pub shrink_k_chunk: i32,
+    pub shrink_c_chunks: i32,
     pub slots: [SlotParams; MAX_SLOTS],
 }
 
 const _: () = assert!(std::mem::size_of::<SlotParams>() == 72);
-const _: () = assert!(std::mem::size_of::<LinearParams>() == 144 + 72 * MAX_SLOTS);
+const _: () = assert!(std::mem::size_of::<LinearParams>() == 152 + 72 * MAX_SLOTS);
 // The driver copies kernel parameters into a 4 KiB constant bank on CUDA 12.0 drivers.
 const _: () = assert!(std::mem::size_of::<LinearParams>() <= 4096);
 
@@ -148,6 +154,8 @@ impl Default for LinearParams {
             k_chunk: 0,
             splits: 0,
             vec_ok: 0,
+            shrink_k_chunk: 0,
+            shrink_c_chunks: 0,
             slots: [SlotParams::default(); MAX_SLOTS],
         }
     }
@@ -313,26 +321,57 @@ pub fn mma_geometry(m: usize, n: usize) -> Result<Geometry> {
     })
 }
 
-/// Shrink: grid (ceil(longest segment / 8), active slots), block 256.
-pub fn shrink_geometry(max_seg_len: usize, n_slots: usize) -> Result<Geometry> {
-    if n_slots == 0 || n_slots > MAX_SLOTS {
+/// How the shrink is split: K elements per block and 32-component chunks of the largest rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShrinkSplit {
+    pub k_chunk: usize,
+    pub k_splits: usize,
+    pub c_chunks: usize,
+}
+
+/// Shrink: grid (ceil(longest segment / 64), active slots, c_chunks * k_splits), block 256. K is
+/// split (results added with atomics into the zeroed T) until there are about two blocks per SM,
+/// never below 64 elements per split.
+pub fn shrink_geometry(
+    max_seg_len: usize,
+    n_slots: usize,
+    max_rank: usize,
+    k: usize,
+    sm_count: usize,
+) -> Result<(Geometry, ShrinkSplit)> {
+    if n_slots == 0 || n_slots > MAX_SLOTS || max_rank == 0 {
         return Err(Error::internal(format!(
-            "shrink launched with {n_slots} slots (1..={MAX_SLOTS})"
+            "shrink launched with {n_slots} slots (1..={MAX_SLOTS}), max rank {max_rank}"
         )));
     }
-    Ok(Geometry {
-        grid: (
-            grid_dim(
-                div_up(max_seg_len, SHRINK_ROWS),
-                u32::MAX as usize,
-                "lora_shrink (rows)",
-            )?,
-            n_slots as u32,
-            1,
-        ),
-        block: (BLOCK, 1, 1),
-        shared_bytes: 0,
-    })
+    let row_tiles = div_up(max_seg_len, SHRINK_ROWS);
+    let c_chunks = div_up(max_rank, SHRINK_COMPS);
+    let base_blocks = row_tiles * n_slots * c_chunks;
+    let want = div_up(2 * sm_count.max(1), base_blocks.max(1));
+    let k_splits_max = div_up(k.max(1), SHRINK_MIN_K);
+    let splits = want.clamp(1, k_splits_max);
+    let k_chunk = div_up(div_up(k.max(1), splits), SHRINK_K_STEP) * SHRINK_K_STEP;
+    let k_splits = div_up(k.max(1), k_chunk);
+    let z = c_chunks
+        .checked_mul(k_splits)
+        .filter(|&z| z <= GRID_YZ_MAX)
+        .ok_or_else(|| Error::unsupported("shrink: rank x K splits exceed the grid"))?;
+    Ok((
+        Geometry {
+            grid: (
+                grid_dim(row_tiles, u32::MAX as usize, "lora_shrink (rows)")?,
+                n_slots as u32,
+                z as u32,
+            ),
+            block: (BLOCK, 1, 1),
+            shared_bytes: 0,
+        },
+        ShrinkSplit {
+            k_chunk,
+            k_splits,
+            c_chunks,
+        },
+    ))
 }
 
 /// How decode splits K: `k_chunk` elements per split (a multiple of 256, with m * k_chunk f32 in
@@ -574,14 +613,15 @@ mod tests {
         assert_eq!(offset_of!(LinearParams, ldx), 64);
         assert_eq!(offset_of!(LinearParams, m), 96);
         assert_eq!(offset_of!(LinearParams, vec_ok), 140);
-        assert_eq!(offset_of!(LinearParams, slots), 144);
+        assert_eq!(offset_of!(LinearParams, shrink_c_chunks), 148);
+        assert_eq!(offset_of!(LinearParams, slots), 152);
         assert_eq!(offset_of!(SlotParams, lda), 24);
         assert_eq!(offset_of!(SlotParams, rank), 40);
         assert_eq!(offset_of!(SlotParams, scale), 68);
         let h = include_str!("../../../kernels/common.cuh");
         assert!(h.contains("#define RF_MAX_SLOTS 32"));
         assert!(h.contains("sizeof(SlotParams) == 72"));
-        assert!(h.contains("sizeof(LinearParams) == 144 + 72 * RF_MAX_SLOTS"));
+        assert!(h.contains("sizeof(LinearParams) == 152 + 72 * RF_MAX_SLOTS"));
     }
 
     #[test]
@@ -681,11 +721,39 @@ mod tests {
     }
 
     #[test]
-    fn shrink_geometry_limits() {
-        let g = shrink_geometry(9, 3).unwrap();
-        assert_eq!(g.grid, (2, 3, 1));
-        assert!(shrink_geometry(5, 0).is_err());
-        assert!(shrink_geometry(5, MAX_SLOTS + 1).is_err());
+    fn shrink_geometry_covers_rows_ranks_and_k() {
+        for seg in [1usize, 5, 63, 64, 65, 300, 4096] {
+            for slots in [1usize, 3, 16, 32] {
+                for rank in [1usize, 8, 16, 31, 32, 33, 64, 128] {
+                    for k in [1usize, 31, 64, 100, 4096, 11008] {
+                        for sms in [8usize, 132] {
+                            let (g, s) = shrink_geometry(seg, slots, rank, k, sms).unwrap();
+                            assert_eq!(g.block, (256, 1, 1));
+                            assert_eq!(g.grid.1 as usize, slots);
+                            assert!(g.grid.0 as usize * SHRINK_ROWS >= seg);
+                            assert!((g.grid.0 as usize - 1) * SHRINK_ROWS < seg);
+                            assert!(s.c_chunks * SHRINK_COMPS >= rank);
+                            assert!((s.c_chunks - 1) * SHRINK_COMPS < rank);
+                            assert_eq!(g.grid.2 as usize, s.c_chunks * s.k_splits);
+                            assert_eq!(s.k_chunk % SHRINK_K_STEP, 0);
+                            // The splits cover K exactly, none of them empty.
+                            assert!(s.k_chunk * s.k_splits >= k);
+                            assert!(s.k_chunk * (s.k_splits - 1) < k);
+                            assert!(s.k_splits == 1 || s.k_chunk >= SHRINK_MIN_K / 2);
+                        }
+                    }
+                }
+            }
+        }
+        // Decode (one row, one slot) splits K for parallelism; a big prefill does not.
+        assert!(shrink_geometry(1, 1, 64, 4096, 132).unwrap().1.k_splits > 1);
+        assert_eq!(
+            shrink_geometry(65536, 1, 16, 4096, 132).unwrap().1.k_splits,
+            1
+        );
+        assert!(shrink_geometry(5, 0, 4, 8, 1).is_err());
+        assert!(shrink_geometry(5, MAX_SLOTS + 1, 4, 8, 1).is_err());
+        assert!(shrink_geometry(5, 1, 0, 8, 1).is_err());
     }
 
     #[test]

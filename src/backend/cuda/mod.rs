@@ -543,8 +543,12 @@ impl CudaBackend {
                 scale: s.scale,
             };
         }
-        if total_rank > 0 && max_seg > 0 {
-            let g = launch::shrink_geometry(max_seg, slots.len())?;
+        if total_rank > 0 && max_seg > 0 && k > 0 {
+            let max_rank = slots.iter().map(|s| s.rank()).max().unwrap_or(0);
+            let (g, s) =
+                launch::shrink_geometry(max_seg, slots.len(), max_rank, k, self.info.sm_count)?;
+            params.shrink_k_chunk = s.k_chunk as i32;
+            params.shrink_c_chunks = s.c_chunks as i32;
             self.launch(launch::shrink_kernel(p.x.dtype), g, &params)?;
         }
         match path {
