@@ -62,6 +62,8 @@ __device__ __forceinline__ void decode_linear(const LinearParams &p) {
     if (p.vec_ok) {
       const int nvec = len / VE;
       const uint4 *wv = (const uint4 *)wr;
+      // Unrolled so each lane keeps several 128-bit loads in flight (memory-bound).
+#pragma unroll 4
       for (int v = lane; v < nvec; v += 32) {
         float wf[16 / sizeof(ws)];
         unpack16(wv[v], wf, WT());
