@@ -17,7 +17,13 @@ fn dtype() -> impl Strategy<Value = DType> {
 /// A matrix with `ld = cols + pad`, values in [-1, 1) rounded to `dt`.
 fn padded(rng: &mut SplitMix64, dt: DType, rows: usize, cols: usize, pad: usize) -> Matrix {
     let ld = cols + pad;
-    Matrix::from_f32(dt, rows.max(1), ld, &rng.fill_uniform(rows.max(1) * ld, -1.0, 1.0)).unwrap()
+    Matrix::from_f32(
+        dt,
+        rows.max(1),
+        ld,
+        &rng.fill_uniform(rows.max(1) * ld, -1.0, 1.0),
+    )
+    .unwrap()
 }
 
 fn view(m: &Matrix, rows: usize, cols: usize) -> MatRef<'_> {
@@ -35,7 +41,13 @@ fn y_rtol(dt: DType) -> f32 {
 }
 
 fn abs_copy(m: &Matrix) -> Matrix {
-    Matrix::from_f32(m.dtype, m.rows, m.cols, &m.to_f32_vec().iter().map(|v| v.abs()).collect::<Vec<_>>()).unwrap()
+    Matrix::from_f32(
+        m.dtype,
+        m.rows,
+        m.cols,
+        &m.to_f32_vec().iter().map(|v| v.abs()).collect::<Vec<_>>(),
+    )
+    .unwrap()
 }
 
 #[derive(Debug, Clone)]
@@ -63,10 +75,26 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         any::<u64>(),
     )
-        .prop_map(|(m, n, k, ranks, dts, pad, bias, mixed, seed)| Case { m, n, k, ranks, dts, pad, bias, mixed, seed })
+        .prop_map(|(m, n, k, ranks, dts, pad, bias, mixed, seed)| Case {
+            m,
+            n,
+            k,
+            ranks,
+            dts,
+            pad,
+            bias,
+            mixed,
+            seed,
+        })
 }
 
-type Data = (Matrix, Matrix, Matrix, Vec<Option<(Matrix, Matrix, Matrix)>>, Vec<i32>);
+type Data = (
+    Matrix,
+    Matrix,
+    Matrix,
+    Vec<Option<(Matrix, Matrix, Matrix)>>,
+    Vec<i32>,
+);
 
 fn data(c: &Case) -> Data {
     let mut rng = SplitMix64::new(c.seed);
@@ -78,9 +106,19 @@ fn data(c: &Case) -> Data {
     let mats: Vec<Option<(Matrix, Matrix, Matrix)>> = c
         .ranks
         .iter()
-        .map(|&r| (r > 0).then(|| (padded(&mut rng, ad, r, c.k, c.pad), padded(&mut rng, ad, c.n, r, c.pad), padded(&mut rng, DType::F32, 1, r, 0))))
+        .map(|&r| {
+            (r > 0).then(|| {
+                (
+                    padded(&mut rng, ad, r, c.k, c.pad),
+                    padded(&mut rng, ad, c.n, r, c.pad),
+                    padded(&mut rng, DType::F32, 1, r, 0),
+                )
+            })
+        })
         .collect();
-    let row_slot: Vec<i32> = (0..c.m).map(|_| rng.range(0, c.ranks.len()) as i32 - 1).collect();
+    let row_slot: Vec<i32> = (0..c.m)
+        .map(|_| rng.range(0, c.ranks.len()) as i32 - 1)
+        .collect();
     (x, w, b, mats, row_slot)
 }
 
@@ -101,8 +139,8 @@ fn reference_y(c: &Case, d: &Data, reference: &Runtime) -> Vec<f32> {
         })
         .collect();
     let p = LinearProblem {
-        x: view(&x, c.m, c.k),
-        w: view(&w, c.n, c.k),
+        x: view(x, c.m, c.k),
+        w: view(w, c.n, c.k),
         bias: c.bias.then(|| b.view()),
         slots: &slots,
         row_slot: c.mixed.then_some(row_slot.as_slice()),
@@ -110,9 +148,13 @@ fn reference_y(c: &Case, d: &Data, reference: &Runtime) -> Vec<f32> {
     let ld = c.n + c.pad;
     let mut want = Matrix::zeros(DType::F32, c.m, ld).unwrap();
     // SAFETY: want holds m x ld floats.
-    let mut wv = unsafe { MatMut::from_raw(want.view_mut().as_mut_ptr(), DType::F32, c.m, c.n, ld) };
+    let mut wv =
+        unsafe { MatMut::from_raw(want.view_mut().as_mut_ptr(), DType::F32, c.m, c.n, ld) };
     reference.linear(&p, &mut wv).unwrap();
-    want.to_f32_vec().chunks(ld).flat_map(|r| r[..c.n].to_vec()).collect()
+    want.to_f32_vec()
+        .chunks(ld)
+        .flat_map(|r| r[..c.n].to_vec())
+        .collect()
 }
 
 fn check(c: &Case, rts: &[(Isa, Runtime)], reference: &Runtime) {
@@ -121,7 +163,18 @@ fn check(c: &Case, rts: &[(Isa, Runtime)], reference: &Runtime) {
     // Every kernel reads the same rounded inputs as the reference, so the only differences are
     // f32 accumulation (bounded by eps * k * sum of |terms|: the reference on |inputs|) and the
     // rounding of y to its dtype.
-    let ad = (abs_copy(&d.0), abs_copy(&d.1), abs_copy(&d.2), d.3.iter().map(|m| m.as_ref().map(|(a, b, g)| (abs_copy(a), abs_copy(b), abs_copy(g)))).collect(), d.4.clone());
+    let ad = (
+        abs_copy(&d.0),
+        abs_copy(&d.1),
+        abs_copy(&d.2),
+        d.3.iter()
+            .map(|m| {
+                m.as_ref()
+                    .map(|(a, b, g)| (abs_copy(a), abs_copy(b), abs_copy(g)))
+            })
+            .collect(),
+        d.4.clone(),
+    );
     let bound = reference_y(c, &ad, reference);
     let (x, w, b, mats, row_slot) = &d;
     let slots: Vec<Option<Slot<'_>>> = mats
@@ -154,13 +207,23 @@ fn check(c: &Case, rts: &[(Isa, Runtime)], reference: &Runtime) {
         rt.linear(&p, &mut yv).unwrap();
         let all = y.to_f32_vec();
         let got: Vec<f32> = all.chunks(ld).flat_map(|r| r[..c.n].to_vec()).collect();
-        let tol: Vec<f32> = bound.iter().zip(&want).map(|(bd, w)| 1e-30 + eps_k * bd + y_rtol(yd) * w.abs()).collect();
+        let tol: Vec<f32> = bound
+            .iter()
+            .zip(&want)
+            .map(|(bd, w)| 1e-30 + eps_k * bd + y_rtol(yd) * w.abs())
+            .collect();
         for (i, ((g, w), t)) in got.iter().zip(&want).zip(&tol).enumerate() {
-            assert!((g - w).abs() <= *t, "{isa:?} {c:?}: element {i}: got {g}, want {w}, tol {t}");
+            assert!(
+                (g - w).abs() <= *t,
+                "{isa:?} {c:?}: element {i}: got {g}, want {w}, tol {t}"
+            );
         }
         // Padding between rows (ld > cols) is never written.
         for r in all.chunks(ld) {
-            assert!(r[c.n..].iter().all(|&v| v == 7.0), "{isa:?}: wrote past cols");
+            assert!(
+                r[c.n..].iter().all(|&v| v == 7.0),
+                "{isa:?}: wrote past cols"
+            );
         }
     }
 }

@@ -20,31 +20,62 @@ fn convert(m: MatRef<'_>, dt: DType) -> Matrix {
 
 /// y for one module through the runtime, in `ydt`.
 #[allow(clippy::too_many_arguments)]
-fn run(rt: &Runtime, base: &Weights, module: &str, x: MatRef<'_>, slots: &[Option<rankfuse::Slot<'_>>], rows: Option<&[i32]>, ydt: DType) -> Vec<f32> {
+fn run(
+    rt: &Runtime,
+    base: &Weights,
+    module: &str,
+    x: MatRef<'_>,
+    slots: &[Option<rankfuse::Slot<'_>>],
+    rows: Option<&[i32]>,
+    ydt: DType,
+) -> Vec<f32> {
     let w = base.get(&format!("{module}.weight")).unwrap();
-    let bias = base.contains(&format!("{module}.bias")).then(|| base.get(&format!("{module}.bias")).unwrap());
+    let bias = base
+        .contains(&format!("{module}.bias"))
+        .then(|| base.get(&format!("{module}.bias")).unwrap());
     let mut y = Matrix::zeros(ydt, x.rows, w.rows).unwrap();
-    let p = LinearProblem { x, w, bias, slots, row_slot: rows };
+    let p = LinearProblem {
+        x,
+        w,
+        bias,
+        slots,
+        row_slot: rows,
+    };
     rt.linear(&p, &mut y.view_mut()).unwrap();
     y.to_f32_vec()
 }
 
 #[test]
 fn config_values_match_peft_meta() {
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture("meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("meta.json")).unwrap()).unwrap();
     for name in ADAPTERS {
         let ad = load(name);
         let per = meta["adapters"][name]["per_module"].as_object().unwrap();
         assert_eq!(ad.len(), per.len(), "{name}: module count");
         for (module, m) in per {
             let l = ad.module(module).unwrap();
-            assert_eq!(l.rank() as u64, m["r"].as_u64().unwrap(), "{name}/{module}: r");
-            assert_eq!(l.alpha as f64, m["lora_alpha"].as_f64().unwrap(), "{name}/{module}: alpha");
+            assert_eq!(
+                l.rank() as u64,
+                m["r"].as_u64().unwrap(),
+                "{name}/{module}: r"
+            );
+            assert_eq!(
+                l.alpha as f64,
+                m["lora_alpha"].as_f64().unwrap(),
+                "{name}/{module}: alpha"
+            );
             let want = m["scaling"].as_f64().unwrap() as f32;
-            assert!((l.scale_at(l.rank()) - want).abs() <= 1e-6 * want, "{name}/{module}: scale");
+            assert!(
+                (l.scale_at(l.rank()) - want).abs() <= 1e-6 * want,
+                "{name}/{module}: scale"
+            );
             let rs = m["use_rslora"].as_bool().unwrap();
             assert_eq!(l.scaling, if rs { Scaling::RsLora } else { Scaling::Lora });
-            assert!(l.a.is_mapped() && l.b.is_mapped(), "adapter tensors are used in place");
+            assert!(
+                l.a.is_mapped() && l.b.is_mapped(),
+                "adapter tensors are used in place"
+            );
         }
     }
 }
@@ -64,18 +95,45 @@ fn every_adapter_every_module_every_base_dtype() {
                 let ad = load(name);
                 for l in ad.modules() {
                     let x = io.get(&format!("x.{}", l.name)).unwrap();
-                    let got = run(&rt, &base, &l.name, x, &[Some(slot(l, 0, 1.0).unwrap())], None, DType::F32);
-                    let want = io.get(&format!("{key}.{name}.{}", l.name)).unwrap().to_f32_vec();
-                    assert_close(&format!("{isa:?} {file} {name} {}", l.name), &got, &want, atol, rtol);
+                    let got = run(
+                        &rt,
+                        &base,
+                        &l.name,
+                        x,
+                        &[Some(slot(l, 0, 1.0).unwrap())],
+                        None,
+                        DType::F32,
+                    );
+                    let want = io
+                        .get(&format!("{key}.{name}.{}", l.name))
+                        .unwrap()
+                        .to_f32_vec();
+                    assert_close(
+                        &format!("{isa:?} {file} {name} {}", l.name),
+                        &got,
+                        &want,
+                        atol,
+                        rtol,
+                    );
                 }
                 // Base only, through the same call with no slots.
                 if file != "base-f16.safetensors" {
                     let l = ad.modules().next().unwrap();
                     let x = io.get(&format!("x.{}", l.name)).unwrap();
                     let got = run(&rt, &base, &l.name, x, &[], None, DType::F32);
-                    let bkey = if file == "base.safetensors" { "y_base" } else { "y_base_bf16base" };
+                    let bkey = if file == "base.safetensors" {
+                        "y_base"
+                    } else {
+                        "y_base_bf16base"
+                    };
                     let want = io.get(&format!("{bkey}.{}", l.name)).unwrap().to_f32_vec();
-                    assert_close(&format!("{isa:?} {file} base-only {}", l.name), &got, &want, atol, rtol);
+                    assert_close(
+                        &format!("{isa:?} {file} base-only {}", l.name),
+                        &got,
+                        &want,
+                        atol,
+                        rtol,
+                    );
                 }
             }
         }
@@ -93,10 +151,23 @@ fn everything_in_bf16_matches_peft_within_bf16_tolerance() {
                 let x = convert(io.get(&format!("x.{}", l.name)).unwrap(), DType::BF16);
                 let s = slot(l, 0, 1.0).unwrap();
                 let (a, b) = (convert(s.a, DType::BF16), convert(s.b, DType::BF16));
-                let s = rankfuse::Slot { a: a.view(), b: b.view(), ..s };
+                let s = rankfuse::Slot {
+                    a: a.view(),
+                    b: b.view(),
+                    ..s
+                };
                 let got = run(&rt, &base, &l.name, x.view(), &[Some(s)], None, DType::BF16);
-                let want = io.get(&format!("y.{name}.{}", l.name)).unwrap().to_f32_vec();
-                assert_close(&format!("{isa:?} all-bf16 {name} {}", l.name), &got, &want, 5e-2, 2e-2);
+                let want = io
+                    .get(&format!("y.{name}.{}", l.name))
+                    .unwrap()
+                    .to_f32_vec();
+                assert_close(
+                    &format!("{isa:?} all-bf16 {name} {}", l.name),
+                    &got,
+                    &want,
+                    5e-2,
+                    2e-2,
+                );
             }
         }
     }
@@ -111,9 +182,26 @@ fn truncation_to_rank_b() {
         for b in [1usize, 8, 32] {
             for l in ad.modules() {
                 let x = io.get(&format!("x.{}", l.name)).unwrap();
-                let got = run(&rt, &base, &l.name, x, &[Some(slot(l, b, 1.0).unwrap())], None, DType::F32);
-                let want = io.get(&format!("y.lora-r64.trunc{b}.{}", l.name)).unwrap().to_f32_vec();
-                assert_close(&format!("{isa:?} trunc{b} {}", l.name), &got, &want, 1e-4, 1e-4);
+                let got = run(
+                    &rt,
+                    &base,
+                    &l.name,
+                    x,
+                    &[Some(slot(l, b, 1.0).unwrap())],
+                    None,
+                    DType::F32,
+                );
+                let want = io
+                    .get(&format!("y.lora-r64.trunc{b}.{}", l.name))
+                    .unwrap()
+                    .to_f32_vec();
+                assert_close(
+                    &format!("{isa:?} trunc{b} {}", l.name),
+                    &got,
+                    &want,
+                    1e-4,
+                    1e-4,
+                );
             }
         }
     }
@@ -122,8 +210,19 @@ fn truncation_to_rank_b() {
     l.set_rank(8).unwrap();
     let rt = Runtime::cpu().unwrap();
     let x = io.get(&format!("x.{}", l.name)).unwrap();
-    let got = run(&rt, &base, &l.name, x, &[Some(slot(l, 0, 1.0).unwrap())], None, DType::F32);
-    let want = io.get(&format!("y.lora-r64.trunc8.{}", l.name)).unwrap().to_f32_vec();
+    let got = run(
+        &rt,
+        &base,
+        &l.name,
+        x,
+        &[Some(slot(l, 0, 1.0).unwrap())],
+        None,
+        DType::F32,
+    );
+    let want = io
+        .get(&format!("y.lora-r64.trunc8.{}", l.name))
+        .unwrap()
+        .to_f32_vec();
     assert_close("set_rank(8)", &got, &want, 1e-4, 1e-4);
     assert!(l.set_rank(65).is_err() && l.set_rank(0).is_err());
 }
@@ -134,7 +233,11 @@ fn mixed_batch_rows_use_their_own_adapter() {
     let base = Weights::open(fixture("base.safetensors")).unwrap();
     let ads: Vec<Adapter> = ADAPTERS.iter().map(|n| load(n)).collect();
     for (isa, rt) in runtimes() {
-        for module in ["layers.0.mlp.up_proj", "layers.1.self_attn.q_proj", "layers.0.mlp.down_proj"] {
+        for module in [
+            "layers.0.mlp.up_proj",
+            "layers.1.self_attn.q_proj",
+            "layers.0.mlp.down_proj",
+        ] {
             let x = io.get(&format!("x.{module}")).unwrap();
             let xs = x.to_f32_vec();
             let m = x.rows;
@@ -152,15 +255,36 @@ fn mixed_batch_rows_use_their_own_adapter() {
             }
             let xb = Matrix::from_f32(DType::F32, order.len(), x.cols, &batch).unwrap();
             // A NULL slot too: slot 3 is empty (rows never point at it here).
-            let mut slots: Vec<_> = ads.iter().map(|a| Some(slot(a.module(module).unwrap(), 0, 1.0).unwrap())).collect();
+            let mut slots: Vec<_> = ads
+                .iter()
+                .map(|a| Some(slot(a.module(module).unwrap(), 0, 1.0).unwrap()))
+                .collect();
             slots.push(None);
-            let got = run(&rt, &base, module, xb.view(), &slots, Some(&order), DType::F32);
+            let got = run(
+                &rt,
+                &base,
+                module,
+                xb.view(),
+                &slots,
+                Some(&order),
+                DType::F32,
+            );
             let n = got.len() / order.len();
             for (i, &s) in order.iter().enumerate() {
-                let key = if s < 0 { format!("y_base.{module}") } else { format!("y.{}.{module}", ADAPTERS[s as usize]) };
+                let key = if s < 0 {
+                    format!("y_base.{module}")
+                } else {
+                    format!("y.{}.{module}", ADAPTERS[s as usize])
+                };
                 let want = io.get(&key).unwrap().to_f32_vec();
                 let r = src_row[i];
-                assert_close(&format!("{isa:?} mixed {module} row {i} (slot {s})"), &got[i * n..(i + 1) * n], &want[r * n..(r + 1) * n], 1e-4, 1e-4);
+                assert_close(
+                    &format!("{isa:?} mixed {module} row {i} (slot {s})"),
+                    &got[i * n..(i + 1) * n],
+                    &want[r * n..(r + 1) * n],
+                    1e-4,
+                    1e-4,
+                );
             }
         }
     }
@@ -175,10 +299,19 @@ fn stacked_slots_add_up_and_scale_mult_scales() {
     let x = io.get(&format!("x.{module}")).unwrap();
     let yb = io.get(&format!("y_base.{module}")).unwrap().to_f32_vec();
     let y8 = io.get(&format!("y.lora-r8.{module}")).unwrap().to_f32_vec();
-    let y64 = io.get(&format!("y.lora-r64.{module}")).unwrap().to_f32_vec();
-    let want: Vec<f32> = (0..yb.len()).map(|i| yb[i] + 0.5 * (y8[i] - yb[i]) + (y64[i] - yb[i])).collect();
+    let y64 = io
+        .get(&format!("y.lora-r64.{module}"))
+        .unwrap()
+        .to_f32_vec();
+    let want: Vec<f32> = (0..yb.len())
+        .map(|i| yb[i] + 0.5 * (y8[i] - yb[i]) + (y64[i] - yb[i]))
+        .collect();
     for (isa, rt) in runtimes() {
-        let slots = [Some(slot(a8.module(module).unwrap(), 0, 0.5).unwrap()), None, Some(slot(a64.module(module).unwrap(), 0, 1.0).unwrap())];
+        let slots = [
+            Some(slot(a8.module(module).unwrap(), 0, 0.5).unwrap()),
+            None,
+            Some(slot(a64.module(module).unwrap(), 0, 1.0).unwrap()),
+        ];
         let got = run(&rt, &base, module, x, &slots, None, DType::F32);
         assert_close(&format!("{isa:?} stacked"), &got, &want, 2e-4, 2e-4);
     }
@@ -194,29 +327,70 @@ fn save_peft_roundtrip_reproduces_outputs() {
         let dir = tempfile::tempdir().unwrap();
         peft::save(&ad, dir.path()).unwrap();
         let back = peft::load(dir.path()).unwrap();
-        let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("adapter_config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["peft_type"], "LORA");
         assert_eq!(back.len(), ad.len());
         for l in ad.modules() {
             let lb = back.module(&l.name).unwrap();
-            assert_eq!((lb.rank(), lb.alpha, lb.scaling), (l.rank(), l.alpha, l.scaling), "{name}/{}", l.name);
+            assert_eq!(
+                (lb.rank(), lb.alpha, lb.scaling),
+                (l.rank(), l.alpha, l.scaling),
+                "{name}/{}",
+                l.name
+            );
             let x = io.get(&format!("x.{}", l.name)).unwrap();
-            let y0 = run(&rt, &base, &l.name, x, &[Some(slot(l, 0, 1.0).unwrap())], None, DType::F32);
-            let y1 = run(&rt, &base, &l.name, x, &[Some(slot(lb, 0, 1.0).unwrap())], None, DType::F32);
-            assert_eq!(y0, y1, "{name}/{}: saved adapter must reproduce outputs exactly", l.name);
+            let y0 = run(
+                &rt,
+                &base,
+                &l.name,
+                x,
+                &[Some(slot(l, 0, 1.0).unwrap())],
+                None,
+                DType::F32,
+            );
+            let y1 = run(
+                &rt,
+                &base,
+                &l.name,
+                x,
+                &[Some(slot(lb, 0, 1.0).unwrap())],
+                None,
+                DType::F32,
+            );
+            assert_eq!(
+                y0, y1,
+                "{name}/{}: saved adapter must reproduce outputs exactly",
+                l.name
+            );
         }
         // PEFT's key names and shapes.
         let w = Weights::open(dir.path().join("adapter_model.safetensors")).unwrap();
-        let orig = Weights::open(fixture(&format!("adapters/{name}/adapter_model.safetensors"))).unwrap();
-        let mut a: Vec<_> = w.entries().iter().map(|e| (e.name.clone(), e.shape.clone())).collect();
-        let mut b: Vec<_> = orig.entries().iter().map(|e| (e.name.clone(), e.shape.clone())).collect();
+        let orig = Weights::open(fixture(&format!(
+            "adapters/{name}/adapter_model.safetensors"
+        )))
+        .unwrap();
+        let mut a: Vec<_> = w
+            .entries()
+            .iter()
+            .map(|e| (e.name.clone(), e.shape.clone()))
+            .collect();
+        let mut b: Vec<_> = orig
+            .entries()
+            .iter()
+            .map(|e| (e.name.clone(), e.shape.clone()))
+            .collect();
         a.sort();
         b.sort();
         assert_eq!(a, b, "{name}: same tensor names and shapes as PEFT wrote");
     }
     // A truncated adapter saves its rank in use as r (rank_pattern), scale preserved.
     let ad = load("lora-r64");
-    ad.module("layers.0.mlp.up_proj").unwrap().set_rank(8).unwrap();
+    ad.module("layers.0.mlp.up_proj")
+        .unwrap()
+        .set_rank(8)
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     peft::save(&ad, dir.path()).unwrap();
     let back = peft::load(dir.path()).unwrap();
