@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Packaging: scripts/install.sh into a temporary prefix (soname, symlinks, static lib, headers,
-# pkg-config file), then the C and C++ examples built with `pkg-config --cflags --libs rankfuse`
-# and run against the PEFT fixture, the C example linked statically too and run under valgrind,
-# and the headers compiled as C11 and C++17 with -Wall -Wextra -Werror -pedantic, each included
-# twice.
+# pkg-config file); the headers compiled as C11 and C++17 with -Wall -Wextra -Werror -pedantic,
+# each included twice; the C++ wrapper's tests (bindings/cpp); the C and C++ examples built with
+# `pkg-config --cflags --libs rankfuse` and run against the PEFT fixture, the C example also
+# linked statically and run under valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$(pwd)
@@ -35,6 +35,11 @@ c++ -std=c++17 -Wall -Wextra -Werror -pedantic $(pkg-config --cflags rankfuse) "
   -o "$work/twice_cpp" $(pkg-config --libs rankfuse)
 "$work/twice_cpp"
 echo "headers ok: C11 and C++17, -Wall -Wextra -Werror -pedantic, included twice"
+
+# The C++ wrapper's tests (bindings/cpp): every fixture module, mixed batch, errors.
+c++ -std=c++17 -O1 -Wall -Wextra -Werror -pedantic $(pkg-config --cflags rankfuse) \
+  bindings/cpp/test_rankfuse_hpp.cpp -o "$work/test_hpp" $(pkg-config --libs rankfuse)
+"$work/test_hpp" "$repo/tests/fixtures/peft-tiny"
 
 # The examples, copied out so the checkout stays clean; plain Makefiles using pkg-config.
 run_example() { # dir binary
