@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 	"runtime"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -434,5 +436,64 @@ func TestHeaderCoverage(t *testing.T) {
 	if len(missing) > 0 {
 		t.Fatalf("functions of rankfuse.h with no Go wrapper: %v (wrap them in rankfuse.go, "+
 			"or list them in unwrapped.txt)", missing)
+	}
+}
+
+// Many goroutines share one runtime, weights and adapter (the C ABI allows concurrent rf_linear).
+func TestConcurrentLinear(t *testing.T) {
+	e := open(t, "base.safetensors")
+	a := e.adapter(t, "lora-r8")
+	type job struct {
+		x   Matrix
+		ref []float32
+		l   *Lora
+		m   string
+	}
+	var jobs []job
+	for _, m := range modules {
+		l, err := a.Module(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, x := e.goF32(t, e.io, "x."+m)
+		ref, _ := e.goF32(t, e.io, "y.lora-r8."+m)
+		jobs = append(jobs, job{x, ref, l, m})
+	}
+	errs := make(chan error, 4*len(jobs))
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for _, j := range jobs {
+				w, err := e.base.Get(j.m + ".weight")
+				if err != nil {
+					errs <- err
+					return
+				}
+				var bias *Matrix
+				if e.hasBias[j.m] {
+					b, _ := e.base.Get(j.m + ".bias")
+					bias = &b
+				}
+				y := make([]float32, len(j.ref))
+				ym, _ := F32(y, j.x.Rows, w.Rows, 0)
+				if err := e.rt.Linear(j.x, w, bias, []Slot{{Lora: j.l}}, nil, ym); err != nil {
+					errs <- err
+					return
+				}
+				for i := range y {
+					if d := math.Abs(float64(y[i] - j.ref[i])); d > 1e-4+1e-4*math.Abs(float64(j.ref[i])) {
+						errs <- fmt.Errorf("%s: element %d off by %g", j.m, i, d)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
 	}
 }

@@ -136,3 +136,18 @@ def test_save_and_reload(rt, base, io, tmp_path):
     for m in ("layers.0.self_attn.q_proj", "layers.1.mlp.up_proj"):
         y = rt.linear(io["x." + m], base[m + ".weight"], bias_of(base, m), [back[m]])
         assert_close(y, io[f"y.rslora-pattern.{m}"], 1e-4, 1e-4, m)
+
+
+def test_threads_share_runtime_weights_and_adapter(rt, base, io):
+    """ctypes drops the GIL during rf_linear: several threads run it at once on shared objects."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = rt.load_peft(FIXTURE / "adapters" / "lora-r8")
+
+    def job(m):
+        y = rt.linear(io["x." + m], base[m + ".weight"], bias_of(base, m), [a[m]])
+        return assert_close(y, io[f"y.lora-r8.{m}"], 1e-4, 1e-4, m)
+
+    with ThreadPoolExecutor(4) as ex:
+        worst = max(ex.map(job, MODULES * 4))
+    assert worst < 1e-4
