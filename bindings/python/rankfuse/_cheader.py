@@ -1,7 +1,10 @@
 """A small parser of include/rankfuse.h (cbindgen's output style), for the drift test and to
-print ctypes declarations of new functions:
+print the ctypes declarations that rankfuse/_ffi.py lacks:
 
-    python -m rankfuse._cheader path/to/rankfuse.h      # prints FUNCTIONS entries
+    python bindings/python/rankfuse/_cheader.py include/rankfuse.h         # what _ffi.py lacks
+    python bindings/python/rankfuse/_cheader.py include/rankfuse.h --all   # every FUNCTIONS entry
+
+(Run as a script, it does not import the package, so it works without the built library.)
 
 It understands what the header uses: `typedef enum {...} name;`, `typedef struct {...} name;`,
 `typedef struct name name;` (opaque), `#define NAME number`, and one-line function prototypes.
@@ -138,8 +141,49 @@ def declaration_lines(h: Header) -> list[str]:
     return out
 
 
+def missing_lines(h: Header, ffi) -> list[str]:
+    """Declarations of everything in the header that the module `ffi` (rankfuse._ffi) lacks,
+    in the header's order, ready to paste (each block says where)."""
+    out = []
+    for name in h.opaque:
+        if name not in ffi.OPAQUE:
+            out.append(f"# opaque handle: add the class and list it in OPAQUE\nclass {name}(ctypes.Structure):\n    pass\n")
+    for name, consts in h.enums.items():
+        if ffi.ENUMS.get(name) != consts:
+            body = ", ".join(f'"{k}": {v}' for k, v in consts.items())
+            out.append(f'# ENUMS entry (replace or add)\n    "{name}": {{{body}}},\n')
+    for name, fields in h.structs.items():
+        if name not in ffi.STRUCTS:
+            lines = [f"# struct: add the class and list it in STRUCTS\nclass {name}(ctypes.Structure):",
+                     "    _fields_ = ["]
+            lines += [f'        ("{f}", {ctypes_expr(t, h)}),' for f, t in fields]
+            out.append("\n".join(lines + ["    ]\n"]))
+    decls = dict(zip(h.functions, declaration_lines(h)))
+    new = [decls[n] for n in h.functions if n not in ffi.FUNCTIONS]
+    if new:
+        out.append("# FUNCTIONS entries\n" + "\n".join(new))
+    return out
+
+
+def _load_ffi_by_path():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).with_name("_ffi.py")
+    spec = importlib.util.spec_from_file_location("rankfuse_ffi_standalone", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m rankfuse._cheader include/rankfuse.h")
-    with open(sys.argv[1], encoding="utf-8") as f:
-        print("\n".join(declaration_lines(parse(f.read()))))
+    args = [a for a in sys.argv[1:] if a != "--all"]
+    if len(args) != 1:
+        sys.exit("usage: python bindings/python/rankfuse/_cheader.py include/rankfuse.h [--all]")
+    with open(args[0], encoding="utf-8") as f:
+        header = parse(f.read())
+    if "--all" in sys.argv:
+        print("\n".join(declaration_lines(header)))
+    else:
+        blocks = missing_lines(header, _load_ffi_by_path())
+        print("\n".join(blocks) if blocks else "# rankfuse/_ffi.py declares everything in the header")

@@ -2,11 +2,12 @@
 
 The tables below are a static copy of include/rankfuse.h: tests/test_header.py parses the header
 and fails when a function, struct field, enum constant or macro here differs from it (or is
-missing). To add a new C function, print its declaration line with
+missing). When the header grows, print the missing declarations with
 
-    python -m rankfuse._cheader ../../include/rankfuse.h
+    python bindings/python/rankfuse/_cheader.py include/rankfuse.h
 
-and paste it into FUNCTIONS (new structs into the struct section, new enums into ENUMS).
+and paste them where each block says (opaque classes + OPAQUE, ENUMS, struct classes +
+STRUCTS, FUNCTIONS), then add the Python method that uses them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ ABI_VERSION = 1  # RF_ABI_VERSION of the header these declarations copy
 
 # C enums are passed as int (cbindgen emits plain C enums).
 c_enum = c_int
+P = POINTER
 
 # Enum constants, by C type name: {C constant: value}.
 ENUMS = {
@@ -77,6 +79,7 @@ class rf_weights(ctypes.Structure):
 
 
 OPAQUE = {c.__name__: c for c in (rf_adapter, rf_error, rf_lora, rf_runtime, rf_weights)}
+ERR = P(rf_error)
 
 
 # ---------------------------------------------------------------- structs
@@ -105,7 +108,7 @@ class rf_matrix(ctypes.Structure):
 
 class rf_lora_slot(ctypes.Structure):
     _fields_ = [
-        ("lora", POINTER(rf_lora)),
+        ("lora", P(rf_lora)),
         ("rank", c_uint32),
         ("scale_mult", c_float),
     ]
@@ -122,9 +125,6 @@ class rf_runtime_options(ctypes.Structure):
 
 
 STRUCTS = {c.__name__: c for c in (rf_lora_info, rf_matrix, rf_lora_slot, rf_runtime_options)}
-
-P = POINTER
-ERR = P(rf_error)
 
 # ---------------------------------------------------------------- functions
 # name: (restype, [argtypes]) — the order of include/rankfuse.h.

@@ -1,7 +1,7 @@
 """The ctypes declarations (rankfuse/_ffi.py) match include/rankfuse.h exactly: every function,
 struct field, opaque type, enum constant and RF_ABI_VERSION. A function added to the header
-without a declaration here fails this test; `python -m rankfuse._cheader include/rankfuse.h`
-prints the declaration lines to paste."""
+without a declaration here fails this test; `python bindings/python/rankfuse/_cheader.py
+include/rankfuse.h` prints the declarations to paste."""
 
 import ctypes
 
@@ -107,6 +107,28 @@ def test_drift_is_detected(header_text):
     enum = header_text.replace("RF_STATUS_INTERNAL = 11,", "RF_STATUS_INTERNAL = 11,\n  RF_STATUS_NEW = 12,")
     assert enum != header_text
     assert any("enums differ" in p for p in drift(_cheader.parse(enum)))
+
+
+def test_generator_prints_what_is_missing(header_text):
+    assert _cheader.missing_lines(_cheader.parse(header_text), _ffi) == []
+    added = header_text.replace(
+        "typedef struct rf_weights rf_weights;",
+        "typedef struct rf_weights rf_weights;\n\ntypedef struct rf_trainer rf_trainer;\n\n"
+        "typedef struct {\n  uint32_t struct_size;\n  const rf_matrix *grad;\n} rf_train_options;",
+    ).replace(
+        "#ifdef __cplusplus\n}",
+        "rf_error *rf_train(rf_trainer *t, const rf_train_options *o);\n\n#ifdef __cplusplus\n}",
+    )
+    text = "\n".join(_cheader.missing_lines(_cheader.parse(added), _ffi))
+    assert "class rf_trainer(ctypes.Structure)" in text
+    assert '("grad", P(rf_matrix)),' in text
+    assert '"rf_train": (ERR, [P(rf_trainer), P(rf_train_options)]),' in text
+    # What it prints is valid Python that defines the new types.
+    ns = dict(vars(_ffi))
+    exec(compile("import ctypes\n" + "\n".join(
+        b for b in _cheader.missing_lines(_cheader.parse(added), _ffi) if b.startswith("# struct") or b.startswith("# opaque")
+    ), "<generated>", "exec"), ns)
+    assert [f for f, _ in ns["rf_train_options"]._fields_] == ["struct_size", "grad"]
 
 
 def test_unknown_constructs_fail_loudly():
