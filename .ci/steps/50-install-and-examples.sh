@@ -7,6 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$(pwd)
+need=()
+for tool in make cc c++ pkg-config readelf; do
+  command -v "$tool" >/dev/null || need+=("$tool")
+done
+if [ ${#need[@]} -gt 0 ]; then # .ci/install.sh brings most; make and binutils come with build-essential
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config >/dev/null
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 prefix="$work/prefix"
