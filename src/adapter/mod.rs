@@ -13,6 +13,7 @@ use std::collections::HashMap;
 pub struct Adapter {
     pub name: String,
     // Boxed so `&Lora` handed to C stays put when the vector grows.
+    #[allow(clippy::vec_box)]
     modules: Vec<Box<Lora>>,
     index: HashMap<String, usize>,
     /// The adapter_config.json this adapter was loaded from (kept for saving), if any.

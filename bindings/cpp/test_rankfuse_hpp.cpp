@@ -1,0 +1,157 @@
+// Tests of include/rankfuse.hpp against the PEFT fixture: parity of every module for the three
+// adapters, a mixed batch, strided views, and errors as rankfuse::Error with status + message.
+// Built and run by .ci/steps/50-install-and-examples.sh. Usage: ./test FIXTURE_DIR
+#include <rankfuse.hpp>
+
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+static int passed = 0, failed = 0;
+
+static void test(const char *name, const std::function<void()> &body) {
+  try {
+    body();
+    ++passed;
+  } catch (const std::exception &e) {
+    ++failed;
+    std::printf("FAIL %s: %s\n", name, e.what());
+  }
+}
+
+static void expect(bool ok, const std::string &what) {
+  if (!ok) throw std::runtime_error(what);
+}
+
+// |y - ref| <= atol + rtol |ref| element-wise over an F32 reference view.
+static void expect_close(const std::vector<float> &y, int64_t ld, const rankfuse::MatRef &ref,
+                         double atol, double rtol, const std::string &what) {
+  for (int64_t i = 0; i < ref.rows(); i++)
+    for (int64_t j = 0; j < ref.cols(); j++) {
+      const double r = ref.at_f32(i, j), d = std::fabs(double(y[i * ld + j]) - r);
+      expect(d <= atol + rtol * std::fabs(r), what + ": (" + std::to_string(i) + ", " +
+                                                  std::to_string(j) + ") off by " + std::to_string(d));
+    }
+}
+
+template <class F>
+static void expect_error(rf_status status, const std::string &needle, F &&f) {
+  try {
+    f();
+  } catch (const rankfuse::Error &e) {
+    expect(e.status() == status, "status " + std::to_string(e.status()) + ": " + e.what());
+    expect(std::string(e.what()).find(needle) != std::string::npos,
+           std::string("message lacks '") + needle + "': " + e.what());
+    return;
+  }
+  throw std::runtime_error("no rankfuse::Error thrown");
+}
+
+int main(int argc, char **argv) {
+  const std::string dir = argc > 1 ? argv[1] : "../../tests/fixtures/peft-tiny";
+  std::vector<std::string> modules;
+  for (int b = 0; b < 2; b++)
+    for (const char *m : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"})
+      modules.push_back("layers." + std::to_string(b) + "." + m);
+
+  rankfuse::RuntimeOptions opts;
+  opts.num_threads = 2;
+  rankfuse::Runtime rt(opts);
+  rankfuse::Weights base = rt.open_weights(dir + "/base.safetensors");
+  rankfuse::Weights io = rt.open_weights(dir + "/io.safetensors");
+  auto has_bias = [&](const std::string &m) {
+    for (const auto &n : base.names())
+      if (n == m + ".bias") return true;
+    return false;
+  };
+
+  test("abi and info", [&] {
+    rankfuse::check_abi();
+    expect(rt.info().find("\"version\":\"" + rankfuse::version() + "\"") != std::string::npos, rt.info());
+  });
+
+  for (const char *name : {"lora-r8", "rslora-pattern", "lora-r64"})
+    test(name, [&] {
+      rankfuse::Adapter ad = rt.load_peft(dir + "/adapters/" + name);
+      expect(ad.module_count() == modules.size(), "module count");
+      for (const auto &m : modules) {
+        rankfuse::MatRef x = io.get("x." + m), w = base.get(m + ".weight");
+        rankfuse::MatRef bias = has_bias(m) ? base.get(m + ".bias") : rankfuse::MatRef();
+        std::vector<float> y(size_t(x.rows() * w.rows()));
+        rt.linear(x, w, has_bias(m) ? &bias : nullptr, {rankfuse::slot(ad.module(m))},
+                  rankfuse::MatMut(y, x.rows(), w.rows()));
+        expect_close(y, w.rows(), io.get("y." + std::string(name) + "." + m), 1e-4, 1e-4, m);
+      }
+    });
+
+  test("mixed batch, strided x and y", [&] {
+    const std::string m = "layers.1.mlp.up_proj";
+    rankfuse::Adapter r8 = rt.load_peft(dir + "/adapters/lora-r8");
+    rankfuse::Adapter rs = rt.load_peft(dir + "/adapters/rslora-pattern");
+    rankfuse::MatRef x0 = io.get("x." + m), w = base.get(m + ".weight");
+    const int64_t k = x0.cols(), n = w.rows(), xld = k + 5, yld = n + 3;
+    std::vector<float> x(size_t(5 * xld), 0.f), y(size_t(5 * yld), -1.f);
+    for (int64_t i = 0; i < 5; i++)
+      for (int64_t j = 0; j < k; j++) x[i * xld + j] = x0.at_f32(i, j);
+    std::vector<rf_lora_slot> slots{rankfuse::slot(r8.module(m)), rankfuse::slot(rs.module(m)),
+                                    rankfuse::no_slot()};
+    std::vector<int32_t> row_slot{1, -1, 0, 2, 0};
+    rt.linear(rankfuse::MatRef(x, 5, k, xld), w, nullptr, slots, rankfuse::MatMut(y, 5, n, yld), row_slot);
+    const std::string refs[] = {"y.lora-r8.", "y.rslora-pattern.", "y_base."};
+    for (int64_t i = 0; i < 5; i++) {
+      const int s = row_slot[size_t(i)] < 0 ? 2 : row_slot[size_t(i)];
+      rankfuse::MatRef ref = io.get(refs[s] + m);
+      for (int64_t j = 0; j < n; j++) {
+        const double r = ref.at_f32(i, j);
+        expect(std::fabs(y[size_t(i * yld + j)] - r) <= 1e-4 + 1e-4 * std::fabs(r), "row " + std::to_string(i));
+      }
+      for (int64_t j = n; j < yld; j++) expect(y[size_t(i * yld + j)] == -1.f, "wrote past cols");
+    }
+  });
+
+  test("lora info and rank", [&] {
+    rankfuse::Adapter ad = rt.load_peft(dir + "/adapters/lora-r64");
+    rankfuse::Lora l = ad.module("layers.0.mlp.down_proj");
+    expect(l.info().rank == 64 && l.info().capacity == 64, "rank 64");
+    l.set_rank(8);
+    const rf_lora_info i = l.info();
+    expect(i.rank == 8 && i.scale == 8.0f && i.scaling == RF_SCALING_LORA, "rank 8, scale 64/8");
+  });
+
+  test("errors carry status and message", [&] {
+    rankfuse::Adapter ad = rt.load_peft(dir + "/adapters/lora-r8");
+    expect_error(RF_STATUS_NOT_FOUND, "layers.9.nope", [&] { ad.module("layers.9.nope"); });
+    expect_error(RF_STATUS_INVALID_ARGUMENT, "", [&] { ad.module("layers.0.mlp.up_proj").set_rank(9); });
+    expect_error(RF_STATUS_NOT_FOUND, "no_such_tensor", [&] { base.get("no_such_tensor"); });
+    expect_error(RF_STATUS_SHAPE, "172", [&] {  // library-side check: k mismatch
+      rankfuse::MatRef x = io.get("x.layers.0.mlp.down_proj");
+      rankfuse::MatRef w = base.get("layers.0.self_attn.q_proj.weight");
+      std::vector<float> y(5 * 64);
+      rt.linear(x, w, nullptr, {}, rankfuse::MatMut(y, 5, 64));
+    });
+    std::vector<float> small(10);
+    expect_error(RF_STATUS_SHAPE, "too small", [&] { rankfuse::MatRef(small, 3, 4); });
+    expect_error(RF_STATUS_SHAPE, "row_slot", [&] {
+      std::vector<float> x(5 * 256), y(5 * 172);
+      std::vector<int32_t> rs{0};
+      rt.linear(rankfuse::MatRef(x, 5, 256), base.get("layers.0.mlp.up_proj.weight"), nullptr, {},
+                rankfuse::MatMut(y, 5, 172), rs);
+    });
+    expect_error(RF_STATUS_NOT_FOUND, "missing.safetensors", [&] { rt.open_weights(dir + "/missing.safetensors"); });
+  });
+
+  test("typed views", [&] {
+    std::array<rankfuse::bf16, 6> b{};
+    std::vector<rankfuse::f16> h(6);
+    expect(rankfuse::MatRef(b, 2, 3).dtype() == RF_DTYPE_BF16, "bf16");
+    expect(rankfuse::MatMut(h, 3, 2).dtype() == RF_DTYPE_F16, "f16");
+    expect(rankfuse::MatRef(h, 2, 2, 3).ld() == 3, "ld");
+  });
+
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,3 @@
+module github.com/rankfuse/rankfuse/bindings/go
+
+go 1.19

@@ -1,0 +1,499 @@
+package rankfuse
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+)
+
+const fixture = "../../tests/fixtures/peft-tiny"
+
+var modules = []string{
+	"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj",
+	"layers.0.self_attn.o_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj",
+	"layers.0.mlp.down_proj", "layers.1.self_attn.q_proj", "layers.1.self_attn.k_proj",
+	"layers.1.self_attn.v_proj", "layers.1.self_attn.o_proj", "layers.1.mlp.gate_proj",
+	"layers.1.mlp.up_proj", "layers.1.mlp.down_proj",
+}
+
+type env struct {
+	rt       *Runtime
+	base, io *Weights
+	hasBias  map[string]bool
+}
+
+func open(t *testing.T, baseFile string) *env {
+	t.Helper()
+	rt, err := NewRuntime(&RuntimeOptions{NumThreads: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, err := rt.OpenWeights(filepath.Join(fixture, baseFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	io, err := rt.OpenWeights(filepath.Join(fixture, "io.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	names, err := base.Names()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{rt: rt, base: base, io: io, hasBias: map[string]bool{}}
+	for _, n := range names {
+		if strings.HasSuffix(n, ".bias") {
+			e.hasBias[strings.TrimSuffix(n, ".bias")] = true
+		}
+	}
+	t.Cleanup(func() {
+		// Children first, then the runtime; every Close is idempotent.
+		e.base.Close()
+		e.io.Close()
+		e.rt.Close()
+	})
+	return e
+}
+
+func (e *env) adapter(t *testing.T, name string) *Adapter {
+	t.Helper()
+	a, err := e.rt.LoadPEFT(filepath.Join(fixture, "adapters", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	return a
+}
+
+func (e *env) get(t *testing.T, w *Weights, name string) Matrix {
+	t.Helper()
+	m, err := w.Get(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// goF32 copies a tensor into Go memory (so Linear sees a Go slice, the zero-copy slice path).
+func (e *env) goF32(t *testing.T, w *Weights, name string) ([]float32, Matrix) {
+	t.Helper()
+	s, err := e.get(t, w, name).Float32s()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := e.get(t, w, name)
+	v, err := F32(s, m.Rows, m.Cols, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, v
+}
+
+// run computes module m with the given slots into a Go []float32.
+func (e *env) run(t *testing.T, m string, x Matrix, slots []Slot, rowSlot []int32) []float32 {
+	t.Helper()
+	w := e.get(t, e.base, m+".weight")
+	var bias *Matrix
+	if e.hasBias[m] {
+		b := e.get(t, e.base, m+".bias")
+		bias = &b
+	}
+	y := make([]float32, x.Rows*w.Rows)
+	ym, err := F32(y, x.Rows, w.Rows, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.rt.Linear(x, w, bias, slots, rowSlot, ym); err != nil {
+		t.Fatalf("%s: %v", m, err)
+	}
+	return y
+}
+
+// compare checks |got - ref| <= atol + rtol*|ref| element-wise; returns the max |diff|.
+func compare(t *testing.T, what string, got, ref []float32, atol, rtol float64) float64 {
+	t.Helper()
+	if len(got) != len(ref) {
+		t.Fatalf("%s: %d values, reference has %d", what, len(got), len(ref))
+	}
+	worst := 0.0
+	for i := range ref {
+		d := math.Abs(float64(got[i]) - float64(ref[i]))
+		worst = math.Max(worst, d)
+		if !(d <= atol+rtol*math.Abs(float64(ref[i]))) {
+			t.Fatalf("%s: element %d: got %g, reference %g (|diff| %g)", what, i, got[i], ref[i], d)
+		}
+	}
+	return worst
+}
+
+func TestVersion(t *testing.T) {
+	if ABIVersion() != HeaderABIVersion {
+		t.Fatalf("library ABI %d, header ABI %d", ABIVersion(), HeaderABIVersion)
+	}
+	if !regexp.MustCompile(`^\d+\.\d+\.\d+$`).MatchString(Version()) {
+		t.Fatalf("version %q is not MAJOR.MINOR.PATCH", Version())
+	}
+	e := open(t, "base.safetensors")
+	info, err := e.rt.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]interface{}
+	if err := json.Unmarshal([]byte(info), &m); err != nil {
+		t.Fatalf("info is not JSON: %v: %s", err, info)
+	}
+	if m["version"] != Version() || m["threads"] != float64(2) {
+		t.Fatalf("info %s: want version %s and threads 2", info, Version())
+	}
+}
+
+// Every module of every fixture adapter, f32, against PEFT's own outputs.
+func TestFixtureParity(t *testing.T) {
+	e := open(t, "base.safetensors")
+	for _, name := range []string{"lora-r8", "rslora-pattern", "lora-r64"} {
+		a := e.adapter(t, name)
+		if a.ModuleCount() != len(modules) {
+			t.Fatalf("%s: %d modules, want %d", name, a.ModuleCount(), len(modules))
+		}
+		worst := 0.0
+		for _, m := range modules {
+			l, err := a.Module(m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, x := e.goF32(t, e.io, "x."+m)
+			y := e.run(t, m, x, []Slot{{Lora: l}}, nil)
+			ref, _ := e.goF32(t, e.io, "y."+name+"."+m)
+			worst = math.Max(worst, compare(t, name+" "+m, y, ref, 1e-4, 1e-4))
+		}
+		t.Logf("%s: 14 modules, max |y - y_peft| = %.3g", name, worst)
+	}
+}
+
+func toBF16(f float32) uint16 {
+	b := math.Float32bits(f)
+	return uint16((b + 0x7fff + ((b >> 16) & 1)) >> 16)
+}
+
+// bf16 base weights (a view of the mapping) and bf16 x (a Go []uint16).
+func TestBF16(t *testing.T) {
+	e := open(t, "base-bf16.safetensors")
+	a := e.adapter(t, "lora-r8")
+	for _, m := range modules {
+		if w := e.get(t, e.base, m+".weight"); w.DType != BF16DType {
+			t.Fatalf("%s: base-bf16 weight is %s", m, w.DType)
+		}
+		l, err := a.Module(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		xs, xm := e.goF32(t, e.io, "x."+m)
+		xb := make([]uint16, len(xs))
+		for i, v := range xs {
+			xb[i] = toBF16(v)
+		}
+		x, err := BF16(xb, xm.Rows, xm.Cols, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		y := e.run(t, m, x, []Slot{{Lora: l}}, nil)
+		ref, _ := e.goF32(t, e.io, "y.lora-r8."+m)
+		compare(t, "bf16 "+m, y, ref, 5e-2, 2e-2)
+	}
+}
+
+// A mixed batch: rows pick different adapters or none.
+func TestMixedBatch(t *testing.T) {
+	e := open(t, "base.safetensors")
+	m := "layers.0.mlp.up_proj"
+	l8, err := e.adapter(t, "lora-r8").Module(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lrs, err := e.adapter(t, "rslora-pattern").Module(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, x := e.goF32(t, e.io, "x."+m)
+	rowSlot := []int32{0, -1, 1, 0, 1}
+	y := e.run(t, m, x, []Slot{{Lora: l8}, {Lora: lrs}}, rowSlot)
+	refs := map[int32][]float32{}
+	for s, n := range map[int32]string{0: "y.lora-r8.", 1: "y.rslora-pattern.", -1: "y_base."} {
+		refs[s], _ = e.goF32(t, e.io, n+m)
+	}
+	cols := len(y) / x.Rows
+	for i, s := range rowSlot {
+		compare(t, m+" row", y[i*cols:(i+1)*cols], refs[s][i*cols:(i+1)*cols], 1e-4, 1e-4)
+	}
+}
+
+func TestLoraInfoRankAndSave(t *testing.T) {
+	e := open(t, "base.safetensors")
+	rs := e.adapter(t, "rslora-pattern")
+	l, err := rs.Module("layers.0.self_attn.q_proj")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := l.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := LoraInfo{InFeatures: 256, OutFeatures: 64, Capacity: 4, Rank: 4, Alpha: 16, Scale: 8,
+		Scaling: ScalingRSLoRA, DType: F32DType}
+	if info != want {
+		t.Fatalf("info %+v, want %+v", info, want)
+	}
+
+	// DyLoRA-style truncation: rank 8 of the r=64 adapter is the fixture's trunc8 output.
+	a := e.adapter(t, "lora-r64")
+	m := "layers.1.mlp.gate_proj"
+	l64, err := a.Module(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l64.SetRank(8); err != nil {
+		t.Fatal(err)
+	}
+	_, x := e.goF32(t, e.io, "x."+m)
+	ref, _ := e.goF32(t, e.io, "y.lora-r64.trunc8."+m)
+	compare(t, "trunc8 via SetRank", e.run(t, m, x, []Slot{{Lora: l64}}, nil), ref, 1e-4, 1e-4)
+	if err := l64.SetRank(64); err != nil {
+		t.Fatal(err)
+	}
+	compare(t, "trunc8 via Slot.Rank", e.run(t, m, x, []Slot{{Lora: l64, Rank: 8}}, nil), ref, 1e-4, 1e-4)
+
+	// Save as PEFT and load back: same outputs.
+	dir := filepath.Join(t.TempDir(), "saved")
+	if err := e.adapter(t, "lora-r8").SavePEFT(dir); err != nil {
+		t.Fatal(err)
+	}
+	back, err := e.rt.LoadPEFT(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer back.Close()
+	names, err := back.ModuleNames()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sorted := append([]string(nil), modules...)
+	sort.Strings(sorted)
+	if strings.Join(names, ",") != strings.Join(sorted, ",") {
+		t.Fatalf("reloaded modules %v", names)
+	}
+	lb, err := back.Module(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref8, _ := e.goF32(t, e.io, "y.lora-r8."+m)
+	compare(t, "saved lora-r8", e.run(t, m, x, []Slot{{Lora: lb}}, nil), ref8, 1e-4, 1e-4)
+}
+
+func TestErrors(t *testing.T) {
+	e := open(t, "base.safetensors")
+	a := e.adapter(t, "lora-r8")
+
+	_, err := a.Module("layers.9.nope")
+	var re *Error
+	if !errors.As(err, &re) || re.Status != StatusNotFound || !strings.Contains(re.Message, "layers.9.nope") {
+		t.Fatalf("missing module: got %v", err)
+	}
+	if !errors.Is(err, &Error{Status: StatusNotFound}) {
+		t.Fatalf("errors.Is by status failed for %v", err)
+	}
+
+	missing := filepath.Join(t.TempDir(), "missing.safetensors")
+	_, err = e.rt.OpenWeights(missing)
+	if !errors.As(err, &re) || re.Status == StatusOK || !strings.Contains(re.Message, missing) {
+		t.Fatalf("missing file: got %v", err)
+	}
+
+	// A shape mismatch found by the library: x has 172 columns, q_proj's weight 256.
+	_, x := e.goF32(t, e.io, "x.layers.0.mlp.down_proj")
+	w := e.get(t, e.base, "layers.0.self_attn.q_proj.weight")
+	y := make([]float32, x.Rows*w.Rows)
+	ym, _ := F32(y, x.Rows, w.Rows, 0)
+	err = e.rt.Linear(x, w, nil, nil, nil, ym)
+	if !errors.As(err, &re) || re.Status != StatusShape || re.Message == "" {
+		t.Fatalf("shape mismatch: got %v", err)
+	}
+	t.Logf("shape mismatch surfaces as: %v", err)
+
+	// Checks on the Go side: a slice too small for its shape, a read-only y, rowSlot length.
+	if _, err := F32(make([]float32, 10), 3, 4, 0); !errors.As(err, &re) || re.Status != StatusShape {
+		t.Fatalf("small slice: got %v", err)
+	}
+	if err := e.rt.Linear(x, w, nil, nil, nil, w); !errors.As(err, &re) || re.Status != StatusInvalidArgument {
+		t.Fatalf("read-only y: got %v", err)
+	}
+	if err := e.rt.Linear(x, w, nil, nil, []int32{0}, ym); !errors.As(err, &re) || re.Status != StatusShape {
+		t.Fatalf("rowSlot length: got %v", err)
+	}
+
+	// A rank over capacity.
+	l, err := a.Module("layers.0.mlp.up_proj")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.SetRank(9); !errors.As(err, &re) || re.Status != StatusInvalidArgument {
+		t.Fatalf("rank 9 of capacity 8: got %v", err)
+	}
+
+	// Use after Close is an error, never a crash; Close is idempotent.
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Info(); !errors.As(err, &re) || !strings.Contains(re.Message, "closed") {
+		t.Fatalf("lora of a closed adapter: got %v", err)
+	}
+	view := e.get(t, e.io, "x.layers.0.mlp.up_proj")
+	e.io.Close()
+	if _, err := view.Float32s(); err == nil {
+		t.Fatal("a view of closed weights was readable")
+	}
+	// The runtime's C object outlives Close while weights made with it are open.
+	if err := e.rt.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.rt.OpenWeights(missing); !errors.As(err, &re) || !strings.Contains(re.Message, "closed") {
+		t.Fatalf("closed runtime: got %v", err)
+	}
+	if e.base.Count() == 0 {
+		t.Fatal("weights made with a closed runtime stopped working before their own Close")
+	}
+}
+
+// Objects dropped without Close are freed by finalizers (children before their runtime).
+func TestFinalizers(t *testing.T) {
+	for i := 0; i < 3; i++ {
+		func() {
+			rt, err := NewRuntime(nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := rt.OpenWeights(filepath.Join(fixture, "base.safetensors")); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := rt.LoadPEFT(filepath.Join(fixture, "adapters", "lora-r8")); err != nil {
+				t.Fatal(err)
+			}
+		}()
+		runtime.GC()
+		runtime.GC()
+	}
+}
+
+// Every function of include/rankfuse.h is called by this package, unless listed in
+// unwrapped.txt (one name per line; each skipped name is printed).
+func TestHeaderCoverage(t *testing.T) {
+	header, err := os.ReadFile("../../include/rankfuse.h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	protos := regexp.MustCompile(`(?m)^[A-Za-z_][\w \*]*?\b(rf_\w+)\(`).FindAllSubmatch(header, -1)
+	if len(protos) < 20 {
+		t.Fatalf("found only %d prototypes in rankfuse.h: the parser is out of date", len(protos))
+	}
+	src, err := os.ReadFile("rankfuse.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	skip := map[string]bool{}
+	if f, err := os.Open("unwrapped.txt"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if n := strings.TrimSpace(sc.Text()); n != "" && !strings.HasPrefix(n, "#") {
+				skip[n] = true
+			}
+		}
+		f.Close()
+	}
+	var missing []string
+	for _, p := range protos {
+		name := string(p[1])
+		if regexp.MustCompile(`\b` + name + `\(`).Match(src) {
+			continue
+		}
+		if skip[name] {
+			t.Logf("SKIP %s: listed in unwrapped.txt, not wrapped in Go yet", name)
+			continue
+		}
+		missing = append(missing, name)
+	}
+	if len(missing) > 0 {
+		t.Fatalf("functions of rankfuse.h with no Go wrapper: %v (wrap them in rankfuse.go, "+
+			"or list them in unwrapped.txt)", missing)
+	}
+}
+
+// Many goroutines share one runtime, weights and adapter (the C ABI allows concurrent rf_linear).
+func TestConcurrentLinear(t *testing.T) {
+	e := open(t, "base.safetensors")
+	a := e.adapter(t, "lora-r8")
+	type job struct {
+		x   Matrix
+		ref []float32
+		l   *Lora
+		m   string
+	}
+	var jobs []job
+	for _, m := range modules {
+		l, err := a.Module(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, x := e.goF32(t, e.io, "x."+m)
+		ref, _ := e.goF32(t, e.io, "y.lora-r8."+m)
+		jobs = append(jobs, job{x, ref, l, m})
+	}
+	errs := make(chan error, 4*len(jobs))
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for _, j := range jobs {
+				w, err := e.base.Get(j.m + ".weight")
+				if err != nil {
+					errs <- err
+					return
+				}
+				var bias *Matrix
+				if e.hasBias[j.m] {
+					b, _ := e.base.Get(j.m + ".bias")
+					bias = &b
+				}
+				y := make([]float32, len(j.ref))
+				ym, _ := F32(y, j.x.Rows, w.Rows, 0)
+				if err := e.rt.Linear(j.x, w, bias, []Slot{{Lora: j.l}}, nil, ym); err != nil {
+					errs <- err
+					return
+				}
+				for i := range y {
+					if d := math.Abs(float64(y[i] - j.ref[i])); d > 1e-4+1e-4*math.Abs(float64(j.ref[i])) {
+						errs <- fmt.Errorf("%s: element %d off by %g", j.m, i, d)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}

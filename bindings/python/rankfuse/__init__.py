@@ -1,0 +1,511 @@
+"""rankfuse: low-rank adapters (LoRA) on frozen base weights — a thin ctypes binding of the C ABI.
+
+    import numpy as np, rankfuse
+    with rankfuse.Runtime() as rt:
+        base = rt.open_weights("base.safetensors")          # memory-mapped
+        lora = rt.load_peft("adapters/lora-r8")["layers.0.mlp.up_proj"]
+        y = rt.linear(x, base["layers.0.mlp.up_proj.weight"], slots=[lora])
+
+Arrays: numpy float32 is F32, float16 is F16, and uint16 holds bfloat16 bits (BF16; an
+ml_dtypes.bfloat16 array is accepted too). Inputs are passed without copies: 2-D arrays with
+unit column stride (a row stride >= cols is fine), 1-D arrays as 1 x n. Weights[name] returns a
+read-only zero-copy view of the mapped file that keeps the Weights alive.
+
+Errors raise rankfuse.Error with .status (a Status) and .message (the library's message).
+Objects keep what they need alive: a Lora its Adapter, an Adapter or Weights their Runtime.
+close() (or a with block) frees early and is idempotent; a closed Runtime frees its C object
+once the objects made with it are closed or collected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _ffi
+from ._ffi import rf_lora_slot, rf_matrix
+
+__all__ = [
+    "ABI_VERSION",
+    "Adapter",
+    "DType",
+    "Device",
+    "Error",
+    "Lora",
+    "LoraInfo",
+    "Runtime",
+    "Scaling",
+    "Slot",
+    "Status",
+    "Weights",
+    "abi_version",
+    "bf16_to_f32",
+    "f32_to_bf16",
+    "version",
+]
+
+_lib = _ffi.load_library()
+
+ABI_VERSION = _ffi.ABI_VERSION
+
+
+def _enum(name: str, cname: str, prefix: str):
+    return enum.IntEnum(name, {k[len(prefix) :]: v for k, v in _ffi.ENUMS[cname].items()})
+
+
+Status = _enum("Status", "rf_status", "RF_STATUS_")
+DType = _enum("DType", "rf_dtype", "RF_DTYPE_")
+Device = _enum("Device", "rf_device", "RF_DEVICE_")
+Scaling = _enum("Scaling", "rf_scaling", "RF_SCALING_")
+
+
+def version() -> str:
+    """The library's version, "MAJOR.MINOR.PATCH"."""
+    return _lib.rf_version().decode()
+
+
+def abi_version() -> int:
+    """The ABI version the loaded library implements."""
+    return int(_lib.rf_abi_version())
+
+
+class Error(Exception):
+    """A failing rankfuse call: .status (Status) and .message (names the argument/tensor/file)."""
+
+    def __init__(self, status: int, message: str):
+        try:
+            status = Status(status)
+        except ValueError:
+            pass  # a status number newer than this package: keep the int
+        super().__init__(f"{getattr(status, 'name', status)}: {message}")
+        self.status = status
+        self.message = message
+
+
+def _check(err) -> None:
+    """Takes ownership of an rf_error*: returns on NULL, else frees it and raises Error."""
+    if not err:
+        return
+    status = _lib.rf_error_code(err)
+    message = (_lib.rf_error_message(err) or b"").decode("utf-8", "replace")
+    _lib.rf_error_free(err)
+    raise Error(status, message)
+
+
+def _closed(what: str) -> Error:
+    return Error(Status.INVALID_ARGUMENT, f"{what} is closed")
+
+
+# ---------------------------------------------------------------- dtypes and matrices
+
+_NP_DTYPES = {DType.F32: np.dtype(np.float32), DType.F16: np.dtype(np.float16)}
+
+
+def _dtype_of(a: np.ndarray, name: str) -> DType:
+    dt = a.dtype
+    if dt == np.float32:
+        return DType.F32
+    if dt == np.float16:
+        return DType.F16
+    if dt == np.uint16 or (dt.name == "bfloat16" and dt.itemsize == 2):
+        return DType.BF16
+    raise Error(
+        Status.DTYPE,
+        f"{name}: numpy dtype {dt} is not supported (float32, float16, or uint16 holding bf16 bits)",
+    )
+
+
+def _matrix(a, name: str, writable: bool = False) -> rf_matrix:
+    """Describes a numpy array as rf_matrix without copying."""
+    if not isinstance(a, np.ndarray):
+        raise Error(Status.INVALID_ARGUMENT, f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.ndim == 1:
+        a = a.reshape(1, -1) if a.size else a.reshape(1, 0)
+    if a.ndim != 2:
+        raise Error(Status.SHAPE, f"{name}: {a.ndim}-D array; expected 2-D (or 1-D as 1 x n)")
+    dtype = _dtype_of(a, name)
+    if writable and not a.flags.writeable:
+        raise Error(Status.INVALID_ARGUMENT, f"{name}: the array is read-only")
+    rows, cols = a.shape
+    isz = a.itemsize
+    ld = cols
+    if rows > 0 and cols > 0:
+        if cols > 1 and a.strides[1] != isz:
+            raise Error(
+                Status.INVALID_ARGUMENT,
+                f"{name}: columns are not contiguous (strides {a.strides}); use np.ascontiguousarray",
+            )
+        if rows > 1:
+            s0 = a.strides[0]
+            if s0 < 0 or s0 % isz or s0 // isz < cols:
+                raise Error(
+                    Status.INVALID_ARGUMENT,
+                    f"{name}: row stride {s0} bytes is not a row-major layout; use np.ascontiguousarray",
+                )
+            ld = s0 // isz
+    return rf_matrix(a.ctypes.data if a.size else None, int(dtype), rows, cols, ld)
+
+
+def _array_from(m: rf_matrix, owner) -> np.ndarray:
+    """A read-only numpy view of an rf_matrix whose memory `owner` keeps alive."""
+    dtype = DType(m.dtype)
+    npdt = _NP_DTYPES.get(dtype, np.dtype(np.uint16))
+    rows, cols, ld = m.rows, m.cols, m.ld
+    n = (rows - 1) * ld + cols if rows and cols else 0
+    if n == 0:
+        return np.empty((rows, cols), dtype=npdt)
+    buf = (ctypes.c_uint8 * (n * npdt.itemsize)).from_address(m.data)
+    buf._rankfuse_owner = owner  # the array's base keeps the mapping alive
+    flat = np.frombuffer(buf, dtype=npdt)
+    arr = np.lib.stride_tricks.as_strided(
+        flat, shape=(rows, cols), strides=(ld * npdt.itemsize, npdt.itemsize), writeable=False
+    )
+    return arr
+
+
+def f32_to_bf16(a) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even (NaN stays NaN)."""
+    b = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(np.asarray(a, dtype=np.float32))
+    return np.where(nan, np.uint16(0x7FC0), rounded)
+
+
+def bf16_to_f32(a) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32 (exact)."""
+    return (np.asarray(a, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# ---------------------------------------------------------------- handles
+
+
+class _Handle:
+    """A C handle with a reference count: 1 while open + 1 per dependant (an object made with it,
+    a numpy view into it). close() drops the first; the C object is freed at zero, so nothing
+    that still points into it can dangle."""
+
+    _what = "object"
+
+    def _init_handle(self, ptr) -> None:
+        self._ptr = ptr
+        self._closed = False
+        self._refs = 1
+        self._lock = threading.Lock()
+
+    def _live(self):
+        if getattr(self, "_closed", True):
+            raise _closed(self._what)
+        return self._ptr
+
+    def _acquire(self) -> None:
+        with self._lock:
+            self._refs += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            ptr, free = self._ptr, self._refs == 0
+            if free:
+                self._ptr = None
+        if free and ptr:
+            self._free(ptr)
+
+    def _free(self, ptr) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Releases this object (idempotent); use raises Error afterwards."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._release()
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------- runtime
+
+
+class Runtime(_Handle):
+    """A runtime (CPU by default). Thread-safe for compute calls (linear). Its C object is freed
+    once it is closed and every Weights/Adapter made with it is closed."""
+
+    _what = "runtime"
+
+    def __init__(self, threads: int = 0, device: Device = Device.CPU, device_index: int = 0):
+        opts = _ffi.rf_runtime_options(
+            ctypes.sizeof(_ffi.rf_runtime_options), int(device), device_index, threads, None
+        )
+        ptr = ctypes.POINTER(_ffi.rf_runtime)()
+        _check(_lib.rf_runtime_create(ctypes.byref(opts), ctypes.byref(ptr)))
+        self._init_handle(ptr)
+
+    def _free(self, ptr) -> None:
+        _lib.rf_runtime_free(ptr)
+
+    def info(self) -> dict:
+        """Runtime facts (version, backend, CPU features, kernel variant, threads, GPU)."""
+        p = self._live()
+        n = ctypes.c_size_t()
+        _check(_lib.rf_runtime_info(p, None, 0, ctypes.byref(n)))
+        buf = ctypes.create_string_buffer(n.value + 1)
+        _check(_lib.rf_runtime_info(p, buf, len(buf), ctypes.byref(n)))
+        return json.loads(buf.value.decode())
+
+    def open_weights(self, path) -> "Weights":
+        """Memory-maps a *.safetensors file or a sharded *.safetensors.index.json."""
+        p = self._live()
+        out = ctypes.POINTER(_ffi.rf_weights)()
+        _check(_lib.rf_weights_open(p, str(path).encode(), ctypes.byref(out)))
+        return Weights(out, self)
+
+    def load_peft(self, path) -> "Adapter":
+        """Loads a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
+        p = self._live()
+        out = ctypes.POINTER(_ffi.rf_adapter)()
+        _check(_lib.rf_adapter_load_peft(p, str(path).encode(), ctypes.byref(out)))
+        return Adapter(out, self)
+
+    def linear(
+        self,
+        x: np.ndarray,
+        w: np.ndarray,
+        bias: Optional[np.ndarray] = None,
+        slots: Iterable[Union["Lora", "Slot", None]] = (),
+        row_slot: Optional[Sequence[int]] = None,
+        out: Optional[np.ndarray] = None,
+        dtype=np.float32,
+    ) -> np.ndarray:
+        """y = x W^T + bias + sum over slots of scale(slot) * (x A[:r]^T) B[:, :r]^T.
+
+        x: m x k, w: n x k (nn.Linear layout), bias: None or n values. slots: Lora, Slot or None
+        (empty slot) entries. row_slot None: every slot applies to every row; else m slot
+        indices (-1 = base only). Writes into `out` (m x n, its own memory) or a new array of
+        `dtype` (np.float32, np.float16, or np.uint16 for bf16), and returns it.
+        """
+        p = self._live()
+        xm = _matrix(x, "x")
+        wm = _matrix(w, "w")
+        bm = None if bias is None else _matrix(bias, "bias")
+        if out is None:
+            out = np.empty((xm.rows, wm.rows), dtype=dtype)
+        ym = _matrix(out, "out", writable=True)
+        slot_list = [Slot.of(s) for s in slots]
+        cslots = (rf_lora_slot * max(len(slot_list), 1))()
+        for i, s in enumerate(slot_list):
+            lp = s.lora._live() if s.lora is not None else None
+            cslots[i] = rf_lora_slot(lp, s.rank, s.scale_mult)
+        rs = None
+        if row_slot is not None:
+            rs = np.ascontiguousarray(row_slot, dtype=np.int32)
+            if rs.ndim != 1 or rs.shape[0] != xm.rows:
+                raise Error(Status.SHAPE, f"row_slot has {rs.size} entries, x has {xm.rows} rows")
+        _check(
+            _lib.rf_linear(
+                p,
+                ctypes.byref(xm),
+                ctypes.byref(wm),
+                ctypes.byref(bm) if bm is not None else None,
+                cslots,
+                len(slot_list),
+                rs.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)) if rs is not None else None,
+                ctypes.byref(ym),
+            )
+        )
+        return out
+
+
+# ---------------------------------------------------------------- weights
+
+
+class Weights(_Handle):
+    """Opened (memory-mapped) safetensors. Immutable; safe to share across threads. Arrays
+    returned by weights[name] keep the mapping alive after close()."""
+
+    _what = "weights"
+
+    def __init__(self, ptr, rt: Runtime):
+        self._rt = rt
+        rt._acquire()
+        self._init_handle(ptr)
+
+    def _free(self, ptr) -> None:
+        _lib.rf_weights_free(ptr)
+        self._rt._release()
+
+    def __len__(self) -> int:
+        return 0 if self._closed else int(_lib.rf_weights_count(self._ptr))
+
+    def names(self) -> list:
+        """Tensor names in file order."""
+        p = self._live()
+        out = []
+        for i in range(int(_lib.rf_weights_count(p))):
+            n = ctypes.c_char_p()
+            _check(_lib.rf_weights_name(p, i, ctypes.byref(n)))
+            out.append(n.value.decode())
+        return out
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __contains__(self, name) -> bool:
+        return name in self.names()
+
+    def matrix(self, name: str) -> rf_matrix:
+        """The raw rf_matrix view of a tensor (1-D as 1 x n), valid while the weights are open."""
+        m = rf_matrix()
+        _check(_lib.rf_weights_get(self._live(), name.encode(), ctypes.byref(m)))
+        return m
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """A read-only zero-copy 2-D view (1-D tensors as 1 x n); bf16 tensors come as uint16."""
+        return _array_from(self.matrix(name), _ViewOwner(self))
+
+
+class _ViewOwner:
+    """Referenced by the buffer under a numpy view of Weights: holds one reference on them."""
+
+    def __init__(self, w: Weights):
+        w._acquire()
+        self.w = w
+
+    def __del__(self):
+        self.w._release()
+
+
+# ---------------------------------------------------------------- adapters
+
+
+class Adapter(_Handle):
+    """A loaded adapter: a named set of LoRA modules, indexed by the base model's module path.
+    Its Lora objects raise Error once it is closed."""
+
+    _what = "adapter"
+
+    def __init__(self, ptr, rt: Runtime):
+        self._rt = rt
+        rt._acquire()
+        self._init_handle(ptr)
+
+    def _free(self, ptr) -> None:
+        _lib.rf_adapter_free(ptr)
+        self._rt._release()
+
+    def __len__(self) -> int:
+        return 0 if self._closed else int(_lib.rf_adapter_module_count(self._ptr))
+
+    def modules(self) -> list:
+        """Module names, sorted."""
+        p = self._live()
+        out = []
+        for i in range(int(_lib.rf_adapter_module_count(p))):
+            n = ctypes.c_char_p()
+            _check(_lib.rf_adapter_module_name(p, i, ctypes.byref(n)))
+            out.append(n.value.decode())
+        return out
+
+    def __iter__(self):
+        return iter(self.modules())
+
+    def __contains__(self, name) -> bool:
+        return name in self.modules()
+
+    def module(self, name: str) -> "Lora":
+        out = ctypes.POINTER(_ffi.rf_lora)()
+        _check(_lib.rf_adapter_module(self._live(), name.encode(), ctypes.byref(out)))
+        return Lora(out, self, name)
+
+    __getitem__ = module
+
+    def save_peft(self, path) -> None:
+        """Writes a PEFT folder (created if missing) that PEFT and rankfuse load back."""
+        _check(_lib.rf_adapter_save_peft(self._live(), str(path).encode()))
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    in_features: int
+    out_features: int
+    capacity: int
+    rank: int
+    alpha: float
+    scale: float
+    scaling: Scaling
+    dtype: DType
+
+
+class Lora:
+    """One LoRA module, borrowed from its Adapter (keeps it alive; raises once it is closed)."""
+
+    def __init__(self, ptr, adapter: Adapter, name: str):
+        self._ptr = ptr
+        self._adapter = adapter
+        self.name = name
+
+    def _live(self):
+        if self._adapter._closed:
+            raise _closed(f"the adapter of module '{self.name}'")
+        return self._ptr
+
+    def info(self) -> LoraInfo:
+        i = _ffi.rf_lora_info()
+        _check(_lib.rf_lora_info_get(self._live(), ctypes.byref(i)))
+        return LoraInfo(
+            i.in_features,
+            i.out_features,
+            i.capacity,
+            i.rank,
+            i.alpha,
+            i.scale,
+            Scaling(i.scaling),
+            DType(i.dtype),
+        )
+
+    def set_rank(self, rank: int) -> None:
+        """Default rank of later calls (1..capacity). Needs exclusive access to this lora."""
+        if not 0 <= rank <= 0xFFFFFFFF:
+            raise Error(Status.INVALID_ARGUMENT, f"rank {rank} is out of range")
+        _check(_lib.rf_lora_set_rank(self._live(), rank))
+
+    @property
+    def rank(self) -> int:
+        return self.info().rank
+
+    @rank.setter
+    def rank(self, r: int) -> None:
+        self.set_rank(r)
+
+    def __repr__(self):
+        return f"Lora({self.name!r})"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One slot of a fused call: rank 0 = the lora's current rank; scale_mult multiplies its
+    scale. lora None = no adapter in this slot."""
+
+    lora: Optional[Lora]
+    rank: int = 0
+    scale_mult: float = 1.0
+
+    @staticmethod
+    def of(s) -> "Slot":
+        if isinstance(s, Slot):
+            return s
+        if s is None or isinstance(s, Lora):
+            return Slot(s)
+        raise Error(Status.INVALID_ARGUMENT, f"slot: expected Lora, Slot or None, got {type(s).__name__}")

@@ -1,0 +1,226 @@
+"""ctypes declarations of the rankfuse C ABI and the library loader.
+
+The tables below are a static copy of include/rankfuse.h: tests/test_header.py parses the header
+and fails when a function, struct field, enum constant or macro here differs from it (or is
+missing). When the header grows, print the missing declarations with
+
+    python bindings/python/rankfuse/_cheader.py include/rankfuse.h
+
+and paste them where each block says (opaque classes + OPAQUE, ENUMS, struct classes +
+STRUCTS, FUNCTIONS), then add the Python method that uses them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from ctypes import (
+    POINTER,
+    c_char,
+    c_char_p,
+    c_float,
+    c_int,
+    c_int32,
+    c_int64,
+    c_size_t,
+    c_uint32,
+    c_void_p,
+)
+from pathlib import Path
+
+ABI_VERSION = 1  # RF_ABI_VERSION of the header these declarations copy
+
+# C enums are passed as int (cbindgen emits plain C enums).
+c_enum = c_int
+P = POINTER
+
+# Enum constants, by C type name: {C constant: value}.
+ENUMS = {
+    "rf_scaling": {"RF_SCALING_LORA": 0, "RF_SCALING_RSLORA": 1, "RF_SCALING_FIXED": 2},
+    "rf_dtype": {"RF_DTYPE_F32": 0, "RF_DTYPE_F16": 1, "RF_DTYPE_BF16": 2},
+    "rf_status": {
+        "RF_STATUS_OK": 0,
+        "RF_STATUS_INVALID_ARGUMENT": 1,
+        "RF_STATUS_SHAPE": 2,
+        "RF_STATUS_DTYPE": 3,
+        "RF_STATUS_NOT_FOUND": 4,
+        "RF_STATUS_IO": 5,
+        "RF_STATUS_FORMAT": 6,
+        "RF_STATUS_UNSUPPORTED": 7,
+        "RF_STATUS_DEVICE": 8,
+        "RF_STATUS_OUT_OF_MEMORY": 9,
+        "RF_STATUS_NUMERIC": 10,
+        "RF_STATUS_INTERNAL": 11,
+    },
+    "rf_device": {"RF_DEVICE_CPU": 0, "RF_DEVICE_CUDA": 1},
+}
+
+
+# ---------------------------------------------------------------- opaque handles
+class rf_adapter(ctypes.Structure):
+    pass
+
+
+class rf_error(ctypes.Structure):
+    pass
+
+
+class rf_lora(ctypes.Structure):
+    pass
+
+
+class rf_runtime(ctypes.Structure):
+    pass
+
+
+class rf_weights(ctypes.Structure):
+    pass
+
+
+OPAQUE = {c.__name__: c for c in (rf_adapter, rf_error, rf_lora, rf_runtime, rf_weights)}
+ERR = P(rf_error)
+
+
+# ---------------------------------------------------------------- structs
+class rf_lora_info(ctypes.Structure):
+    _fields_ = [
+        ("in_features", c_int64),
+        ("out_features", c_int64),
+        ("capacity", c_uint32),
+        ("rank", c_uint32),
+        ("alpha", c_float),
+        ("scale", c_float),
+        ("scaling", c_enum),
+        ("dtype", c_enum),
+    ]
+
+
+class rf_matrix(ctypes.Structure):
+    _fields_ = [
+        ("data", c_void_p),
+        ("dtype", c_enum),
+        ("rows", c_int64),
+        ("cols", c_int64),
+        ("ld", c_int64),
+    ]
+
+
+class rf_lora_slot(ctypes.Structure):
+    _fields_ = [
+        ("lora", P(rf_lora)),
+        ("rank", c_uint32),
+        ("scale_mult", c_float),
+    ]
+
+
+class rf_runtime_options(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("device", c_enum),
+        ("device_index", c_int32),
+        ("num_threads", c_uint32),
+        ("cuda_stream", c_void_p),
+    ]
+
+
+STRUCTS = {c.__name__: c for c in (rf_lora_info, rf_matrix, rf_lora_slot, rf_runtime_options)}
+
+# ---------------------------------------------------------------- functions
+# name: (restype, [argtypes]) — the order of include/rankfuse.h.
+FUNCTIONS = {
+    "rf_adapter_load_peft": (ERR, [P(rf_runtime), c_char_p, P(P(rf_adapter))]),
+    "rf_adapter_save_peft": (ERR, [P(rf_adapter), c_char_p]),
+    "rf_adapter_free": (None, [P(rf_adapter)]),
+    "rf_adapter_module_count": (c_size_t, [P(rf_adapter)]),
+    "rf_adapter_module_name": (ERR, [P(rf_adapter), c_size_t, P(c_char_p)]),
+    "rf_adapter_module": (ERR, [P(rf_adapter), c_char_p, P(P(rf_lora))]),
+    "rf_lora_info_get": (ERR, [P(rf_lora), P(rf_lora_info)]),
+    "rf_lora_set_rank": (ERR, [P(rf_lora), c_uint32]),
+    "rf_error_code": (c_enum, [P(rf_error)]),
+    "rf_error_message": (c_char_p, [P(rf_error)]),
+    "rf_error_free": (None, [P(rf_error)]),
+    "rf_linear": (
+        ERR,
+        [
+            P(rf_runtime),
+            P(rf_matrix),
+            P(rf_matrix),
+            P(rf_matrix),
+            P(rf_lora_slot),
+            c_size_t,
+            P(c_int32),
+            P(rf_matrix),
+        ],
+    ),
+    "rf_abi_version": (c_uint32, []),
+    "rf_version": (c_char_p, []),
+    "rf_runtime_create": (ERR, [P(rf_runtime_options), P(P(rf_runtime))]),
+    "rf_runtime_free": (None, [P(rf_runtime)]),
+    "rf_runtime_info": (ERR, [P(rf_runtime), P(c_char), c_size_t, P(c_size_t)]),
+    "rf_weights_open": (ERR, [P(rf_runtime), c_char_p, P(P(rf_weights))]),
+    "rf_weights_free": (None, [P(rf_weights)]),
+    "rf_weights_count": (c_size_t, [P(rf_weights)]),
+    "rf_weights_name": (ERR, [P(rf_weights), c_size_t, P(c_char_p)]),
+    "rf_weights_get": (ERR, [P(rf_weights), c_char_p, P(rf_matrix)]),
+}
+
+# ---------------------------------------------------------------- loading
+
+_LIB_NAMES = ("librankfuse.so", "librankfuse.so.0", "librankfuse.dylib", "rankfuse.dll")
+
+
+def _candidates():
+    env = os.environ.get("RANKFUSE_LIB")
+    if env:
+        yield Path(env)
+        return
+    here = Path(__file__).resolve().parent
+    for name in _LIB_NAMES:  # a wheel ships the library next to the package
+        yield here / name
+    for parent in here.parents:  # a source checkout: <repo>/target/release
+        if (parent / "Cargo.toml").is_file():
+            for name in _LIB_NAMES:
+                yield parent / "target" / "release" / name
+            break
+    found = ctypes.util.find_library("rankfuse")  # an installed library
+    if found:
+        yield Path(found)
+
+
+def load_library() -> ctypes.CDLL:
+    """Loads librankfuse (RANKFUSE_LIB, next to the package, the checkout's target/release, then
+    the system's library path), declares every function and checks the ABI version."""
+    tried = []
+    for path in _candidates():
+        if path.is_absolute() and not path.exists():
+            tried.append(f"{path} (missing)")
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            tried.append(f"{path} ({e})")
+            continue
+        declare(lib)
+        abi = lib.rf_abi_version()
+        if abi != ABI_VERSION:
+            raise ImportError(
+                f"{path} implements rankfuse ABI {abi}; this package declares ABI {ABI_VERSION}"
+            )
+        return lib
+    raise ImportError(
+        "librankfuse not found; build it with `cargo build --release` or set RANKFUSE_LIB. "
+        "Tried: " + "; ".join(tried or ["nothing"])
+    )
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    for name, (restype, argtypes) in FUNCTIONS.items():
+        try:
+            f = getattr(lib, name)
+        except AttributeError:
+            raise ImportError(
+                f"{lib._name} has no {name}: the library is older than this package"
+            ) from None
+        f.restype = restype
+        f.argtypes = argtypes

@@ -1,0 +1,390 @@
+/* rankfuse C++17 wrapper — header-only, hand-written over the generated C header.
+ *
+ * A thin layer: no logic beyond the C ABI. RAII handles (std::unique_ptr with deleters that call
+ * the rf_*_free functions), errors as rankfuse::Error exceptions carrying the rf_status and the
+ * library's message, and MatRef / MatMut views that describe caller memory as rf_matrix without
+ * copying.
+ *
+ * Lifetimes follow the C contract: free a Runtime after every object made with it (declare it
+ * first); a Lora is borrowed from its Adapter; a MatRef from Weights::get() points into the
+ * weights' mapping and is valid until the Weights are destroyed.
+ * Thread safety is the C ABI's: Runtime::linear may run from many threads on shared objects;
+ * Lora::set_rank needs exclusive access to that lora.
+ */
+#ifndef RANKFUSE_HPP
+#define RANKFUSE_HPP
+
+#include "rankfuse.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace rankfuse {
+
+/* ---------------------------------------------------------------- errors */
+
+/** What a failing rankfuse call throws: the stable status number and the library's message. */
+class Error : public std::runtime_error {
+ public:
+  Error(rf_status status, const std::string &message)
+      : std::runtime_error(message), status_(status) {}
+  rf_status status() const noexcept { return status_; }
+
+ private:
+  rf_status status_;
+};
+
+/** Takes ownership of an rf_error: NULL returns, anything else is freed and thrown as Error. */
+inline void check(rf_error *e) {
+  if (e == nullptr) return;
+  const rf_status status = rf_error_code(e);
+  std::string message = rf_error_message(e);
+  rf_error_free(e);
+  throw Error(status, message);
+}
+
+/** Library version ("MAJOR.MINOR.PATCH") and ABI version. */
+inline std::string version() { return rf_version(); }
+inline uint32_t abi_version() noexcept { return rf_abi_version(); }
+
+/** Throws RF_STATUS_UNSUPPORTED when the loaded library implements another ABI than this header. */
+inline void check_abi() {
+  if (rf_abi_version() != RF_ABI_VERSION)
+    throw Error(RF_STATUS_UNSUPPORTED,
+                "librankfuse implements ABI " + std::to_string(rf_abi_version()) +
+                    ", rankfuse.h is ABI " + std::to_string(RF_ABI_VERSION));
+}
+
+/* ---------------------------------------------------------- element types */
+
+/** 16-bit storage types: the bits of an IEEE half / a bfloat16 (no arithmetic here). */
+struct f16 {
+  uint16_t bits;
+};
+struct bf16 {
+  uint16_t bits;
+};
+
+template <class T>
+struct dtype_of;
+template <>
+struct dtype_of<float> {
+  static constexpr rf_dtype value = RF_DTYPE_F32;
+};
+template <>
+struct dtype_of<f16> {
+  static constexpr rf_dtype value = RF_DTYPE_F16;
+};
+template <>
+struct dtype_of<bf16> {
+  static constexpr rf_dtype value = RF_DTYPE_BF16;
+};
+
+/** Bytes per element of a dtype (0 for a value that is not an rf_dtype). */
+inline std::size_t dtype_size(rf_dtype d) noexcept {
+  switch (d) {
+    case RF_DTYPE_F32: return 4;
+    case RF_DTYPE_F16: return 2;
+    case RF_DTYPE_BF16: return 2;
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------------- span */
+
+/** A minimal std::span stand-in (C++17): pointer + length, no ownership. */
+template <class T>
+class Span {
+ public:
+  constexpr Span() noexcept = default;
+  constexpr Span(T *data, std::size_t size) noexcept : data_(data), size_(size) {}
+  template <class C, class = decltype(std::declval<C &>().data()),
+            class = std::enable_if_t<std::is_convertible<
+                std::remove_pointer_t<decltype(std::declval<C &>().data())> (*)[], T (*)[]>::value>>
+  constexpr Span(C &c) noexcept : data_(c.data()), size_(c.size()) {}
+  constexpr T *data() const noexcept { return data_; }
+  constexpr std::size_t size() const noexcept { return size_; }
+  constexpr bool empty() const noexcept { return size_ == 0; }
+  constexpr T *begin() const noexcept { return data_; }
+  constexpr T *end() const noexcept { return data_ + size_; }
+  constexpr T &operator[](std::size_t i) const noexcept { return data_[i]; }
+
+ private:
+  T *data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+/* ---------------------------------------------------------- matrix views */
+
+namespace detail {
+/** Elements a rows x cols matrix with leading dimension ld spans; throws on a bad shape. */
+inline std::size_t span_elems(int64_t rows, int64_t cols, int64_t ld) {
+  if (rows < 0 || cols < 0 || ld < cols)
+    throw Error(RF_STATUS_SHAPE, "matrix " + std::to_string(rows) + " x " + std::to_string(cols) +
+                                     " with ld " + std::to_string(ld) + " is not a valid shape");
+  if (rows == 0 || cols == 0) return 0;
+  return static_cast<std::size_t>((rows - 1) * ld + cols);
+}
+inline void check_len(std::size_t have, int64_t rows, int64_t cols, int64_t ld) {
+  const std::size_t need = span_elems(rows, cols, ld);
+  if (have < need)
+    throw Error(RF_STATUS_SHAPE, "buffer of " + std::to_string(have) + " elements is too small for " +
+                                     std::to_string(rows) + " x " + std::to_string(cols) +
+                                     " (ld " + std::to_string(ld) + "): " + std::to_string(need) +
+                                     " needed");
+}
+}  // namespace detail
+
+/** A read-only row-major matrix view over memory the caller keeps alive (an input of rf_linear). */
+class MatRef {
+ public:
+  MatRef() noexcept : m_{nullptr, RF_DTYPE_F32, 0, 0, 0} {}
+  /** From an rf_matrix (e.g. what rf_weights_get wrote). */
+  explicit MatRef(const rf_matrix &m) noexcept : m_(m) {}
+  /** Raw: data of `dtype`, rows x cols, ld elements between row starts (ld = -1: cols). */
+  MatRef(const void *data, rf_dtype dtype, int64_t rows, int64_t cols, int64_t ld = -1)
+      : m_{const_cast<void *>(data), dtype, rows, cols, ld < 0 ? cols : ld} {
+    detail::span_elems(m_.rows, m_.cols, m_.ld);
+  }
+  /** Typed, length-checked: `size` elements at `data` must cover the view. */
+  template <class T>
+  MatRef(const T *data, std::size_t size, int64_t rows, int64_t cols, int64_t ld = -1)
+      : MatRef(static_cast<const void *>(data), dtype_of<T>::value, rows, cols, ld) {
+    detail::check_len(size, m_.rows, m_.cols, m_.ld);
+  }
+  /** From a contiguous container (std::vector<float>, std::array<bf16, N>, Span<const f16>...). */
+  template <class C, class T = std::remove_cv_t<std::remove_pointer_t<decltype(std::declval<const C &>().data())>>>
+  MatRef(const C &c, int64_t rows, int64_t cols, int64_t ld = -1)
+      : MatRef(static_cast<const T *>(c.data()), c.size(), rows, cols, ld) {}
+
+  const void *data() const noexcept { return m_.data; }
+  rf_dtype dtype() const noexcept { return m_.dtype; }
+  int64_t rows() const noexcept { return m_.rows; }
+  int64_t cols() const noexcept { return m_.cols; }
+  int64_t ld() const noexcept { return m_.ld; }
+  /** Element (i, j) as float; only for RF_DTYPE_F32 views (throws otherwise). */
+  float at_f32(int64_t i, int64_t j) const {
+    if (m_.dtype != RF_DTYPE_F32) throw Error(RF_STATUS_DTYPE, "at_f32 on a view that is not F32");
+    if (i < 0 || j < 0 || i >= m_.rows || j >= m_.cols)
+      throw Error(RF_STATUS_SHAPE, "index (" + std::to_string(i) + ", " + std::to_string(j) +
+                                       ") is outside " + std::to_string(m_.rows) + " x " +
+                                       std::to_string(m_.cols));
+    return static_cast<const float *>(m_.data)[i * m_.ld + j];
+  }
+  const rf_matrix *raw() const noexcept { return &m_; }
+
+ private:
+  rf_matrix m_;
+};
+
+/** A writable row-major matrix view (the output of rf_linear). */
+class MatMut {
+ public:
+  MatMut(void *data, rf_dtype dtype, int64_t rows, int64_t cols, int64_t ld = -1)
+      : m_{data, dtype, rows, cols, ld < 0 ? cols : ld} {
+    detail::span_elems(m_.rows, m_.cols, m_.ld);
+  }
+  template <class T>
+  MatMut(T *data, std::size_t size, int64_t rows, int64_t cols, int64_t ld = -1)
+      : MatMut(static_cast<void *>(data), dtype_of<T>::value, rows, cols, ld) {
+    detail::check_len(size, m_.rows, m_.cols, m_.ld);
+  }
+  template <class C, class T = std::remove_pointer_t<decltype(std::declval<C &>().data())>,
+            class = std::enable_if_t<!std::is_const<T>::value>>
+  MatMut(C &c, int64_t rows, int64_t cols, int64_t ld = -1)
+      : MatMut(c.data(), c.size(), rows, cols, ld) {}
+
+  void *data() const noexcept { return m_.data; }
+  rf_dtype dtype() const noexcept { return m_.dtype; }
+  int64_t rows() const noexcept { return m_.rows; }
+  int64_t cols() const noexcept { return m_.cols; }
+  int64_t ld() const noexcept { return m_.ld; }
+  operator MatRef() const noexcept { return MatRef(m_); }
+  rf_matrix *raw() noexcept { return &m_; }
+
+ private:
+  rf_matrix m_;
+};
+
+/* ------------------------------------------------------------------ handles */
+
+namespace detail {
+struct RuntimeDeleter {
+  void operator()(rf_runtime *p) const noexcept { rf_runtime_free(p); }
+};
+struct WeightsDeleter {
+  void operator()(rf_weights *p) const noexcept { rf_weights_free(p); }
+};
+struct AdapterDeleter {
+  void operator()(rf_adapter *p) const noexcept { rf_adapter_free(p); }
+};
+}  // namespace detail
+
+using RuntimePtr = std::unique_ptr<rf_runtime, detail::RuntimeDeleter>;
+using WeightsPtr = std::unique_ptr<rf_weights, detail::WeightsDeleter>;
+using AdapterPtr = std::unique_ptr<rf_adapter, detail::AdapterDeleter>;
+
+/** One LoRA module, borrowed from its Adapter (valid while the Adapter lives). */
+class Lora {
+ public:
+  explicit Lora(rf_lora *l) noexcept : l_(l) {}
+  rf_lora_info info() const {
+    rf_lora_info out{};
+    check(rf_lora_info_get(l_, &out));
+    return out;
+  }
+  /** Default rank of later calls (1..capacity). Needs exclusive access to this lora. */
+  void set_rank(uint32_t rank) { check(rf_lora_set_rank(l_, rank)); }
+  rf_lora *raw() const noexcept { return l_; }
+
+ private:
+  rf_lora *l_;
+};
+
+/** A slot of a fused call: rank 0 = the lora's current rank; scale_mult multiplies its scale. */
+inline rf_lora_slot slot(const Lora &l, uint32_t rank = 0, float scale_mult = 1.0f) noexcept {
+  return rf_lora_slot{l.raw(), rank, scale_mult};
+}
+/** An empty slot (no adapter), e.g. for rows that run the base only. */
+inline rf_lora_slot no_slot() noexcept { return rf_lora_slot{nullptr, 0, 1.0f}; }
+
+/** Opened (memory-mapped) safetensors. Immutable; thread-safe. */
+class Weights {
+ public:
+  explicit Weights(WeightsPtr p) noexcept : p_(std::move(p)) {}
+  std::size_t count() const noexcept { return rf_weights_count(p_.get()); }
+  std::string name(std::size_t i) const {
+    const char *n = nullptr;
+    check(rf_weights_name(p_.get(), i, &n));
+    return n;
+  }
+  std::vector<std::string> names() const {
+    std::vector<std::string> v;
+    for (std::size_t i = 0, n = count(); i < n; ++i) v.push_back(name(i));
+    return v;
+  }
+  /** Zero-copy view into the mapping (read-only), valid while these Weights live. */
+  MatRef get(const std::string &tensor) const {
+    rf_matrix m{};
+    check(rf_weights_get(p_.get(), tensor.c_str(), &m));
+    return MatRef(m);
+  }
+  rf_weights *raw() const noexcept { return p_.get(); }
+
+ private:
+  WeightsPtr p_;
+};
+
+/** A loaded adapter: a named set of LoRA modules. */
+class Adapter {
+ public:
+  explicit Adapter(AdapterPtr p) noexcept : p_(std::move(p)) {}
+  std::size_t module_count() const noexcept { return rf_adapter_module_count(p_.get()); }
+  std::string module_name(std::size_t i) const {
+    const char *n = nullptr;
+    check(rf_adapter_module_name(p_.get(), i, &n));
+    return n;
+  }
+  std::vector<std::string> module_names() const {
+    std::vector<std::string> v;
+    for (std::size_t i = 0, n = module_count(); i < n; ++i) v.push_back(module_name(i));
+    return v;
+  }
+  /** The module at the base model's module path, e.g. "layers.0.self_attn.q_proj". */
+  Lora module(const std::string &name) {
+    rf_lora *l = nullptr;
+    check(rf_adapter_module(p_.get(), name.c_str(), &l));
+    return Lora(l);
+  }
+  /** Writes a PEFT folder (created if missing). */
+  void save_peft(const std::string &dir) const { check(rf_adapter_save_peft(p_.get(), dir.c_str())); }
+  rf_adapter *raw() const noexcept { return p_.get(); }
+
+ private:
+  AdapterPtr p_;
+};
+
+/** Options of Runtime; defaults = CPU, all cores. */
+struct RuntimeOptions {
+  rf_device device = RF_DEVICE_CPU;
+  int32_t device_index = 0;
+  uint32_t num_threads = 0;
+  void *cuda_stream = nullptr;
+};
+
+/** A runtime. Declare it before the objects made with it so it is destroyed after them. */
+class Runtime {
+ public:
+  Runtime() {
+    rf_runtime *rt = nullptr;
+    check(rf_runtime_create(nullptr, &rt));
+    p_.reset(rt);
+  }
+  explicit Runtime(const RuntimeOptions &o) {
+    rf_runtime_options opts{};
+    opts.struct_size = sizeof(rf_runtime_options);
+    opts.device = o.device;
+    opts.device_index = o.device_index;
+    opts.num_threads = o.num_threads;
+    opts.cuda_stream = o.cuda_stream;
+    rf_runtime *rt = nullptr;
+    check(rf_runtime_create(&opts, &rt));
+    p_.reset(rt);
+  }
+
+  /** Runtime facts as JSON (version, backend, CPU features, kernel variant, threads, GPU). */
+  std::string info() const {
+    std::size_t len = 0;
+    check(rf_runtime_info(p_.get(), nullptr, 0, &len));
+    std::string s(len + 1, '\0');
+    check(rf_runtime_info(p_.get(), &s[0], s.size(), &len));
+    s.resize(len);
+    return s;
+  }
+
+  Weights open_weights(const std::string &path) {
+    rf_weights *w = nullptr;
+    check(rf_weights_open(p_.get(), path.c_str(), &w));
+    return Weights(WeightsPtr(w));
+  }
+
+  Adapter load_peft(const std::string &dir) {
+    rf_adapter *a = nullptr;
+    check(rf_adapter_load_peft(p_.get(), dir.c_str(), &a));
+    return Adapter(AdapterPtr(a));
+  }
+
+  /** y = x W^T + bias + sum over slots of scale(slot) * (x A[:r]^T) B[:, :r]^T.
+   *  row_slot empty: every slot applies to every row; else one entry per row of x
+   *  (index into slots, -1 = base only). */
+  void linear(const MatRef &x, const MatRef &w, const MatRef *bias, Span<const rf_lora_slot> slots,
+              MatMut y, Span<const int32_t> row_slot = {}) {
+    if (!row_slot.empty() && static_cast<int64_t>(row_slot.size()) != x.rows())
+      throw Error(RF_STATUS_SHAPE, "row_slot has " + std::to_string(row_slot.size()) +
+                                       " entries, x has " + std::to_string(x.rows()) + " rows");
+    check(rf_linear(p_.get(), x.raw(), w.raw(), bias ? bias->raw() : nullptr, slots.data(),
+                    slots.size(), row_slot.empty() ? nullptr : row_slot.data(), y.raw()));
+  }
+
+  /** The same with the slots written in place: rt.linear(x, w, &b, {rankfuse::slot(l)}, y). */
+  void linear(const MatRef &x, const MatRef &w, const MatRef *bias,
+              std::initializer_list<rf_lora_slot> slots, MatMut y, Span<const int32_t> row_slot = {}) {
+    linear(x, w, bias, Span<const rf_lora_slot>(slots.begin(), slots.size()), y, row_slot);
+  }
+
+  rf_runtime *raw() const noexcept { return p_.get(); }
+
+ private:
+  RuntimePtr p_;
+};
+
+}  // namespace rankfuse
+
+#endif /* RANKFUSE_HPP */
