@@ -163,6 +163,11 @@ FUNCTIONS = {
     "rf_weights_count": (c_size_t, [P(rf_weights)]),
     "rf_weights_name": (ERR, [P(rf_weights), c_size_t, P(c_char_p)]),
     "rf_weights_get": (ERR, [P(rf_weights), c_char_p, P(rf_matrix)]),
+    "rf_device_alloc": (ERR, [P(rf_runtime), c_size_t, P(c_void_p)]),
+    "rf_device_free": (ERR, [P(rf_runtime), c_void_p]),
+    "rf_copy_to_device": (ERR, [P(rf_runtime), c_void_p, c_void_p, c_size_t]),
+    "rf_copy_to_host": (ERR, [P(rf_runtime), c_void_p, c_void_p, c_size_t]),
+    "rf_runtime_synchronize": (ERR, [P(rf_runtime)]),
 }
 
 # ---------------------------------------------------------------- loading
