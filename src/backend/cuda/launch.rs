@@ -225,10 +225,10 @@ pub fn mma_eligible(
     sm >= 80
         && x_dtype == w_dtype
         && matches!(w_dtype, DType::F16 | DType::BF16)
-        && x_addr % 16 == 0
-        && w_addr % 16 == 0
-        && ldx % 8 == 0
-        && ldw % 8 == 0
+        && x_addr.is_multiple_of(16)
+        && w_addr.is_multiple_of(16)
+        && ldx.is_multiple_of(8)
+        && ldw.is_multiple_of(8)
 }
 
 /// Chooses the path for a problem of m rows.
@@ -417,7 +417,7 @@ pub fn decode_split(m: usize, n: usize, k: usize, sm_count: usize) -> Result<Dec
 /// decode_linear: grid (ceil(n/16), splits), block 256, dynamic shared memory m * k_chunk * 4.
 pub fn decode_geometry(m: usize, n: usize, split: DecodeSplit) -> Result<Geometry> {
     let smem = m * split.k_chunk * 4;
-    if smem > DECODE_SMEM_MAX || split.k_chunk % DECODE_K_ALIGN != 0 {
+    if smem > DECODE_SMEM_MAX || !split.k_chunk.is_multiple_of(DECODE_K_ALIGN) {
         return Err(Error::internal(format!(
             "decode split {split:?} breaks the kernel's limits for m = {m}"
         )));
@@ -457,7 +457,7 @@ pub fn epilogue_geometry(m: usize, n: usize) -> Result<Geometry> {
 /// Decode may use 128-bit loads of W when every row (and so every split, k_chunk being a
 /// multiple of 256) starts 16-byte aligned.
 pub fn decode_vec_ok(w_addr: u64, ldw: usize, w_dtype: DType) -> bool {
-    w_addr % 16 == 0 && (ldw * w_dtype.size()) % 16 == 0
+    w_addr.is_multiple_of(16) && (ldw * w_dtype.size()).is_multiple_of(16)
 }
 
 /// Rows of a call grouped by slot (SGMV): `perm` lists rows slot by slot, `segments[s]` =
@@ -778,7 +778,9 @@ mod tests {
         for _ in 0..200 {
             let n_slots = 1 + (rng.next_u64() % 40) as usize;
             let m = 1 + (rng.next_u64() % 300) as usize;
-            let present: Vec<bool> = (0..n_slots).map(|_| rng.next_u64() % 5 != 0).collect();
+            let present: Vec<bool> = (0..n_slots)
+                .map(|_| !rng.next_u64().is_multiple_of(5))
+                .collect();
             let rs: Vec<i32> = (0..m)
                 .map(|_| (rng.next_u64() % (n_slots as u64 + 1)) as i32 - 1)
                 .collect();
