@@ -13,7 +13,12 @@ VENV=${RANKFUSE_CUDA_VENV:-target/cuda-venv}
 OUT=${1:-kernels/ptx}
 
 if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('nvidia-cuda-nvrtc-cu12') == '$NVRTC_VERSION' and m.version('nvidia-cuda-nvcc-cu12') == '$NVCC_VERSION' else 1)" 2>/dev/null; then
-  python3 -m venv "$VENV"
+  if ! python3 -m venv "$VENV" 2>/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+  fi
   "$VENV/bin/pip" install --quiet --disable-pip-version-check \
     "nvidia-cuda-nvrtc-cu12==$NVRTC_VERSION" "nvidia-cuda-nvcc-cu12==$NVCC_VERSION"
 fi
