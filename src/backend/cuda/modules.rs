@@ -206,6 +206,24 @@ mod tests {
         assert_eq!(n, PTX.len());
     }
 
+    /// kernels/REPORT.md (ptxas_report.py) assembles, per target, the PTX this rule loads.
+    #[test]
+    fn ptxas_report_follows_the_same_arch_rule() {
+        let report = include_str!("../../../kernels/REPORT.md");
+        let mut seen = 0;
+        for l in report.lines() {
+            let Some(rest) = l.strip_prefix("## sm_") else {
+                continue;
+            };
+            let (sm, arch) = rest.split_once(" (PTX compute_").unwrap();
+            let arch: u32 = arch.trim_end_matches(')').parse().unwrap();
+            assert_eq!(ptx_arch_for_sm(sm.parse().unwrap()), Some(arch), "{l}");
+            seen += 1;
+        }
+        assert_eq!(seen, TARGETS.len());
+        assert!(report.contains("Total spill bytes over all kernels and targets: 0."));
+    }
+
     #[test]
     fn arch_rule() {
         assert_eq!(ptx_arch_for_sm(61), None);
