@@ -322,11 +322,11 @@ fn run_isa(isa: Isa) {
     let Some(rt) = runtime_for(isa) else { return };
     let rts = [(isa, rt)];
     // Small m: the decode path and the GEMM path just above its threshold.
-    proptest!(cfg(48), |(c in case_strategy(1..=24, 1_500_000))| {
+    proptest!(cfg(128), |(c in case_strategy(1..=24, 1_500_000))| {
         check_case(&c, &rts)?;
     });
     // Large m: several MC row groups, mixed slots over many panels.
-    proptest!(cfg(8), |(c in case_strategy(100..=300, 3_000_000))| {
+    proptest!(cfg(24), |(c in case_strategy(100..=300, 3_000_000))| {
         check_case(&c, &rts)?;
     });
 }
