@@ -142,6 +142,11 @@ pub struct BenchResult {
     /// Fused FLOPs per second of process CPU time (all threads): kernel efficiency that a
     /// busy, shared machine does not hide. Divide by the thread count's peak for % of peak.
     pub fused_gflop_per_cpu_s: f64,
+    /// Median process CPU time (all threads) of one call, ms.
+    pub base_cpu_ms: f64,
+    pub fused_cpu_ms: f64,
+    /// fused / base-only in CPU time: the adapter's cost where wall time is noisy (shared CPUs).
+    pub fused_over_base_cpu: f64,
     /// Bytes the fused call must read (W + A + B + x) per second of wall time, GB/s.
     pub fused_read_gbs: f64,
     /// fused_read_gbs as % of the measured streaming bandwidth (the decode goal: >= 85% at m=1).
@@ -170,6 +175,8 @@ pub struct MixedResult {
     pub mixed_ms: f64,
     /// mixed / one adapter on the same rows (goal <= 1.10)
     pub mixed_over_single: f64,
+    /// The same ratio in process CPU time (robust on a shared machine).
+    pub mixed_over_single_cpu: f64,
     pub mixed_over_base: f64,
 }
 
@@ -211,6 +218,55 @@ fn random(
     Matrix::from_f32(dtype, rows, cols, &rng.fill_uniform(rows * cols, -amp, amp))
 }
 
+/// Sum of a chunk, load-bound: AVX2 with 4 independent 256-bit accumulators when the CPU has
+/// it, else 8 scalar lanes.
+fn sum_words(s: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected just above.
+        return unsafe { sum_words_avx2(s) };
+    }
+    sum_words_scalar(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_words_avx2(s: &[u64]) -> u64 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_si256(); 4];
+    let n16 = s.len() / 16 * 16;
+    let p = s.as_ptr();
+    let mut i = 0;
+    while i < n16 {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let v = _mm256_loadu_si256(p.add(i + 4 * j) as *const __m256i);
+            *a = _mm256_add_epi64(*a, v);
+        }
+        i += 16;
+    }
+    let mut lanes = [0u64; 4];
+    let t = _mm256_add_epi64(
+        _mm256_add_epi64(acc[0], acc[1]),
+        _mm256_add_epi64(acc[2], acc[3]),
+    );
+    _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, t);
+    lanes
+        .iter()
+        .fold(sum_words_scalar(&s[n16..]), |a, &b| a.wrapping_add(b))
+}
+
+fn sum_words_scalar(s: &[u64]) -> u64 {
+    let mut lanes = [0u64; 8];
+    let mut it = s.chunks_exact(8);
+    for c in &mut it {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l = l.wrapping_add(*v);
+        }
+    }
+    let tail = it.remainder().iter().fold(0u64, |a, &b| a.wrapping_add(b));
+    lanes.iter().fold(tail, |a, &b| a.wrapping_add(b))
+}
+
 /// Streaming read bandwidth: sums a `mib` MiB buffer with `threads` threads, median of 5.
 pub fn measure_bandwidth(mib: usize, threads: usize) -> Result<Bandwidth> {
     use rayon::prelude::*;
@@ -237,7 +293,7 @@ pub fn measure_bandwidth(mib: usize, threads: usize) -> Result<Bandwidth> {
         let t0 = Instant::now();
         let s: u64 = pool.install(|| {
             buf.par_chunks(chunk)
-                .map(|s| s.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                .map(sum_words)
                 .reduce(|| 0, |a, b| a.wrapping_add(b))
         });
         times.push(t0.elapsed().as_secs_f64());
@@ -345,8 +401,10 @@ pub fn run_case_with_bandwidth(
         }
         Ok(())
     };
-    // Warm-up (workspaces, page faults).
-    rt.linear(&fused, &mut y.view_mut())?;
+    // Warm-up (workspaces on every thread, page faults).
+    for _ in 0..3 {
+        rt.linear(&fused, &mut y.view_mut())?;
+    }
     rt.linear(&base, &mut y.view_mut())?;
     naive(&mut y)?;
     // Memory: one more fused call, now that workspaces exist.
@@ -356,22 +414,32 @@ pub fn run_case_with_bandwidth(
         rt.linear(&fused, &mut y.view_mut())?;
         extra_peak = heap().map(|(_, peak, _)| peak.saturating_sub(live0));
     }
-    let (mut tb, mut tf, mut tn) = (Vec::new(), Vec::new(), Vec::new());
-    let mut cpu_f = Vec::new();
+    let cap = opts.max_iters.max(3);
+    let (mut tb, mut tf, mut tn) = (
+        Vec::with_capacity(cap),
+        Vec::with_capacity(cap),
+        Vec::with_capacity(cap),
+    );
+    let mut cpu_f = Vec::with_capacity(cap);
+    let mut cpu_b = Vec::with_capacity(cap);
     let mut fused_allocs = 0usize;
     let start = Instant::now();
     while tb.len() < opts.max_iters && (tb.len() < 3 || start.elapsed() < opts.min_time * 3) {
+        let c0 = process_cpu_s();
         let t0 = Instant::now();
         rt.linear(&base, &mut y.view_mut())?;
-        tb.push(t0.elapsed().as_secs_f64() * 1e3);
+        let (wall, cpu) = (t0.elapsed().as_secs_f64(), process_cpu_s() - c0);
+        tb.push(wall * 1e3);
+        cpu_b.push(cpu * 1e3);
 
         let a0 = heap().map_or(0, |h| h.2);
         let c0 = process_cpu_s();
         let t0 = Instant::now();
         rt.linear(&fused, &mut y.view_mut())?;
-        tf.push(t0.elapsed().as_secs_f64() * 1e3);
-        cpu_f.push((process_cpu_s() - c0) * 1e3);
+        let (wall, cpu) = (t0.elapsed().as_secs_f64(), process_cpu_s() - c0);
         fused_allocs += heap().map_or(0, |h| h.2) - a0;
+        tf.push(wall * 1e3);
+        cpu_f.push(cpu * 1e3);
 
         let t0 = Instant::now();
         naive(&mut y)?;
@@ -380,6 +448,7 @@ pub fn run_case_with_bandwidth(
     let iters = tb.len();
     let (base_ms, fused_ms, naive_ms) = (median(&mut tb), median(&mut tf), median(&mut tn));
     let fused_cpu_ms = median(&mut cpu_f);
+    let base_cpu_ms = median(&mut cpu_b);
     let flop = 2.0 * m as f64 * n as f64 * k as f64;
     let sz = dtype.size() as f64;
     let bytes = sz * (n * k + r * k + n * r + m * k) as f64;
@@ -399,6 +468,9 @@ pub fn run_case_with_bandwidth(
         base_gflops: flop / (base_ms * 1e6),
         fused_gflops: flop / (fused_ms * 1e6),
         fused_gflop_per_cpu_s: flop / (fused_cpu_ms.max(1e-6) * 1e6),
+        base_cpu_ms,
+        fused_cpu_ms,
+        fused_over_base_cpu: fused_cpu_ms / base_cpu_ms.max(1e-9),
         fused_read_gbs: read_gbs,
         fused_pct_of_bandwidth: bandwidth.map(|b| 100.0 * read_gbs / b.read_gbs),
         fused_allocs_per_call: heap().is_some().then(|| fused_allocs as f64 / iters as f64),
@@ -451,16 +523,26 @@ pub fn run_mixed(
         rt.linear(p, &mut y.view_mut())?;
     }
     let (mut tb, mut ts, mut tm) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cs, mut cm) = (Vec::new(), Vec::new());
     let start = Instant::now();
     while tb.len() < opts.max_iters && (tb.len() < 3 || start.elapsed() < opts.min_time * 3) {
-        for (p, v) in [(&base, &mut tb), (&single_p, &mut ts), (&mixed_p, &mut tm)] {
+        for (p, v, c) in [
+            (&base, &mut tb, None),
+            (&single_p, &mut ts, Some(&mut cs)),
+            (&mixed_p, &mut tm, Some(&mut cm)),
+        ] {
+            let c0 = process_cpu_s();
             let t0 = Instant::now();
             rt.linear(p, &mut y.view_mut())?;
             v.push(t0.elapsed().as_secs_f64() * 1e3);
+            if let Some(c) = c {
+                c.push(process_cpu_s() - c0);
+            }
         }
     }
     let iters = tb.len();
     let (base_ms, single_ms, mixed_ms) = (median(&mut tb), median(&mut ts), median(&mut tm));
+    let mixed_over_single_cpu = median(&mut cm) / median(&mut cs).max(1e-12);
     Ok(MixedResult {
         dtype: dtype.name(),
         m,
@@ -474,6 +556,7 @@ pub fn run_mixed(
         single_ms,
         mixed_ms,
         mixed_over_single: mixed_ms / single_ms,
+        mixed_over_single_cpu,
         mixed_over_base: mixed_ms / base_ms,
     })
 }

@@ -89,13 +89,13 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
             if !header {
                 header = true;
                 eprintln!(
-                    "{:>5} {:>5} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>7} {:>8}",
+                    "{:>5} {:>5} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>7} {:>8}",
                     "dtype", "m", "k", "n", "r", "base ms", "fused ms", "naive ms", "f/base",
-                    "n/base", "GFLOP/s", "GF/cpu-s", "GB/s", "%bw", "allocs", "ws MiB"
+                    "n/base", "f/b cpu", "GFLOP/s", "GF/cpu-s", "GB/s", "%bw", "allocs", "ws MiB"
                 );
             }
             eprintln!(
-                "{:>5} {:>5} {:>6} {:>6} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>7.3} {:>7.3} {:>8.1} {:>8.1} {:>6.1} {:>6} {:>7} {:>8.1}",
+                "{:>5} {:>5} {:>6} {:>6} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>7.3} {:>7.3} {:>7.3} {:>8.1} {:>8.1} {:>6.1} {:>6} {:>7} {:>8.1}",
                 r.dtype,
                 r.m,
                 r.k,
@@ -106,6 +106,7 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
                 r.naive_ms,
                 r.fused_over_base,
                 r.naive_over_base,
+                r.fused_over_base_cpu,
                 r.fused_gflops,
                 r.fused_gflop_per_cpu_s,
                 r.fused_read_gbs,
@@ -118,7 +119,7 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
         },
         |x| {
             eprintln!(
-                "mixed {:>5} m {} k {} n {}: {} adapters (ranks {:?}) {:.3} ms vs one r={} adapter {:.3} ms: x{:.3} (base {:.3} ms, x{:.3})",
+                "mixed {:>5} m {} k {} n {}: {} adapters (ranks {:?}) {:.3} ms vs one r={} adapter {:.3} ms: x{:.3} (CPU time x{:.3}; base {:.3} ms, x{:.3})",
                 x.dtype,
                 x.m,
                 x.k,
@@ -129,6 +130,7 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
                 x.single_r,
                 x.single_ms,
                 x.mixed_over_single,
+                x.mixed_over_single_cpu,
                 x.base_ms,
                 x.mixed_over_base
             )
