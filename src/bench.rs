@@ -513,7 +513,10 @@ pub fn run_mixed(
         slots: &[],
         row_slot: None,
     };
-    let single_p = LinearProblem { slots: &one, ..base };
+    let single_p = LinearProblem {
+        slots: &one,
+        ..base
+    };
     let mixed_p = LinearProblem {
         slots: &slots,
         row_slot: Some(&row_slot),

@@ -125,7 +125,7 @@ pub unsafe fn convert_to_f32(src: *const u8, dtype: DType, dst: &mut [f32]) {
     match dtype {
         DType::F32 => std::ptr::copy_nonoverlapping(src as *const f32, dst.as_mut_ptr(), dst.len()),
         DType::F16 => {
-            if (src as usize) % 2 == 0 {
+            if (src as usize).is_multiple_of(2) {
                 // half converts slices with F16C/NEON when the CPU has them (runtime check).
                 use half::slice::HalfFloatSliceExt;
                 let s = std::slice::from_raw_parts(src as *const f16, dst.len());

@@ -153,11 +153,14 @@ fn rtol(dt: DType) -> f32 {
     }
 }
 
+/// A, B, gains and scale of one slot.
+type SlotBufs = (Buf, Buf, Option<Buf>, f32);
+
 struct Data {
     x: Buf,
     w: Buf,
     bias: Option<Buf>,
-    ab: Vec<Option<(Buf, Buf, Option<Buf>, f32)>>,
+    ab: Vec<Option<SlotBufs>>,
     row_slot: Option<Vec<i32>>,
 }
 
@@ -179,7 +182,7 @@ fn make_data(c: &Case) -> Data {
                     let mut g = Buf::random(&mut rng, DType::F32, 1, s.r, s.r);
                     // Some components masked off, as AdaLoRA does.
                     for c in 0..s.r {
-                        if rng.next_u64() % 4 == 0 {
+                        if rng.next_u64().is_multiple_of(4) {
                             g.data[c * 4..c * 4 + 4].copy_from_slice(&0f32.to_le_bytes());
                         }
                     }
@@ -203,7 +206,7 @@ fn make_data(c: &Case) -> Data {
     }
 }
 
-fn slots_of<'a>(ab: &'a [Option<(Buf, Buf, Option<Buf>, f32)>]) -> Vec<Option<Slot<'a>>> {
+fn slots_of<'a>(ab: &'a [Option<SlotBufs>]) -> Vec<Option<Slot<'a>>> {
     ab.iter()
         .map(|s| {
             s.as_ref().map(|(a, b, g, scale)| Slot {
@@ -230,15 +233,17 @@ fn check_case(c: &Case, rts: &[(Isa, Runtime)]) -> Result<(), TestCaseError> {
     };
     // The reference in f32 output, and the same on absolute values (error bound).
     let mut yref = vec![0f32; c.m * c.n];
-    reference::linear(&p, &mut MatMut::from_slice(&mut yref, c.m, c.n, c.n).unwrap());
-    let abs_ab: Vec<_> = d
-        .ab
-        .iter()
-        .map(|s| {
-            s.as_ref()
-                .map(|(a, b, g, sc)| (a.abs(), b.abs(), g.as_ref().map(|g| g.abs()), sc.abs()))
-        })
-        .collect();
+    reference::linear(
+        &p,
+        &mut MatMut::from_slice(&mut yref, c.m, c.n, c.n).unwrap(),
+    );
+    let abs_ab: Vec<_> =
+        d.ab.iter()
+            .map(|s| {
+                s.as_ref()
+                    .map(|(a, b, g, sc)| (a.abs(), b.abs(), g.as_ref().map(|g| g.abs()), sc.abs()))
+            })
+            .collect();
     let abs_slots = slots_of(&abs_ab);
     let (xa, wa, ba) = (d.x.abs(), d.w.abs(), d.bias.as_ref().map(|b| b.abs()));
     let pa = LinearProblem {
@@ -249,7 +254,10 @@ fn check_case(c: &Case, rts: &[(Isa, Runtime)]) -> Result<(), TestCaseError> {
         row_slot: d.row_slot.as_deref(),
     };
     let mut ybound = vec![0f32; c.m * c.n];
-    reference::linear(&pa, &mut MatMut::from_slice(&mut ybound, c.m, c.n, c.n).unwrap());
+    reference::linear(
+        &pa,
+        &mut MatMut::from_slice(&mut ybound, c.m, c.n, c.n).unwrap(),
+    );
 
     let ydt = c.dtypes[3];
     let yld = c.n + c.ld_extra[4];
@@ -412,6 +420,9 @@ fn unsupported_variants_are_refused() {
             .unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("Unsupported") && err.contains(isa.name()), "{err}");
+        assert!(
+            err.contains("Unsupported") && err.contains(isa.name()),
+            "{err}"
+        );
     }
 }

@@ -133,7 +133,11 @@ impl LinearProblem<'_> {
         let ys = span(&y.as_ref());
         if ys.1 > ys.0 {
             // An array, not a Vec: the hot path allocates nothing.
-            let inputs = [("x", Some(self.x)), ("w", Some(self.w)), ("bias", self.bias)];
+            let inputs = [
+                ("x", Some(self.x)),
+                ("w", Some(self.w)),
+                ("bias", self.bias),
+            ];
             for (name, mat) in inputs {
                 let Some(mat) = mat else { continue };
                 let s = span(&mat);

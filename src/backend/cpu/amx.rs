@@ -166,7 +166,15 @@ impl NativeGemm for AmxBase {
         self.rows_pad
     }
 
-    unsafe fn block(&self, w: &MatRef<'_>, j0: usize, nt: usize, ntp: usize, c: *mut f32, ldc: usize) {
+    unsafe fn block(
+        &self,
+        w: &MatRef<'_>,
+        j0: usize,
+        nt: usize,
+        ntp: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
         let (k, kpad) = (w.cols, self.kpad);
         let ntiles = ntp.div_ceil(16);
         let ntiles = ntiles + ntiles % 2; // pairs of 16-column tiles
@@ -190,7 +198,11 @@ impl NativeGemm for AmxBase {
                     }
                     let src = w.row_ptr(j0 + col) as *const u16;
                     for q in 0..kpad {
-                        let val = if q < k { src.add(q).read_unaligned() } else { 0 };
+                        let val = if q < k {
+                            src.add(q).read_unaligned()
+                        } else {
+                            0
+                        };
                         dst[(q / 2) * 32 + j * 2 + (q % 2)] = val;
                     }
                 }
@@ -242,13 +254,11 @@ pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
     }
     // The per-call state is taken out of the thread-local for the call (nested calls on this
     // thread then simply build their own).
-    let mut base = BASE
-        .with(|b| b.borrow_mut().take())
-        .unwrap_or(AmxBase {
-            xb: Vec::new(),
-            rows_pad: 0,
-            kpad: 0,
-        });
+    let mut base = BASE.with(|b| b.borrow_mut().take()).unwrap_or(AmxBase {
+        xb: Vec::new(),
+        rows_pad: 0,
+        kpad: 0,
+    });
     driver::linear_with::<Avx512>(p, y, Some(&mut base));
     BASE.with(|b| *b.borrow_mut() = Some(base));
 }

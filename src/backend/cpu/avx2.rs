@@ -300,7 +300,14 @@ impl MicroKernel for Avx2 {
         // SAFETY: this table entry is only installed when AVX2, FMA and F16C were detected.
         micro_6x16(kc, a, b, c, ldc, acc)
     }
-    unsafe fn pack_b(src: &MatRef<'_>, r0: usize, rows: usize, c0: usize, kc: usize, dst: *mut f32) {
+    unsafe fn pack_b(
+        src: &MatRef<'_>,
+        r0: usize,
+        rows: usize,
+        c0: usize,
+        kc: usize,
+        dst: *mut f32,
+    ) {
         if rows != Self::NR {
             return pack_b_generic(src, r0, rows, c0, kc, Self::NR, dst);
         }

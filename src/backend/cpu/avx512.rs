@@ -35,7 +35,10 @@ unsafe fn micro_12x32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc:
         let cp = c.add(i * ldc);
         if acc {
             _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), ri[0]));
-            _mm512_storeu_ps(cp.add(16), _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), ri[1]));
+            _mm512_storeu_ps(
+                cp.add(16),
+                _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), ri[1]),
+            );
         } else {
             _mm512_storeu_ps(cp, ri[0]);
             _mm512_storeu_ps(cp.add(16), ri[1]);
@@ -135,7 +138,14 @@ impl MicroKernel for Avx512 {
         // detected.
         micro_12x32(kc, a, b, c, ldc, acc)
     }
-    unsafe fn pack_b(src: &MatRef<'_>, r0: usize, rows: usize, c0: usize, kc: usize, dst: *mut f32) {
+    unsafe fn pack_b(
+        src: &MatRef<'_>,
+        r0: usize,
+        rows: usize,
+        c0: usize,
+        kc: usize,
+        dst: *mut f32,
+    ) {
         if rows != NR {
             return pack_b_generic(src, r0, rows, c0, kc, NR, dst);
         }

@@ -52,7 +52,14 @@ pub trait MicroKernel: Sync + Send + 'static {
     ///
     /// # Safety
     /// The rows and columns lie inside `src`; `dst` has kc*NR writable floats.
-    unsafe fn pack_b(src: &MatRef<'_>, r0: usize, rows: usize, c0: usize, kc: usize, dst: *mut f32) {
+    unsafe fn pack_b(
+        src: &MatRef<'_>,
+        r0: usize,
+        rows: usize,
+        c0: usize,
+        kc: usize,
+        dst: *mut f32,
+    ) {
         pack_b_generic(src, r0, rows, c0, kc, Self::NR, dst)
     }
 
@@ -98,7 +105,15 @@ pub trait NativeGemm: Sync {
     ///
     /// # Safety
     /// `c` holds that many rows of ldc >= ntp floats; rows j0..j0+nt lie inside w.
-    unsafe fn block(&self, w: &MatRef<'_>, j0: usize, nt: usize, ntp: usize, c: *mut f32, ldc: usize);
+    unsafe fn block(
+        &self,
+        w: &MatRef<'_>,
+        j0: usize,
+        nt: usize,
+        ntp: usize,
+        c: *mut f32,
+        ldc: usize,
+    );
 }
 
 /// Rows at or below this take the streaming decode path.
@@ -203,16 +218,16 @@ struct CallWs {
     tpoff: Vec<usize>,
 }
 
-static POOL: Mutex<Vec<Box<CallWs>>> = Mutex::new(Vec::new());
+static POOL: Mutex<Vec<CallWs>> = Mutex::new(Vec::new());
 
-fn take_ws() -> Box<CallWs> {
+fn take_ws() -> CallWs {
     POOL.lock()
         .unwrap_or_else(|e| e.into_inner())
         .pop()
         .unwrap_or_default()
 }
 
-fn give_ws(ws: Box<CallWs>) {
+fn give_ws(ws: CallWs) {
     POOL.lock().unwrap_or_else(|e| e.into_inner()).push(ws);
 }
 
@@ -524,7 +539,9 @@ fn gemm_chunk<K: MicroKernel>(
                             for i in 0..mr {
                                 for c in 0..r {
                                     // SAFETY: as above.
-                                    unsafe { *tp.get().add((ip * mr + i) * rpad + toff[s] + c) = 0.0 };
+                                    unsafe {
+                                        *tp.get().add((ip * mr + i) * rpad + toff[s] + c) = 0.0
+                                    };
                                 }
                             }
                         }
@@ -656,7 +673,9 @@ fn gemm_chunk<K: MicroKernel>(
                     for ip in ps0..ps1 {
                         let ap = tpack[tpoff[s] + (ip - ps0) * r * mr..].as_ptr();
                         // SAFETY: the T panel holds r*mr floats, the B panel r*nr.
-                        unsafe { K::micro(r, ap, bp, cptr.add(ip * mr * ntp + jp * nr), ntp, true) };
+                        unsafe {
+                            K::micro(r, ap, bp, cptr.add(ip * mr * ntp + jp * nr), ntp, true)
+                        };
                     }
                 }
             }
@@ -677,13 +696,7 @@ fn gemm_chunk<K: MicroKernel>(
                     }
                 }
                 // SAFETY: blocks write disjoint column ranges of y; (src, j0..j1) is inside y.
-                unsafe {
-                    K::store_row(
-                        crow,
-                        yv.get().add((src * yld + j0) * ydt.size()),
-                        ydt,
-                    )
-                };
+                unsafe { K::store_row(crow, yv.get().add((src * yld + j0) * ydt.size()), ydt) };
             }
         })
     });
@@ -756,7 +769,17 @@ fn decode<K: MicroKernel>(p: &LinearProblem<'_>, y: &mut MatMut<'_>, ws: &mut Ca
         }
         let (o, r) = (toff[s], sl.rank());
         // SAFETY: x is m x k at ld k; A is r x k; T has m rows of rsum at columns o..o+r.
-        unsafe { gemv_blocked::<K>(xf.as_ptr(), k, m, &sl.a, tv.as_mut_ptr().add(o), rsum, false) };
+        unsafe {
+            gemv_blocked::<K>(
+                xf.as_ptr(),
+                k,
+                m,
+                &sl.a,
+                tv.as_mut_ptr().add(o),
+                rsum,
+                false,
+            )
+        };
         for i in 0..m {
             let applies = p.applies(s, i);
             for c in 0..r {
@@ -772,9 +795,8 @@ fn decode<K: MicroKernel>(p: &LinearProblem<'_>, y: &mut MatMut<'_>, ws: &mut Ca
     let tv: &[f32] = tv;
     let toff: &[usize] = toff;
     // A slot is used when some row applies it; its T columns are then the next block.
-    let slot_used = |s: usize| -> bool {
-        slot_at(p, s).is_some() && (0..m).any(|i| p.applies(s, i))
-    };
+    let slot_used =
+        |s: usize| -> bool { slot_at(p, s).is_some() && (0..m).any(|i| p.applies(s, i)) };
     let threads = rayon::current_num_threads().max(1);
     let cols = n.div_ceil(threads * 8).clamp(16, 512);
     let chunks = n.div_ceil(cols);
