@@ -1,6 +1,6 @@
 //! `rankfuse bench`: times, in the same run and interleaved, the fused linear against base-only
 //! and a naive unfused adapter (separate x W^T, x A^T, T B^T passes and an add), so ratios survive
-//! a noisy machine. Also: the machine's streaming read bandwidth (the decode roofline), a
+//! a noisy machine. Also: the machine's streaming read bandwidth and FMA peak (the roofline), a
 //! mixed-adapter batch against one adapter on the same rows, CPU time per call (so a shared
 //! machine still gives a kernel-efficiency figure), kernel workspace bytes and hot-path
 //! allocations (counted when the binary installs [`CountingAlloc`]).
@@ -87,6 +87,17 @@ fn process_cpu_s() -> f64 {
     };
     // SAFETY: clock_gettime writes one timespec; the clock id is a constant Linux provides.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// CPU time of the calling thread, seconds.
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: as in `process_cpu_s`.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
@@ -191,6 +202,9 @@ pub struct Bandwidth {
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub bandwidth: Option<Bandwidth>,
+    /// Measured FMA peak of the runtime's thread count in GFLOP per CPU-second (None when the
+    /// bandwidth measurement is off): compare with `fused_gflop_per_cpu_s`.
+    pub fma_peak_gflops: Option<f64>,
     pub results: Vec<BenchResult>,
     pub mixed: Vec<MixedResult>,
 }
@@ -216,6 +230,65 @@ fn random(
     amp: f32,
 ) -> Result<Matrix> {
     Matrix::from_f32(dtype, rows, cols, &rng.fill_uniform(rows * cols, -amp, amp))
+}
+
+/// The FMA peak of `threads` cores: each thread runs register-only FMAs (AVX2: 12 independent
+/// ymm chains, enough to cover 2 pipes x 4 cycles latency), timed by its own CPU time so other
+/// processes on a shared machine do not lower it; GFLOP/s summed over threads (median of 3).
+pub fn measure_fma_peak(threads: usize) -> Result<f64> {
+    use rayon::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .map_err(|e| Error::internal(format!("peak pool: {e}")))?;
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let per: Vec<f64> = pool.install(|| {
+            (0..threads.max(1))
+                .into_par_iter()
+                .map(|_| {
+                    let iters = 20_000_000u64;
+                    let t0 = thread_cpu_s();
+                    let flops = fma_loop(std::hint::black_box(iters));
+                    flops / (thread_cpu_s() - t0).max(1e-9) / 1e9
+                })
+                .collect()
+        });
+        runs.push(per.iter().sum());
+    }
+    Ok(median(&mut runs))
+}
+
+/// Runs `iters` rounds of 12 independent FMAs; returns the FLOPs done.
+fn fma_loop(iters: u64) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: AVX2 and FMA were detected just above.
+        return unsafe { fma_loop_avx2(iters) };
+    }
+    let mut acc = [1.0f32; 16];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = a.mul_add(0.999_999, 1e-7);
+        }
+    }
+    std::hint::black_box(acc);
+    iters as f64 * 16.0 * 2.0
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_loop_avx2(iters: u64) -> f64 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_set1_ps(1.0); 12];
+    let (m, a) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, m, a);
+        }
+    }
+    std::hint::black_box(acc);
+    iters as f64 * 12.0 * 8.0 * 2.0
 }
 
 /// Sum of a chunk, load-bound: AVX2 with 4 independent 256-bit accumulators when the CPU has
@@ -571,16 +644,17 @@ pub const MIXED_RANKS: [usize; 16] = [8, 16, 32, 64, 8, 16, 32, 64, 8, 16, 32, 6
 pub fn run(
     rt: &Runtime,
     opts: &BenchOptions,
-    mut on_bandwidth: impl FnMut(&Bandwidth),
+    mut on_bandwidth: impl FnMut(&Bandwidth, f64),
     mut progress: impl FnMut(&BenchResult),
     mut on_mixed: impl FnMut(&MixedResult),
 ) -> Result<BenchReport> {
-    let bandwidth = if opts.bandwidth_mib > 0 {
+    let (bandwidth, fma_peak_gflops) = if opts.bandwidth_mib > 0 {
         let b = measure_bandwidth(opts.bandwidth_mib, rt.threads())?;
-        on_bandwidth(&b);
-        Some(b)
+        let peak = measure_fma_peak(rt.threads())?;
+        on_bandwidth(&b, peak);
+        (Some(b), Some(peak))
     } else {
-        None
+        (None, None)
     };
     let mut results = Vec::new();
     let mut mixed = Vec::new();
@@ -603,6 +677,7 @@ pub fn run(
     }
     Ok(BenchReport {
         bandwidth,
+        fma_peak_gflops,
         results,
         mixed,
     })

@@ -223,6 +223,7 @@ unsafe fn gemv_rows<L: Load8, const M: usize, const NW: usize>(
 }
 
 /// Picks the register blocking for m rows: M * NW accumulators + NW W vectors + 1 x <= 16.
+/// (Recursive for m > 4: rows 0..4, then the rest.)
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemv_dispatch<L: Load8>(
@@ -240,11 +241,24 @@ unsafe fn gemv_dispatch<L: Load8>(
         1 => gemv_rows::<L, 1, 6>(x, ldx, w, c0, k, out, ldo, acc),
         2 => gemv_rows::<L, 2, 4>(x, ldx, w, c0, k, out, ldo, acc),
         3 => gemv_rows::<L, 3, 3>(x, ldx, w, c0, k, out, ldo, acc),
-        4 => gemv_rows::<L, 4, 2>(x, ldx, w, c0, k, out, ldo, acc),
-        5 => gemv_rows::<L, 5, 2>(x, ldx, w, c0, k, out, ldo, acc),
-        6 => gemv_rows::<L, 6, 2>(x, ldx, w, c0, k, out, ldo, acc),
-        7 => gemv_rows::<L, 7, 1>(x, ldx, w, c0, k, out, ldo, acc),
-        8 => gemv_rows::<L, 8, 1>(x, ldx, w, c0, k, out, ldo, acc),
+        4 => gemv_rows::<L, 4, 3>(x, ldx, w, c0, k, out, ldo, acc),
+        // Two passes of at most 4 rows: 12 accumulators per pass keep both FMA pipes busy
+        // (8 rows x 1 W row would be one long FMA chain per row); the W rows of the second
+        // pass come from L1/L2.
+        5..=DECODE_MAX_M => {
+            gemv_rows::<L, 4, 3>(x, ldx, w, c0, k, out, ldo, acc);
+            gemv_dispatch::<L>(
+                x.add(4 * ldx),
+                ldx,
+                m - 4,
+                w,
+                c0,
+                k,
+                out.add(4 * ldo),
+                ldo,
+                acc,
+            )
+        }
         _ => gemv_generic(x, ldx, m, w, c0, k, out, ldo, acc),
     }
 }

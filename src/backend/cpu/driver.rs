@@ -704,7 +704,7 @@ fn gemm_chunk<K: MicroKernel>(
 
 /// k-block length for the decode kernels: x rows (m of them) stay in L1 across W rows.
 fn decode_kc(m: usize) -> usize {
-    ((16384 / (4 * m.max(1))) / 64 * 64).max(256)
+    ((65536 / (4 * m.max(1))) / 64 * 64).max(256)
 }
 
 /// `out (+)= x W^T` for m <= DECODE_MAX_M rows, blocked over k so x stays in L1.

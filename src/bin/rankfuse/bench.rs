@@ -79,10 +79,10 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
     let report = run_bench(
         rt,
         &opts,
-        |b| {
+        |b, peak| {
             eprintln!(
-                "streaming read bandwidth ({} MiB, {} threads): {:.1} GB/s",
-                b.mib, b.threads, b.read_gbs
+                "streaming read bandwidth ({} MiB, {} threads): {:.1} GB/s; FMA peak: {:.1} GFLOP per CPU-s",
+                b.mib, b.threads, b.read_gbs, peak
             )
         },
         |r| {
@@ -140,6 +140,7 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
     let json = serde_json::json!({
         "runtime": info,
         "bandwidth": report.bandwidth,
+        "fma_peak_gflops": report.fma_peak_gflops,
         "results": report.results,
         "mixed": report.mixed,
     });
