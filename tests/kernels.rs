@@ -14,6 +14,8 @@ use rankfuse::{DType, LinearProblem, MatMut, MatRef, Runtime, RuntimeOptions, Sl
 
 /// A strided matrix owned by the test (ld >= cols).
 struct Buf {
+    /// The matrix starts at data[off]: off = 1 makes every element unaligned.
+    off: usize,
     data: Vec<u8>,
     dtype: DType,
     rows: usize,
@@ -23,12 +25,23 @@ struct Buf {
 
 impl Buf {
     fn random(rng: &mut SplitMix64, dtype: DType, rows: usize, cols: usize, ld: usize) -> Buf {
+        Self::random_at(rng, dtype, rows, cols, ld, 0)
+    }
+    fn random_at(
+        rng: &mut SplitMix64,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+        off: usize,
+    ) -> Buf {
         let len = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
         let vals: Vec<f32> = (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        let mut data = vec![0u8; len * dtype.size()];
-        // SAFETY: data holds len elements of dtype.
-        unsafe { rankfuse::dtype::convert_from_f32(&vals, data.as_mut_ptr(), dtype) };
+        let mut data = vec![0u8; off + len * dtype.size()];
+        // SAFETY: data holds len elements of dtype after off (any alignment).
+        unsafe { rankfuse::dtype::convert_from_f32(&vals, data.as_mut_ptr().add(off), dtype) };
         Buf {
+            off,
             data,
             dtype,
             rows,
@@ -37,13 +50,20 @@ impl Buf {
         }
     }
     fn view(&self) -> MatRef<'_> {
-        MatRef::from_bytes(&self.data, self.dtype, self.rows, self.cols, self.ld).unwrap()
+        MatRef::from_bytes(
+            &self.data[self.off..],
+            self.dtype,
+            self.rows,
+            self.cols,
+            self.ld,
+        )
+        .unwrap()
     }
     fn view_mut(&mut self) -> MatMut<'_> {
         // SAFETY: data covers the span (built by `random`), borrowed exclusively.
         unsafe {
             MatMut::from_raw(
-                self.data.as_mut_ptr(),
+                self.data.as_mut_ptr().add(self.off),
                 self.dtype,
                 self.rows,
                 self.cols,
@@ -54,15 +74,20 @@ impl Buf {
     /// The same matrix with every element replaced by its absolute value.
     fn abs(&self) -> Buf {
         let v = self.view();
-        let len = self.data.len() / self.dtype.size();
+        let len = (self.data.len() - self.off) / self.dtype.size();
         let mut vals = vec![0f32; len];
-        // SAFETY: data holds len elements.
-        unsafe { rankfuse::dtype::convert_to_f32(self.data.as_ptr(), self.dtype, &mut vals) };
+        // SAFETY: data holds len elements after off.
+        unsafe {
+            rankfuse::dtype::convert_to_f32(self.data.as_ptr().add(self.off), self.dtype, &mut vals)
+        };
         let vals: Vec<f32> = vals.iter().map(|x| x.abs()).collect();
         let mut data = vec![0u8; self.data.len()];
         // SAFETY: as above.
-        unsafe { rankfuse::dtype::convert_from_f32(&vals, data.as_mut_ptr(), self.dtype) };
+        unsafe {
+            rankfuse::dtype::convert_from_f32(&vals, data.as_mut_ptr().add(self.off), self.dtype)
+        };
         Buf {
+            off: self.off,
             data,
             dtype: v.dtype,
             rows: self.rows,
@@ -91,6 +116,8 @@ struct Case {
     mixed: bool,
     /// extra ld for x, W, A, B, y
     ld_extra: [usize; 5],
+    /// Byte offset (0 or 1) of x, W, A, B and y: unaligned views as safetensors may give.
+    misalign: usize,
     seed: u64,
 }
 
@@ -111,7 +138,8 @@ fn case_strategy(ms: std::ops::RangeInclusive<usize>, cap: usize) -> impl Strate
     (
         ms,
         1usize..=300,
-        1usize..=300,
+        // k = 0 (an empty reduction: y = bias) now and then.
+        prop_oneof![1 => Just(0usize), 30 => 1usize..=300],
         [
             dtype_strategy(),
             dtype_strategy(),
@@ -123,12 +151,12 @@ fn case_strategy(ms: std::ops::RangeInclusive<usize>, cap: usize) -> impl Strate
         prop::collection::vec(slot_strategy(70), 0..=4),
         any::<bool>(),
         [0usize..4, 0usize..4, 0usize..4, 0usize..4, 0usize..4],
-        any::<u64>(),
+        (any::<u64>(), 0usize..2),
     )
         .prop_map(
-            move |(m, mut n, k, dtypes, bias, slots, mixed, ld_extra, seed)| {
-                if m * n * k > cap {
-                    n = (cap / (m * k)).max(1);
+            move |(m, mut n, k, dtypes, bias, slots, mixed, ld_extra, (seed, misalign))| {
+                if m * n * k.max(1) > cap {
+                    n = (cap / (m * k.max(1))).max(1);
                 }
                 Case {
                     m,
@@ -139,6 +167,7 @@ fn case_strategy(ms: std::ops::RangeInclusive<usize>, cap: usize) -> impl Strate
                     slots,
                     mixed,
                     ld_extra,
+                    misalign,
                     seed,
                 }
             },
@@ -168,16 +197,17 @@ fn make_data(c: &Case) -> Data {
     let mut rng = SplitMix64::new(c.seed);
     let [xd, wd, ad, _, bd] = c.dtypes;
     let e = c.ld_extra;
-    let x = Buf::random(&mut rng, xd, c.m, c.k, c.k + e[0]);
-    let w = Buf::random(&mut rng, wd, c.n, c.k, c.k + e[1]);
+    let o = c.misalign;
+    let x = Buf::random_at(&mut rng, xd, c.m, c.k, c.k + e[0], o);
+    let w = Buf::random_at(&mut rng, wd, c.n, c.k, c.k + e[1], o);
     let bias = c.bias.then(|| Buf::random(&mut rng, bd, 1, c.n, c.n));
     let ab = c
         .slots
         .iter()
         .map(|s| {
             s.as_ref().map(|s| {
-                let a = Buf::random(&mut rng, ad, s.r, c.k, c.k + e[2]);
-                let b = Buf::random(&mut rng, ad, c.n, s.r, s.r + e[3]);
+                let a = Buf::random_at(&mut rng, ad, s.r, c.k, c.k + e[2], o);
+                let b = Buf::random_at(&mut rng, ad, c.n, s.r, s.r + e[3], o);
                 let g = s.gains.then(|| {
                     let mut g = Buf::random(&mut rng, DType::F32, 1, s.r, s.r);
                     // Some components masked off, as AdaLoRA does.
@@ -264,7 +294,7 @@ fn check_case(c: &Case, rts: &[(Isa, Runtime)]) -> Result<(), TestCaseError> {
     for (isa, rt) in rts {
         let mut rng = SplitMix64::new(7);
         // Random contents, so a kernel that skips an element is caught; padding is checked.
-        let mut y = Buf::random(&mut rng, ydt, c.m, c.n, yld);
+        let mut y = Buf::random_at(&mut rng, ydt, c.m, c.n, yld, c.misalign);
         let before = y.data.clone();
         rt.linear(&p, &mut y.view_mut())
             .map_err(|e| TestCaseError::fail(format!("{isa:?}: {}", e.message)))?;
@@ -281,7 +311,8 @@ fn check_case(c: &Case, rts: &[(Isa, Runtime)]) -> Result<(), TestCaseError> {
                 );
             }
             if i + 1 < c.m {
-                let pad = (i * yld + c.n) * sz..((i + 1) * yld) * sz;
+                let o = c.misalign;
+                let pad = o + (i * yld + c.n) * sz..o + ((i + 1) * yld) * sz;
                 prop_assert_eq!(
                     &y.data[pad.clone()],
                     &before[pad],
@@ -389,6 +420,7 @@ fn chunked_rows_match_reference() {
             ],
             mixed,
             ld_extra: [1, 2, 3, 1, 2],
+            misalign: seed as usize % 2,
             seed,
         };
         check_case(&c, &rts).unwrap();

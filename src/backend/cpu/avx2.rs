@@ -284,7 +284,8 @@ unsafe fn store_row_avx2(src: &[f32], dst: *mut u8, dt: DType) {
     let n = src.len();
     let n8 = n & !7;
     match dt {
-        DType::F32 => std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut f32, n),
+        // Bytes: y may be unaligned.
+        DType::F32 => std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst, n * 4),
         DType::F16 => {
             let mut i = 0;
             while i < n8 {
