@@ -444,6 +444,7 @@ fn unsupported_variants_are_refused() {
     }
     println!("{refused} variant(s) unsupported on this CPU");
     // Through the environment variable, in a child process (the CLI prints the error).
+    #[cfg(feature = "cli")]
     for isa in Isa::ALL.into_iter().filter(|&i| !cpu::supported(i)) {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_rankfuse"))
             .arg("info")
