@@ -134,11 +134,14 @@ impl LinearProblem<'_> {
         // y must not overlap an input: kernels read inputs after writing parts of y.
         let ys = span(&y.as_ref());
         if ys.1 > ys.0 {
-            let mut inputs = vec![("x", self.x), ("w", self.w)];
-            if let Some(b) = self.bias {
-                inputs.push(("bias", b));
-            }
+            // An array, not a Vec: the hot path allocates nothing.
+            let inputs = [
+                ("x", Some(self.x)),
+                ("w", Some(self.w)),
+                ("bias", self.bias),
+            ];
             for (name, mat) in inputs {
+                let Some(mat) = mat else { continue };
                 let s = span(&mat);
                 if s.0 < ys.1 && ys.0 < s.1 {
                     return Err(Error::invalid(format!(

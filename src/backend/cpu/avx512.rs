@@ -1,65 +1,216 @@
-//! AVX-512F micro-kernels (8 x 32 register tile: 16 zmm accumulators).
+//! AVX-512F kernels: a 12 x 32 micro-kernel (24 zmm accumulators of 32), W packing through the
+//! AVX2/F16C 8 x 8 converting transpose (every AVX-512 CPU has both), a 16-lane decode gemv that
+//! converts f16 (`vcvtph2ps`) and bf16 (zero-extend + shift) in registers.
+//!
+//! NOT RUN on the development machine (AMD EPYC without AVX-512): compiled, selected only when
+//! detected, and tested by tests/kernels.rs wherever the CPU has AVX-512F.
 
-use super::driver::MicroKernel;
+use super::avx2::{pack_b_full, LoadBf16, LoadF16, LoadF32};
+use super::driver::{gemv_generic, pack_b_generic, MicroKernel, DECODE_MAX_M};
+use crate::dtype::{self, DType};
+use crate::matrix::MatRef;
 use std::arch::x86_64::*;
 
 pub struct Avx512;
 
+const MR: usize = 12;
+const NR: usize = 32;
+
 #[target_feature(enable = "avx512f")]
-unsafe fn micro_8x32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
-    for p in 0..kc {
-        let b0 = _mm512_loadu_ps(b.add(p * 32));
-        let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
-        for (i, r) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*a.add(p * 8 + i));
-            r[0] = _mm512_fmadd_ps(av, b0, r[0]);
-            r[1] = _mm512_fmadd_ps(av, b1, r[1]);
+unsafe fn micro_12x32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+    let mut r = [[_mm512_setzero_ps(); 2]; MR];
+    let (mut ap, mut bp) = (a, b);
+    for _ in 0..kc {
+        let b0 = _mm512_loadu_ps(bp);
+        let b1 = _mm512_loadu_ps(bp.add(16));
+        for (i, ri) in r.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*ap.add(i));
+            ri[0] = _mm512_fmadd_ps(av, b0, ri[0]);
+            ri[1] = _mm512_fmadd_ps(av, b1, ri[1]);
         }
+        ap = ap.add(MR);
+        bp = bp.add(NR);
     }
-    for (i, r) in acc.iter().enumerate() {
+    for (i, ri) in r.iter().enumerate() {
         let cp = c.add(i * ldc);
-        _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), r[0]));
-        _mm512_storeu_ps(cp.add(16), _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), r[1]));
+        if acc {
+            _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), ri[0]));
+            _mm512_storeu_ps(
+                cp.add(16),
+                _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), ri[1]),
+            );
+        } else {
+            _mm512_storeu_ps(cp, ri[0]);
+            _mm512_storeu_ps(cp.add(16), ri[1]);
+        }
     }
 }
 
+/// 16 elements of `dt` at `p` as f32 lanes.
+#[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(a: *const f32, b: *const f32, n: usize) -> f32 {
-    let mut s0 = _mm512_setzero_ps();
-    let mut s1 = _mm512_setzero_ps();
-    let mut i = 0;
-    while i + 32 <= n {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), _mm512_loadu_ps(b.add(i)), s0);
-        s1 = _mm512_fmadd_ps(
-            _mm512_loadu_ps(a.add(i + 16)),
-            _mm512_loadu_ps(b.add(i + 16)),
-            s1,
-        );
-        i += 32;
+unsafe fn load16(p: *const u8, dt: DType) -> __m512 {
+    match dt {
+        DType::F32 => _mm512_loadu_ps(p as *const f32),
+        DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+        DType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(p as *const __m256i),
+        ))),
     }
-    while i + 16 <= n {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), _mm512_loadu_ps(b.add(i)), s0);
-        i += 16;
+}
+
+/// M x-rows against NW W rows, k elements, 16 lanes at a time (dtype known per call; the match
+/// in `load16` is hoisted out of the loop by the compiler after inlining).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn gemv_tile<const M: usize, const NW: usize>(
+    x: *const f32,
+    ldx: usize,
+    w: *const u8,
+    ldw: usize,
+    dt: DType,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+    acc: bool,
+) {
+    let sz = dt.size();
+    let mut s = [[_mm512_setzero_ps(); NW]; M];
+    let k16 = k & !15;
+    let mut p = 0;
+    while p < k16 {
+        let mut wv = [_mm512_setzero_ps(); NW];
+        for (j, wj) in wv.iter_mut().enumerate() {
+            *wj = load16(w.add(j * ldw + p * sz), dt);
+        }
+        for (i, si) in s.iter_mut().enumerate() {
+            let xv = _mm512_loadu_ps(x.add(i * ldx + p));
+            for (sij, wj) in si.iter_mut().zip(wv.iter()) {
+                *sij = _mm512_fmadd_ps(xv, *wj, *sij);
+            }
+        }
+        p += 16;
     }
-    if i < n {
-        let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
-        let x = _mm512_maskz_loadu_ps(mask, a.add(i));
-        let y = _mm512_maskz_loadu_ps(mask, b.add(i));
-        s1 = _mm512_fmadd_ps(x, y, s1);
+    for (i, si) in s.iter().enumerate() {
+        for (j, sij) in si.iter().enumerate() {
+            let mut t = _mm512_reduce_add_ps(*sij);
+            for q in k16..k {
+                t += *x.add(i * ldx + q) * dtype::load_f32(w.add(j * ldw), dt, q);
+            }
+            let o = out.add(i * ldo + j);
+            *o = if acc { *o + t } else { t };
+        }
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn gemv_rows<const M: usize, const NW: usize>(
+    x: *const f32,
+    ldx: usize,
+    w: &MatRef<'_>,
+    c0: usize,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+    acc: bool,
+) {
+    let sz = w.dtype.size();
+    let ldw = w.ld * sz;
+    let mut j = 0;
+    while j + NW <= w.rows {
+        let wp = w.row_ptr(j).add(c0 * sz);
+        gemv_tile::<M, NW>(x, ldx, wp, ldw, w.dtype, k, out.add(j), ldo, acc);
+        j += NW;
+    }
+    while j < w.rows {
+        let wp = w.row_ptr(j).add(c0 * sz);
+        gemv_tile::<M, 1>(x, ldx, wp, ldw, w.dtype, k, out.add(j), ldo, acc);
+        j += 1;
+    }
 }
 
 impl MicroKernel for Avx512 {
-    const MR: usize = 8;
-    const NR: usize = 32;
-    unsafe fn micro(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
-        // SAFETY: this table entry is only installed when AVX-512F was detected.
-        micro_8x32(kc, a, b, c, ldc)
+    const MR: usize = MR;
+    const NR: usize = NR;
+    unsafe fn micro(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+        // SAFETY: this table entry is only installed when AVX-512F (and AVX2/FMA/F16C) were
+        // detected.
+        micro_12x32(kc, a, b, c, ldc, acc)
     }
-    unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
+    unsafe fn pack_b(
+        src: &MatRef<'_>,
+        r0: usize,
+        rows: usize,
+        c0: usize,
+        kc: usize,
+        dst: *mut f32,
+    ) {
+        if rows != NR {
+            return pack_b_generic(src, r0, rows, c0, kc, NR, dst);
+        }
         // SAFETY: as above.
-        dot_avx512(a, b, n)
+        match src.dtype {
+            DType::F32 => pack_b_full::<LoadF32>(src, r0, c0, kc, NR, dst),
+            DType::F16 => pack_b_full::<LoadF16>(src, r0, c0, kc, NR, dst),
+            DType::BF16 => pack_b_full::<LoadBf16>(src, r0, c0, kc, NR, dst),
+        }
+    }
+    unsafe fn gemv(
+        x: *const f32,
+        ldx: usize,
+        m: usize,
+        w: &MatRef<'_>,
+        c0: usize,
+        k: usize,
+        out: *mut f32,
+        ldo: usize,
+        acc: bool,
+    ) {
+        debug_assert!(m <= DECODE_MAX_M);
+        // SAFETY: as above. Blocking: M * NW + NW + 1 <= 32 zmm registers.
+        match m {
+            1 => gemv_rows::<1, 8>(x, ldx, w, c0, k, out, ldo, acc),
+            2 => gemv_rows::<2, 8>(x, ldx, w, c0, k, out, ldo, acc),
+            3 => gemv_rows::<3, 6>(x, ldx, w, c0, k, out, ldo, acc),
+            4 => gemv_rows::<4, 4>(x, ldx, w, c0, k, out, ldo, acc),
+            5 | 6 => {
+                gemv_rows::<3, 6>(x, ldx, w, c0, k, out, ldo, acc);
+                gemv_rows_tail(x, ldx, m, 3, w, c0, k, out, ldo, acc)
+            }
+            7 | 8 => {
+                gemv_rows::<4, 4>(x, ldx, w, c0, k, out, ldo, acc);
+                gemv_rows_tail(x, ldx, m, 4, w, c0, k, out, ldo, acc)
+            }
+            _ => gemv_generic(x, ldx, m, w, c0, k, out, ldo, acc),
+        }
+    }
+    unsafe fn store_row(src: &[f32], dst: *mut u8, dt: DType) {
+        // SAFETY: as above (AVX2 + F16C are present on every AVX-512 CPU we select).
+        <super::avx2::Avx2 as MicroKernel>::store_row(src, dst, dt)
+    }
+}
+
+/// Rows `done..m` of a gemv (the second half of a split 5..8-row call).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_rows_tail(
+    x: *const f32,
+    ldx: usize,
+    m: usize,
+    done: usize,
+    w: &MatRef<'_>,
+    c0: usize,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+    acc: bool,
+) {
+    let (x2, o2) = (x.add(done * ldx), out.add(done * ldo));
+    match m - done {
+        1 => gemv_rows::<1, 8>(x2, ldx, w, c0, k, o2, ldo, acc),
+        2 => gemv_rows::<2, 8>(x2, ldx, w, c0, k, o2, ldo, acc),
+        3 => gemv_rows::<3, 6>(x2, ldx, w, c0, k, o2, ldo, acc),
+        4 => gemv_rows::<4, 4>(x2, ldx, w, c0, k, o2, ldo, acc),
+        _ => gemv_generic(x2, ldx, m - done, w, c0, k, o2, ldo, acc),
     }
 }

@@ -2,6 +2,8 @@
 //! is always there, optimized variants replace it where the CPU allows), and the thread pool.
 
 #[cfg(target_arch = "x86_64")]
+pub mod amx;
+#[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
@@ -22,6 +24,8 @@ pub enum Isa {
     Portable,
     Avx2,
     Avx512,
+    /// AVX-512 plus AMX-BF16 tiles for bf16 x bf16 GEMMs.
+    Amx,
 }
 
 impl Isa {
@@ -31,6 +35,7 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
     pub fn parse(s: &str) -> Option<Isa> {
@@ -39,10 +44,17 @@ impl Isa {
             "portable" => Some(Isa::Portable),
             "avx2" => Some(Isa::Avx2),
             "avx512" => Some(Isa::Avx512),
+            "amx" => Some(Isa::Amx),
             _ => None,
         }
     }
-    pub const ALL: [Isa; 4] = [Isa::Reference, Isa::Portable, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 5] = [
+        Isa::Reference,
+        Isa::Portable,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Amx,
+    ];
 }
 
 pub type LinearFn = fn(&LinearProblem<'_>, &mut MatMut<'_>);
@@ -67,8 +79,31 @@ pub fn supported(isa: Isa) -> bool {
     let f = detect::features();
     match isa {
         Isa::Reference | Isa::Portable => true,
-        Isa::Avx2 => f.avx2 && f.fma,
-        Isa::Avx512 => f.avx512f,
+        Isa::Avx2 => f.avx2 && f.fma && f.f16c,
+        Isa::Avx512 => f.avx512f && f.avx2 && f.fma && f.f16c,
+        Isa::Amx => supported(Isa::Avx512) && f.amx_tile && f.amx_bf16 && amx_permitted(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn amx_permitted() -> bool {
+    amx::permitted()
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_permitted() -> bool {
+    false
+}
+
+/// What `isa` needs from the CPU (and OS), for messages.
+pub fn requirement(isa: Isa) -> &'static str {
+    match isa {
+        Isa::Reference | Isa::Portable => "nothing",
+        Isa::Avx2 => "x86_64 with AVX2, FMA and F16C",
+        Isa::Avx512 => "x86_64 with AVX-512F, AVX2, FMA and F16C",
+        Isa::Amx => {
+            "x86_64 with AVX-512F, AMX-TILE and AMX-BF16 enabled in XCR0, and Linux granting \
+             tile data (arch_prctl ARCH_REQ_XCOMP_PERM)"
+        }
     }
 }
 
@@ -76,8 +111,9 @@ pub fn supported(isa: Isa) -> bool {
 pub fn table(isa: Isa) -> Result<KernelTable> {
     if !supported(isa) {
         return Err(Error::unsupported(format!(
-            "this CPU cannot run the '{}' kernels",
-            isa.name()
+            "this CPU cannot run the '{}' kernels (they need {})",
+            isa.name(),
+            requirement(isa)
         )));
     }
     let mut t = KernelTable {
@@ -104,8 +140,15 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
         if isa >= Isa::Avx512 {
             t = KernelTable {
                 isa: Isa::Avx512,
-                linear_name: "fused_linear_avx512_8x32",
+                linear_name: "fused_linear_avx512_12x32",
                 linear: driver::linear::<avx512::Avx512>,
+            };
+        }
+        if isa >= Isa::Amx {
+            t = KernelTable {
+                isa: Isa::Amx,
+                linear_name: "fused_linear_amx_bf16_32x32+avx512_12x32",
+                linear: amx::linear,
             };
         }
     }
@@ -118,7 +161,7 @@ pub fn select() -> Result<KernelTable> {
         if !v.is_empty() {
             let isa = Isa::parse(&v).ok_or_else(|| {
                 Error::invalid(format!(
-                    "RANKFUSE_ISA='{v}': expected reference, portable, avx2 or avx512"
+                    "RANKFUSE_ISA='{v}': expected reference, portable, avx2, avx512 or amx"
                 ))
             })?;
             return table(isa);

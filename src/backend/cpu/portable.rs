@@ -10,38 +10,22 @@ impl MicroKernel for Portable {
     const NR: usize = 16;
 
     #[inline(never)]
-    unsafe fn micro(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
-        let mut acc = [[0f32; 16]; 4];
+    unsafe fn micro(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+        let mut r = [[0f32; 16]; 4];
         for p in 0..kc {
             let bp = std::slice::from_raw_parts(b.add(p * 16), 16);
-            for (i, row) in acc.iter_mut().enumerate() {
+            for (i, row) in r.iter_mut().enumerate() {
                 let av = *a.add(p * 4 + i);
                 for (x, &bv) in row.iter_mut().zip(bp) {
                     *x += av * bv;
                 }
             }
         }
-        for (i, row) in acc.iter().enumerate() {
+        for (i, row) in r.iter().enumerate() {
             let cr = std::slice::from_raw_parts_mut(c.add(i * ldc), 16);
             for (x, v) in cr.iter_mut().zip(row) {
-                *x += v;
+                *x = if acc { *x + v } else { *v };
             }
         }
-    }
-
-    #[inline(never)]
-    unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
-        let mut acc = [0f32; 8];
-        let chunks = n / 8;
-        for c in 0..chunks {
-            for (l, x) in acc.iter_mut().enumerate() {
-                *x += a.add(c * 8 + l).read_unaligned() * b.add(c * 8 + l).read_unaligned();
-            }
-        }
-        let mut s: f32 = acc.iter().sum();
-        for i in chunks * 8..n {
-            s += a.add(i).read_unaligned() * b.add(i).read_unaligned();
-        }
-        s
     }
 }

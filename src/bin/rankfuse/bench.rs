@@ -1,8 +1,14 @@
-//! `rankfuse bench`: fused vs base-only vs naive unfused, timed in the same run.
+//! `rankfuse bench`: fused vs base-only vs naive unfused, timed in the same run; the machine's
+//! streaming bandwidth; a mixed-adapter batch; memory and allocation figures.
 
-use rankfuse::bench::{run as run_bench, BenchOptions};
+use rankfuse::bench::{run as run_bench, BenchOptions, CountingAlloc};
 use rankfuse::{DType, Error, Result, Runtime};
 use std::time::Duration;
+
+// Counts heap bytes and allocation calls so the bench can report the kernels' extra memory and
+// hot-path allocations (forwarding to the system allocator; negligible cost).
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,6 +27,12 @@ pub struct Args {
     /// Minimum milliseconds per variant per case.
     #[arg(long, default_value_t = 300)]
     min_ms: u64,
+    /// Streaming-read bandwidth buffer in MiB (0 = skip).
+    #[arg(long, default_value_t = 1024)]
+    bw_mib: usize,
+    /// Skip the mixed-batch case (64 rows over 16 adapters, ranks 8..64).
+    #[arg(long)]
+    no_mixed: bool,
     /// Write the JSON here (default: stdout after the table).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -53,40 +65,85 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
         ranks: a.ranks.clone(),
         dtypes,
         min_time: Duration::from_millis(a.min_ms),
+        bandwidth_mib: a.bw_mib,
+        mixed: !a.no_mixed,
         ..Default::default()
     };
     eprintln!(
-        "{:>5} {:>5} {:>6} {:>6} {:>4} {:>10} {:>10} {:>10} {:>11} {:>11} {:>9}",
-        "dtype",
-        "m",
-        "k",
-        "n",
-        "r",
-        "base ms",
-        "fused ms",
-        "naive ms",
-        "fused/base",
-        "naive/base",
-        "GFLOP/s"
+        "isa {} ({}), {} threads",
+        rt.kernels().isa.name(),
+        rt.kernels().linear_name,
+        rt.threads()
     );
-    let results = run_bench(rt, &opts, |r| {
-        eprintln!(
-            "{:>5} {:>5} {:>6} {:>6} {:>4} {:>10.3} {:>10.3} {:>10.3} {:>11.3} {:>11.3} {:>9.1}",
-            r.dtype,
-            r.m,
-            r.k,
-            r.n,
-            r.r,
-            r.base_ms,
-            r.fused_ms,
-            r.naive_ms,
-            r.fused_over_base,
-            r.naive_over_base,
-            r.fused_gflops
-        )
-    })?;
+    let mut header = false;
+    let report = run_bench(
+        rt,
+        &opts,
+        |b, peak| {
+            eprintln!(
+                "streaming read bandwidth ({} MiB, {} threads): {:.1} GB/s; FMA peak: {:.1} GFLOP per CPU-s",
+                b.mib, b.threads, b.read_gbs, peak
+            )
+        },
+        |r| {
+            if !header {
+                header = true;
+                eprintln!(
+                    "{:>5} {:>5} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>7} {:>8}",
+                    "dtype", "m", "k", "n", "r", "base ms", "fused ms", "naive ms", "f/base",
+                    "n/base", "f/b cpu", "GFLOP/s", "GF/cpu-s", "GB/s", "%bw", "allocs", "ws MiB"
+                );
+            }
+            eprintln!(
+                "{:>5} {:>5} {:>6} {:>6} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>7.3} {:>7.3} {:>7.3} {:>8.1} {:>8.1} {:>6.1} {:>6} {:>7} {:>8.1}",
+                r.dtype,
+                r.m,
+                r.k,
+                r.n,
+                r.r,
+                r.base_ms,
+                r.fused_ms,
+                r.naive_ms,
+                r.fused_over_base,
+                r.naive_over_base,
+                r.fused_over_base_cpu,
+                r.fused_gflops,
+                r.fused_gflop_per_cpu_s,
+                r.fused_read_gbs,
+                r.fused_pct_of_bandwidth
+                    .map_or("-".to_string(), |p| format!("{p:.0}%")),
+                r.fused_allocs_per_call
+                    .map_or("-".to_string(), |c| format!("{c:.1}")),
+                r.workspace_bytes as f64 / (1 << 20) as f64,
+            )
+        },
+        |x| {
+            eprintln!(
+                "mixed {:>5} m {} k {} n {}: {} adapters (ranks {:?}) {:.3} ms vs one r={} adapter {:.3} ms: x{:.3} (CPU time x{:.3}; base {:.3} ms, x{:.3})",
+                x.dtype,
+                x.m,
+                x.k,
+                x.n,
+                x.adapters,
+                x.ranks,
+                x.mixed_ms,
+                x.single_r,
+                x.single_ms,
+                x.mixed_over_single,
+                x.mixed_over_single_cpu,
+                x.base_ms,
+                x.mixed_over_base
+            )
+        },
+    )?;
     let info: serde_json::Value = serde_json::from_str(&rt.info_json()).unwrap_or_default();
-    let json = serde_json::json!({ "runtime": info, "results": results });
+    let json = serde_json::json!({
+        "runtime": info,
+        "bandwidth": report.bandwidth,
+        "fma_peak_gflops": report.fma_peak_gflops,
+        "results": report.results,
+        "mixed": report.mixed,
+    });
     let text = serde_json::to_string_pretty(&json).map_err(|e| Error::internal(e.to_string()))?;
     match &a.json {
         Some(p) => std::fs::write(p, text).map_err(|e| Error::from_io(p, &e))?,

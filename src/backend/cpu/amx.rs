@@ -1,0 +1,264 @@
+//! AMX-BF16 base GEMM for bf16 x and bf16 W (Sapphire Rapids and later), through `asm!` (stable
+//! Rust has no AMX intrinsics). Everything else (f32/f16 inputs, decode, the adapter's shrink
+//! and expand, bias, the y store) runs on the AVX-512 kernels, so the adapter math stays f32.
+//!
+//! Per call, x's rows (walk order) are copied as bf16 into a row-major buffer padded to 32 rows
+//! and 32 columns. Per column block, each task packs its W rows in the VNNI layout AMX wants
+//! (pairs of k interleaved: `[tile][k/2][16 columns][2]`), then computes 32 x 32 output blocks
+//! with 4 accumulator tiles (tmm0-3), 2 A tiles (tmm4-5) and 2 B tiles (tmm6-7), 32 k per step.
+//!
+//! Detection: CPUID leaf 7 (AMX-TILE, AMX-BF16) and XCR0 bits 17/18 (detect.rs); then Linux
+//! must grant the tile data state: `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked
+//! once per process. If it is refused, this variant is UNSUPPORTED and `select` falls back.
+//!
+//! NOT RUN on the development machine (AMD EPYC without AMX): it compiles, it is chosen only
+//! when detected and permitted, and tests/kernels.rs compares it with the reference wherever it
+//! can run. Treat it as unverified until that test has passed on an AMX machine.
+
+use super::avx512::Avx512;
+use super::driver::{self, NativeGemm};
+use crate::backend::LinearProblem;
+use crate::dtype::DType;
+use crate::matrix::{MatMut, MatRef};
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
+const XFEATURE_XTILEDATA: libc::c_ulong = 18;
+
+/// Whether Linux lets this process use AMX tile data (asked once).
+pub fn permitted() -> bool {
+    static P: OnceLock<bool> = OnceLock::new();
+    *P.get_or_init(|| {
+        let f = super::detect::features();
+        if !(f.amx_tile && f.amx_bf16) {
+            return false;
+        }
+        // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM only changes this process's permitted
+        // xstate set; it takes two integer arguments and touches no memory of ours.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        rc == 0
+    })
+}
+
+/// Tile configuration (palette 1): 8 tiles of 16 rows x 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+impl TileConfig {
+    fn all_16x64() -> TileConfig {
+        let mut c = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            c.colsb[t] = 64;
+            c.rows[t] = 16;
+        }
+        c
+    }
+}
+
+/// 32 x 32 block of C (f32, row stride ldc floats) from A (32 rows of bf16 at stride lda
+/// bytes, k values each) and two VNNI B tiles (each `k/2` rows of 64 bytes, contiguous).
+///
+/// # Safety
+/// Tiles configured as 16 x 64 (ldtilecfg done by the caller on this thread); k a multiple of
+/// 32; A has 32 readable rows of k bf16; b0/b1 hold k/2 x 64 bytes; c has 32 rows of 32 floats.
+#[target_feature(enable = "avx512f")]
+unsafe fn block_32x32(
+    a: *const u16,
+    lda: usize,
+    b0: *const u16,
+    b1: *const u16,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    std::arch::asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem, preserves_flags)
+    );
+    let a1 = a.add(16 * lda / 2);
+    let mut kk = 0;
+    while kk < k {
+        let (pa0, pa1) = (a.add(kk), a1.add(kk));
+        // 32 k = 16 VNNI rows of 64 bytes.
+        let (pb0, pb1) = (b0.add(kk * 16), b1.add(kk * 16));
+        std::arch::asm!(
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) pa0,
+            a1 = in(reg) pa1,
+            b0 = in(reg) pb0,
+            b1 = in(reg) pb1,
+            lda = in(reg) lda,
+            ldb = in(reg) 64usize,
+            options(nostack, readonly, preserves_flags)
+        );
+        kk += 32;
+    }
+    let ldcb = ldc * 4;
+    std::arch::asm!(
+        "tilestored [{c0} + {ldc}*1], tmm0",
+        "tilestored [{c1} + {ldc}*1], tmm1",
+        "tilestored [{c2} + {ldc}*1], tmm2",
+        "tilestored [{c3} + {ldc}*1], tmm3",
+        c0 = in(reg) c,
+        c1 = in(reg) c.add(16),
+        c2 = in(reg) c.add(16 * ldc),
+        c3 = in(reg) c.add(16 * ldc + 16),
+        ldc = in(reg) ldcb,
+        options(nostack, preserves_flags)
+    );
+}
+
+thread_local! {
+    static VNNI: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The AMX base GEMM state for one call: x rows as padded bf16.
+struct AmxBase {
+    xb: Vec<u16>,
+    rows_pad: usize,
+    kpad: usize,
+}
+
+impl NativeGemm for AmxBase {
+    fn prepare(&mut self, x: &MatRef<'_>, rows: &[usize]) -> usize {
+        let k = x.cols;
+        self.kpad = k.div_ceil(32) * 32;
+        self.rows_pad = rows.len().div_ceil(32) * 32;
+        self.xb.clear();
+        self.xb.resize(self.rows_pad * self.kpad, 0);
+        for (i, &r) in rows.iter().enumerate() {
+            let dst = &mut self.xb[i * self.kpad..i * self.kpad + k];
+            let src = x.row_ptr(r) as *const u16;
+            for (q, d) in dst.iter_mut().enumerate() {
+                // SAFETY: x is bf16 (checked by `linear`), row r has k elements.
+                *d = unsafe { src.add(q).read_unaligned() };
+            }
+        }
+        self.rows_pad
+    }
+
+    unsafe fn block(
+        &self,
+        w: &MatRef<'_>,
+        j0: usize,
+        nt: usize,
+        ntp: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let (k, kpad) = (w.cols, self.kpad);
+        let ntiles = ntp.div_ceil(16);
+        let ntiles = ntiles + ntiles % 2; // pairs of 16-column tiles
+        VNNI.with(|v| {
+            let v = &mut *v.borrow_mut();
+            let tile_len = kpad * 16; // u16 per 16-column tile: kpad/2 rows x 32
+            if v.len() < ntiles * tile_len {
+                v.resize(ntiles * tile_len, 0);
+            }
+            // VNNI pack: tile t, k pair kp, column j -> [t][kp][j][2].
+            for t in 0..ntiles {
+                let dst = &mut v[t * tile_len..(t + 1) * tile_len];
+                for j in 0..16 {
+                    let col = t * 16 + j;
+                    if col >= nt {
+                        for kp in 0..kpad / 2 {
+                            dst[kp * 32 + j * 2] = 0;
+                            dst[kp * 32 + j * 2 + 1] = 0;
+                        }
+                        continue;
+                    }
+                    let src = w.row_ptr(j0 + col) as *const u16;
+                    for q in 0..kpad {
+                        let val = if q < k {
+                            src.add(q).read_unaligned()
+                        } else {
+                            0
+                        };
+                        dst[(q / 2) * 32 + j * 2 + (q % 2)] = val;
+                    }
+                }
+            }
+            let cfg = TileConfig::all_16x64();
+            std::arch::asm!(
+                "ldtilecfg [{0}]",
+                in(reg) &cfg as *const TileConfig,
+                options(nostack, readonly, preserves_flags)
+            );
+            let mut scratch = [0f32; 32 * 32];
+            for tp in 0..ntiles / 2 {
+                let b0 = v[2 * tp * tile_len..].as_ptr();
+                let b1 = v[(2 * tp + 1) * tile_len..].as_ptr();
+                let col0 = tp * 32;
+                for ib in 0..self.rows_pad / 32 {
+                    let a = self.xb[ib * 32 * kpad..].as_ptr();
+                    if col0 + 32 <= ntp {
+                        block_32x32(a, kpad * 2, b0, b1, kpad, c.add(ib * 32 * ldc + col0), ldc);
+                    } else {
+                        // The last pair covers columns past ntp: compute into scratch.
+                        block_32x32(a, kpad * 2, b0, b1, kpad, scratch.as_mut_ptr(), 32);
+                        for i in 0..32 {
+                            for j in 0..ntp - col0 {
+                                *c.add((ib * 32 + i) * ldc + col0 + j) = scratch[i * 32 + j];
+                            }
+                        }
+                    }
+                }
+            }
+            std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags));
+        });
+    }
+}
+
+thread_local! {
+    static BASE: RefCell<Option<AmxBase>> = const { RefCell::new(None) };
+}
+
+/// The AMX table's linear: bf16 x bf16 GEMM-path calls use AMX for the base part; everything
+/// else is the AVX-512 path.
+pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+    let native = p.x.dtype == DType::BF16
+        && p.w.dtype == DType::BF16
+        && p.m() > driver::DECODE_MAX_M
+        && permitted();
+    if !native {
+        return driver::linear::<Avx512>(p, y);
+    }
+    // The per-call state is taken out of the thread-local for the call (nested calls on this
+    // thread then simply build their own).
+    let mut base = BASE.with(|b| b.borrow_mut().take()).unwrap_or(AmxBase {
+        xb: Vec::new(),
+        rows_pad: 0,
+        kpad: 0,
+    });
+    driver::linear_with::<Avx512>(p, y, Some(&mut base));
+    BASE.with(|b| *b.borrow_mut() = Some(base));
+}
