@@ -375,6 +375,93 @@ mod tests {
         assert_eq!(k.forward_dense(&x, 1).unwrap(), vec![44., 8., 8., 32.]);
     }
 
+    fn random(out: usize, inp: usize, seed: u64) -> Kron {
+        let mut k = Kron::new("r", out, inp, 1.5, seed).unwrap();
+        let mut g = SplitMix64::new(seed + 1);
+        k.u = g.fill_uniform(k.u.len(), -1.0, 1.0);
+        k
+    }
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-4 + 1e-4 * y.abs(), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn forward_and_backward_match_dense() {
+        for (out, inp) in [(4, 6), (6, 4), (5, 7), (9, 3), (6, 6), (33, 100), (100, 33), (1, 5)] {
+            let k = random(out, inp, (out * 1000 + inp) as u64);
+            let batch = 3;
+            let mut g = SplitMix64::new(9);
+            let x = g.fill_uniform(batch * inp, -1.0, 1.0);
+            let gy = g.fill_uniform(batch * out, -1.0, 1.0);
+            let what = format!("{out}x{inp}");
+            close(&k.forward(&x, batch).unwrap(), &k.forward_dense(&x, batch).unwrap(), &what);
+            let gr = k.backward(&x, &gy, batch).unwrap();
+            // Dense: dL/dΔW = gyᵀ x; dx = gy ΔW.
+            let mut gw = vec![0f32; out * inp];
+            for b in 0..batch {
+                for i in 0..out {
+                    for j in 0..inp {
+                        gw[i * inp + j] += gy[b * out + i] * x[b * inp + j];
+                    }
+                }
+            }
+            let (du, dv) = k.backward_dense(&gw).unwrap();
+            close(&gr.du, &du, &format!("{what} dU"));
+            close(&gr.dv, &dv, &format!("{what} dV"));
+            let dw = k.delta();
+            let mut dx = vec![0f32; batch * inp];
+            for b in 0..batch {
+                for j in 0..inp {
+                    dx[b * inp + j] = (0..out).map(|i| gy[b * out + i] * dw[i * inp + j]).sum();
+                }
+            }
+            close(&gr.dx, &dx, &format!("{what} dx"));
+            // A finite difference on one U and one V entry (loss = Σ gy·Δy, linear in each).
+            let loss = |k: &Kron| -> f64 {
+                let y = k.forward(&x, batch).unwrap();
+                y.iter().zip(&gy).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
+            };
+            for (which, idx) in [(0, 0), (1, k.v.len() - 1)] {
+                let mut kp = k.clone();
+                let h = 1e-2f32;
+                if which == 0 {
+                    kp.u[idx] += h;
+                } else {
+                    kp.v[idx] += h;
+                }
+                let fd = ((loss(&kp) - loss(&k)) / h as f64) as f32;
+                let an = if which == 0 { gr.du[idx] } else { gr.dv[idx] };
+                assert!((fd - an).abs() <= 1e-2 * (1.0 + an.abs()), "{what}: fd {fd} vs {an}");
+            }
+        }
+    }
+
+    #[test]
+    fn merge_unmerge_and_init() {
+        let k = random(12, 20, 3);
+        let w0: Vec<f32> = (0..240).map(|i| i as f32 * 0.01).collect();
+        let mut w = crate::matrix::Matrix::from_f32(crate::DType::F32, 12, 20, &w0).unwrap();
+        k.merge_into(&mut w.view_mut(), false).unwrap();
+        let dw = k.delta();
+        let merged = w.to_f32_vec();
+        close(&merged.iter().zip(&w0).map(|(a, b)| a - b).collect::<Vec<_>>(), &dw, "merge");
+        k.merge_into(&mut w.view_mut(), true).unwrap();
+        close(&w.to_f32_vec(), &w0, "unmerge");
+        let mut bad = crate::matrix::Matrix::zeros(crate::DType::F32, 20, 12).unwrap();
+        assert!(k.merge_into(&mut bad.view_mut(), false).unwrap_err().message.contains("'r'"));
+        // Fresh module: U = 0 so ΔW = 0; V within the kaiming bound for a = 5.
+        let f = Kron::new("f", 1024, 768, DEFAULT_SCALE, 1).unwrap();
+        assert!(f.delta().iter().all(|&x| x == 0.0));
+        let bound = (6.0f64 / (26.0 * 38.0)).sqrt() as f32;
+        assert!(f.v.iter().all(|v| v.abs() <= bound));
+        assert!(f.v.iter().any(|v| v.abs() > 0.9 * bound));
+        assert_eq!(f.params(), 768 * (27 + 38));
+    }
+
     #[test]
     fn dims_rule() {
         // 1024 x 768: r = 27, d = 11 (27 * 38 = 1026 >= 1024, 27 * 37 = 999 < 1024).
