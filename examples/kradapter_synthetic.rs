@@ -89,7 +89,10 @@ fn targets(o: usize, n: usize) -> Vec<(&'static str, Vec<f32>)> {
     let l1 = svd::gaussian(o, 16, 5);
     let l2 = svd::gaussian(16, n, 6);
     let lr = &l1 * &l2;
-    out.push(("low rank (16)", (0..o * n).map(|t| lr[(t / n, t % n)]).collect()));
+    out.push((
+        "low rank (16)",
+        (0..o * n).map(|t| lr[(t / n, t % n)]).collect(),
+    ));
     for (name, lo, hi) in [
         ("high-frequency sinusoids", 64.0, 256.0),
         ("low-frequency sinusoids", 1.0, 8.0),
@@ -108,7 +111,10 @@ fn targets(o: usize, n: usize) -> Vec<(&'static str, Vec<f32>)> {
             for j in 0..n {
                 let mut acc = 0f64;
                 for (f, h, p) in &terms {
-                    acc += (std::f64::consts::TAU * (f * i as f64 / o as f64 + h * j as f64 / n as f64) + p).sin();
+                    acc += (std::f64::consts::TAU
+                        * (f * i as f64 / o as f64 + h * j as f64 / n as f64)
+                        + p)
+                        .sin();
                 }
                 t[i * n + j] = acc as f32;
             }
@@ -153,7 +159,11 @@ fn effective_rank(s: &[f64]) -> f64 {
 }
 
 fn metrics(pred: &[f32], t: &[f32], st: &[f64], o: usize, n: usize) -> Metrics {
-    let num: f64 = pred.iter().zip(t).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let num: f64 = pred
+        .iter()
+        .zip(t)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
     let den: f64 = t.iter().map(|b| (*b as f64).powi(2)).sum();
     let sp = singular_values(pred, o, n);
     let nuclear = sp.iter().zip(st).map(|(a, b)| (a - b).abs()).sum::<f64>() / st.len() as f64;
@@ -177,7 +187,14 @@ fn fit_lora(t: &[f32], o: usize, n: usize, k: usize, iters: usize, lr: f32) -> V
     for _ in 0..iters {
         let am = to_mat(&a, k, n);
         let bm = to_mat(&b, o, k);
-        matmul(dw.as_mut(), Accum::Replace, bm.as_ref(), am.as_ref(), 1.0, Par::rayon(0));
+        matmul(
+            dw.as_mut(),
+            Accum::Replace,
+            bm.as_ref(),
+            am.as_ref(),
+            1.0,
+            Par::rayon(0),
+        );
         let gm = Mat::from_fn(o, n, |i, j| inv * (dw[(i, j)] - tm[(i, j)]));
         let gb = &gm * am.transpose(); // o x k
         let ga = bm.transpose() * &gm; // k x n

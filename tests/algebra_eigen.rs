@@ -105,15 +105,24 @@ fn serving_equals_dense_reconstruction() {
             EigenAdapter::load(&p, &a.name).unwrap()
         })
         .collect();
-    let dense: Vec<Adapter> = projected.iter().map(|e| e.to_adapter(&basis, DType::F32).unwrap()).collect();
+    let dense: Vec<Adapter> = projected
+        .iter()
+        .map(|e| e.to_adapter(&basis, DType::F32).unwrap())
+        .collect();
     let base = Weights::open(fixtures().join("base.safetensors")).unwrap();
     let mem = eigen::memory(&basis, &ads);
     assert!(mem.basis_bytes + mem.loadings_bytes > 0);
-    for module in ["layers.0.self_attn.q_proj", "layers.0.mlp.down_proj", "layers.1.mlp.up_proj"] {
+    for module in [
+        "layers.0.self_attn.q_proj",
+        "layers.0.mlp.down_proj",
+        "layers.1.mlp.up_proj",
+    ] {
         let w = base.get(&format!("{module}.weight")).unwrap();
         let bias = base.get(&format!("{module}.bias")).ok();
         let m = 7;
-        let xv: Vec<f32> = (0..m * w.cols).map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.05).collect();
+        let xv: Vec<f32> = (0..m * w.cols)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.05)
+            .collect();
         let x = Matrix::from_f32(DType::F32, m, w.cols, &xv).unwrap();
         let bm = basis.module(module).unwrap();
         let slots: Vec<Option<&eigen::EigenModule>> =
@@ -124,8 +133,17 @@ fn serving_equals_dense_reconstruction() {
             .collect();
         for row_slot in [None, Some(vec![0, 1, 2, -1, 2, 1, 0])] {
             let mut y = Matrix::zeros(DType::F32, m, w.rows).unwrap();
-            eigen::eigen_linear(&rt, x.view(), w, bias, bm, &slots, row_slot.as_deref(), &mut y.view_mut())
-                .unwrap();
+            eigen::eigen_linear(
+                &rt,
+                x.view(),
+                w,
+                bias,
+                bm,
+                &slots,
+                row_slot.as_deref(),
+                &mut y.view_mut(),
+            )
+            .unwrap();
             let p = LinearProblem {
                 x: x.view(),
                 w,
@@ -137,7 +155,10 @@ fn serving_equals_dense_reconstruction() {
             rt.linear(&p, &mut want.view_mut()).unwrap();
             let (y, want) = (y.to_f32_vec(), want.to_f32_vec());
             for (a, b) in y.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-4 + 1e-5 * b.abs(), "{module}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 + 1e-5 * b.abs(),
+                    "{module}: {a} vs {b}"
+                );
             }
         }
     }
@@ -149,15 +170,23 @@ fn errors() {
     // layers.0.self_attn.q_proj has r = 8 and 4 in these two: N·r = 12.
     let e = eigen::build(&ads, 13, 0, 1).unwrap_err();
     assert_eq!(e.status, Status::InvalidArgument);
-    assert!(e.message.contains("layers.0.self_attn.q_proj") && e.message.contains("N·r = 12"), "{}", e.message);
+    assert!(
+        e.message.contains("layers.0.self_attn.q_proj") && e.message.contains("N·r = 12"),
+        "{}",
+        e.message
+    );
     let mut partial = Adapter::new("partial");
     let l = ads[0].module("layers.0.mlp.up_proj").unwrap();
     partial
         .add(
             Lora::new(
                 &l.name,
-                TensorData::Owned(Matrix::from_f32(DType::F32, 8, 256, &l.a_view(8).to_f32_vec()).unwrap()),
-                TensorData::Owned(Matrix::from_f32(DType::F32, 172, 8, &l.b_view(8).to_f32_vec()).unwrap()),
+                TensorData::Owned(
+                    Matrix::from_f32(DType::F32, 8, 256, &l.a_view(8).to_f32_vec()).unwrap(),
+                ),
+                TensorData::Owned(
+                    Matrix::from_f32(DType::F32, 172, 8, &l.b_view(8).to_f32_vec()).unwrap(),
+                ),
                 16.0,
                 Scaling::Lora,
                 0.0,

@@ -52,10 +52,18 @@ fn eckart_young_diag_3_2_1() {
     println!("rank-2 error = {abs_err:.6}");
     assert!((abs_err - 1.0).abs() < 1e-5);
     // And the factors really reproduce it.
-    let r = extract::extract_delta("t", "t.weight", &d, 3, 3, &opts(RankRule::Fixed(2)), faer::Par::Seq)
-        .unwrap()
-        .lora
-        .unwrap();
+    let r = extract::extract_delta(
+        "t",
+        "t.weight",
+        &d,
+        3,
+        3,
+        &opts(RankRule::Fixed(2)),
+        faer::Par::Seq,
+    )
+    .unwrap()
+    .lora
+    .unwrap();
     let (a, b) = (r.a_view(2).to_f32_vec(), r.b_view(2).to_f32_vec());
     let mut err = 0f64;
     for i in 0..3 {
@@ -100,10 +108,15 @@ fn randomized_within_1e3_of_exact_svd() {
     let spectra: Vec<(&str, Vec<f32>)> = vec![
         ("flat", vec![1.0; 300]),
         ("decaying", (0..300).map(|i| 0.97f32.powi(i)).collect()),
-        ("power-law", (0..300).map(|i| 1.0 / (1.0 + i as f32)).collect()),
+        (
+            "power-law",
+            (0..300).map(|i| 1.0 / (1.0 + i as f32)).collect(),
+        ),
         (
             "low-rank",
-            (0..300).map(|i| if i < 12 { 10.0 - i as f32 * 0.5 } else { 1e-3 }).collect(),
+            (0..300)
+                .map(|i| if i < 12 { 10.0 - i as f32 * 0.5 } else { 1e-3 })
+                .collect(),
         ),
     ];
     let mut cases: Vec<(String, Vec<f32>)> = spectra
@@ -136,7 +149,11 @@ fn randomized_within_1e3_of_exact_svd() {
         // Energy mode: the rank chosen is the exact one, or one more at a borderline.
         let rep = one(d, m, n, RankRule::Energy(0.5));
         let exact_r = svd::rank_for_energy(&exact.s, total, 0.5).unwrap().min(64);
-        assert!(rep.rank >= exact_r && rep.rank <= exact_r + 1, "{name}: {} vs {exact_r}", rep.rank);
+        assert!(
+            rep.rank >= exact_r && rep.rank <= exact_r + 1,
+            "{name}: {} vs {exact_r}",
+            rep.rank
+        );
     }
 }
 
@@ -146,7 +163,11 @@ fn write(path: &Path, ts: &[TensorOut<'_>]) {
 
 /// Base + tuned files where ΔW of each layer has a known rank.
 fn model_pair(dir: &Path, base_dtype: DType) -> (std::path::PathBuf, std::path::PathBuf) {
-    let shapes = [("layers.0.q_proj", 48, 64, 3usize), ("layers.0.up_proj", 96, 64, 6), ("layers.1.q_proj", 48, 64, 2)];
+    let shapes = [
+        ("layers.0.q_proj", 48, 64, 3usize),
+        ("layers.0.up_proj", 96, 64, 6),
+        ("layers.1.q_proj", 48, 64, 2),
+    ];
     let mut base = Vec::new();
     let mut tuned = Vec::new();
     for (i, (name, o, n, r)) in shapes.iter().enumerate() {
@@ -155,10 +176,22 @@ fn model_pair(dir: &Path, base_dtype: DType) -> (std::path::PathBuf, std::path::
         let sig: Vec<f32> = (0..*r).map(|k| 0.5 / (1.0 + k as f32)).collect();
         let d = with_spectrum(*o, *n, &sig, 60 + i as u64);
         // Round the base first so that tuned - base is ΔW up to one rounding of tuned.
-        let wb = Matrix::from_f32(base_dtype, *o, *n, &wv).unwrap().to_f32_vec();
+        let wb = Matrix::from_f32(base_dtype, *o, *n, &wv)
+            .unwrap()
+            .to_f32_vec();
         let tv: Vec<f32> = wb.iter().zip(&d).map(|(a, b)| a + b).collect();
-        base.push(tensor(&format!("{name}.weight"), base_dtype, &[*o, *n], &wb));
-        tuned.push(tensor(&format!("{name}.weight"), DType::F32, &[*o, *n], &tv));
+        base.push(tensor(
+            &format!("{name}.weight"),
+            base_dtype,
+            &[*o, *n],
+            &wb,
+        ));
+        tuned.push(tensor(
+            &format!("{name}.weight"),
+            DType::F32,
+            &[*o, *n],
+            &tv,
+        ));
     }
     // A norm (1-D): skipped, and an unchanged matrix: skipped.
     let ln = vec![1.0f32; 64];
@@ -197,23 +230,38 @@ fn peft_round_trip_reproduces_delta_x() {
         extract::write(&ex, &out, true).unwrap();
         assert!(out.join("extract_report.md").exists() && out.join("energy.svg").exists());
         let rep: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("extract_report.json")).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(out.join("extract_report.json")).unwrap())
+                .unwrap();
         assert_eq!(rep["layers"].as_array().unwrap().len(), 3);
         assert_eq!(rep["skipped"].as_array().unwrap().len(), 2);
         let cfg: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["use_rslora"], serde_json::json!(rslora));
-        assert!(!cfg["rank_pattern"].as_object().unwrap().is_empty(), "{cfg}");
+        assert!(
+            !cfg["rank_pattern"].as_object().unwrap().is_empty(),
+            "{cfg}"
+        );
         let ad = peft::load(&out).unwrap();
         assert_eq!(ad.len(), 3);
-        for (name, r) in [("layers.0.q_proj", 3), ("layers.0.up_proj", 6), ("layers.1.q_proj", 2)] {
+        for (name, r) in [
+            ("layers.0.q_proj", 3),
+            ("layers.0.up_proj", 6),
+            ("layers.1.q_proj", 2),
+        ] {
             let l = ad.module(name).unwrap();
             assert_eq!(l.rank(), r, "{name}");
-            assert!((l.scale_at(r) - 1.0).abs() < 1e-6, "{name}: scale {}", l.scale_at(r));
+            assert!(
+                (l.scale_at(r) - 1.0).abs() < 1e-6,
+                "{name}: scale {}",
+                l.scale_at(r)
+            );
             // x·W_baseᵀ + ΔW-path == x·W_tunedᵀ.
             let wb = base.get(&format!("{name}.weight")).unwrap();
             let wt = tuned.get(&format!("{name}.weight")).unwrap();
-            let xv: Vec<f32> = (0..5 * wb.cols).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+            let xv: Vec<f32> = (0..5 * wb.cols)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                .collect();
             let x = Matrix::from_f32(DType::F32, 5, wb.cols, &xv).unwrap();
             let run = |w, s: Option<rankfuse::Slot<'_>>| {
                 let slots = [s];
@@ -243,10 +291,22 @@ fn bad_inputs_name_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let z = |n: usize| vec![0.5f32; n];
-    write(&p("b.safetensors"), &[tensor("l.weight", DType::F32, &[4, 6], &z(24))]);
-    write(&p("t_shape.safetensors"), &[tensor("l.weight", DType::F32, &[6, 4], &z(24))]);
-    write(&p("t_missing.safetensors"), &[tensor("other.weight", DType::F32, &[4, 6], &z(24))]);
-    write(&p("b3.safetensors"), &[tensor("conv.weight", DType::F32, &[2, 3, 4], &z(24))]);
+    write(
+        &p("b.safetensors"),
+        &[tensor("l.weight", DType::F32, &[4, 6], &z(24))],
+    );
+    write(
+        &p("t_shape.safetensors"),
+        &[tensor("l.weight", DType::F32, &[6, 4], &z(24))],
+    );
+    write(
+        &p("t_missing.safetensors"),
+        &[tensor("other.weight", DType::F32, &[4, 6], &z(24))],
+    );
+    write(
+        &p("b3.safetensors"),
+        &[tensor("conv.weight", DType::F32, &[2, 3, 4], &z(24))],
+    );
     let o = ExtractOptions::default();
     let run = |b: &str, t: &str| {
         let (b, t) = (Weights::open(p(b)).unwrap(), Weights::open(p(t)).unwrap());
@@ -254,25 +314,56 @@ fn bad_inputs_name_the_tensor() {
     };
     let e = run("b.safetensors", "t_shape.safetensors");
     assert_eq!(e.status, Status::Shape);
-    assert!(e.message.contains("'l.weight'") && e.message.contains("[4, 6]"), "{}", e.message);
+    assert!(
+        e.message.contains("'l.weight'") && e.message.contains("[4, 6]"),
+        "{}",
+        e.message
+    );
     let e = run("b.safetensors", "t_missing.safetensors");
     assert_eq!(e.status, Status::NotFound);
-    assert!(e.message.contains("'l.weight'") && e.message.contains("missing"), "{}", e.message);
+    assert!(
+        e.message.contains("'l.weight'") && e.message.contains("missing"),
+        "{}",
+        e.message
+    );
     let e = run("b3.safetensors", "b3.safetensors");
     assert_eq!(e.status, Status::Unsupported);
-    assert!(e.message.contains("'conv.weight'") && e.message.contains("2-D"), "{}", e.message);
+    assert!(
+        e.message.contains("'conv.weight'") && e.message.contains("2-D"),
+        "{}",
+        e.message
+    );
     // Identical files: nothing to extract.
     let e = run("b.safetensors", "b.safetensors");
     assert!(e.message.contains("identical"), "{}", e.message);
     // Options are checked.
-    let bad = ExtractOptions { rule: RankRule::Energy(1.5), ..Default::default() };
+    let bad = ExtractOptions {
+        rule: RankRule::Energy(1.5),
+        ..Default::default()
+    };
     assert_eq!(bad.check().unwrap_err().status, Status::InvalidArgument);
-    let bad = ExtractOptions { rule: RankRule::Fixed(200), max_rank: 128, ..Default::default() };
+    let bad = ExtractOptions {
+        rule: RankRule::Fixed(200),
+        max_rank: 128,
+        ..Default::default()
+    };
     assert!(bad.check().unwrap_err().message.contains("max_rank"));
     // A glob selecting nothing.
-    let (b, t) = (Weights::open(p("b.safetensors")).unwrap(), Weights::open(p("t_shape.safetensors")).unwrap());
-    let o = ExtractOptions { modules: vec!["*.v_proj".into()], ..Default::default() };
-    assert_eq!(extract::extract(&b, &t, &o, &|_, _, _| {}).err().unwrap().status, Status::NotFound);
+    let (b, t) = (
+        Weights::open(p("b.safetensors")).unwrap(),
+        Weights::open(p("t_shape.safetensors")).unwrap(),
+    );
+    let o = ExtractOptions {
+        modules: vec!["*.v_proj".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        extract::extract(&b, &t, &o, &|_, _, _| {})
+            .err()
+            .unwrap()
+            .status,
+        Status::NotFound
+    );
 }
 
 #[test]
@@ -284,7 +375,11 @@ fn c_abi_extract_with_progress() {
     use std::ffi::{c_char, c_void, CStr, CString};
     unsafe extern "C" fn cb(user: *mut c_void, done: usize, total: usize, what: *const c_char) {
         let seen = &mut *(user as *mut Vec<(usize, usize, String)>);
-        seen.push((done, total, CStr::from_ptr(what).to_string_lossy().into_owned()));
+        seen.push((
+            done,
+            total,
+            CStr::from_ptr(what).to_string_lossy().into_owned(),
+        ));
     }
     let dir = tempfile::tempdir().unwrap();
     let (bp, tp) = model_pair(dir.path(), DType::F16);
@@ -301,10 +396,24 @@ fn c_abi_extract_with_progress() {
         o.modules = glob.as_ptr();
         o.dtype = rankfuse::ffi::types::rf_dtype::RF_DTYPE_BF16;
         let mut seen: Vec<(usize, usize, String)> = Vec::new();
-        let e = rf_extract_peft(rt, bc.as_ptr(), tc.as_ptr(), &o, Some(cb), &mut seen as *mut _ as *mut c_void, oc.as_ptr());
-        assert!(e.is_null(), "{}", CStr::from_ptr(rf_error_message(e)).to_string_lossy());
+        let e = rf_extract_peft(
+            rt,
+            bc.as_ptr(),
+            tc.as_ptr(),
+            &o,
+            Some(cb),
+            &mut seen as *mut _ as *mut c_void,
+            oc.as_ptr(),
+        );
+        assert!(
+            e.is_null(),
+            "{}",
+            CStr::from_ptr(rf_error_message(e)).to_string_lossy()
+        );
         assert_eq!(seen.len(), 2);
-        assert!(seen.iter().all(|(_, t, n)| *t == 2 && n.ends_with("q_proj.weight")));
+        assert!(seen
+            .iter()
+            .all(|(_, t, n)| *t == 2 && n.ends_with("q_proj.weight")));
         let ad = peft::load(&dir.path().join("ffi-out")).unwrap();
         assert_eq!(ad.len(), 2);
         for l in ad.modules() {
@@ -312,11 +421,29 @@ fn c_abi_extract_with_progress() {
         }
         // Bad struct_size and NULL paths are errors, not crashes.
         o.struct_size = 4;
-        let e = rf_extract_peft(rt, bc.as_ptr(), tc.as_ptr(), &o, None, std::ptr::null_mut(), oc.as_ptr());
+        let e = rf_extract_peft(
+            rt,
+            bc.as_ptr(),
+            tc.as_ptr(),
+            &o,
+            None,
+            std::ptr::null_mut(),
+            oc.as_ptr(),
+        );
         assert_eq!(rf_error_code(e) as i32, Status::InvalidArgument as i32);
         rf_error_free(e);
-        let e = rf_extract_peft(rt, std::ptr::null(), tc.as_ptr(), std::ptr::null(), None, std::ptr::null_mut(), oc.as_ptr());
-        assert!(CStr::from_ptr(rf_error_message(e)).to_string_lossy().contains("base_path"));
+        let e = rf_extract_peft(
+            rt,
+            std::ptr::null(),
+            tc.as_ptr(),
+            std::ptr::null(),
+            None,
+            std::ptr::null_mut(),
+            oc.as_ptr(),
+        );
+        assert!(CStr::from_ptr(rf_error_message(e))
+            .to_string_lossy()
+            .contains("base_path"));
         rf_error_free(e);
         rf_runtime_free(rt);
     }
@@ -332,13 +459,28 @@ fn cli_extract() {
         .arg(&bp)
         .arg("--tuned")
         .arg(&tp)
-        .args(["--energy", "0.99", "--max-rank", "5", "--rslora", "--svg", "--out"])
+        .args([
+            "--energy",
+            "0.99",
+            "--max-rank",
+            "5",
+            "--rslora",
+            "--svg",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let md = std::fs::read_to_string(out.join("extract_report.md")).unwrap();
-    assert!(md.contains("| `layers.0.up_proj` | 96 x 64 | 5 (cap) |"), "{md}");
+    assert!(
+        md.contains("| `layers.0.up_proj` | 96 x 64 | 5 (cap) |"),
+        "{md}"
+    );
     let ad = peft::load(&out).unwrap();
     assert_eq!(ad.module("layers.0.up_proj").unwrap().rank(), 5);
 }

@@ -46,13 +46,21 @@ fn merge_then_unmerge_returns_w_every_dtype() {
                 merge::merge_into(l, 0, 1.0, &mut w.view_mut(), false).unwrap();
                 let merged = w.to_f32_vec();
                 let moved = merged.iter().zip(&orig).filter(|(a, b)| a != b).count();
-                assert!(moved > orig.len() / 2, "{adapter} {dt:?} {}: merge changed {moved}", l.name);
+                assert!(
+                    moved > orig.len() / 2,
+                    "{adapter} {dt:?} {}: merge changed {moved}",
+                    l.name
+                );
                 merge::merge_into(l, 0, 1.0, &mut w.view_mut(), true).unwrap();
                 let back = w.to_f32_vec();
                 // Each step rounds once to dt at the magnitude of the merged value.
                 for (i, (b, o)) in back.iter().zip(&orig).enumerate() {
                     let t = tol(dt, merged[i].abs().max(o.abs()));
-                    assert!((b - o).abs() <= t, "{adapter} {dt:?} {} [{i}]: {b} vs {o}", l.name);
+                    assert!(
+                        (b - o).abs() <= t,
+                        "{adapter} {dt:?} {} [{i}]: {b} vs {o}",
+                        l.name
+                    );
                 }
             }
         }
@@ -71,7 +79,8 @@ fn merged_forward_matches_fused_on_fixtures() {
                 let w = base.get(&format!("{}.weight", l.name)).unwrap();
                 let m = merge::merged_tensor(&s, w, 1.0, dt).unwrap();
                 let m32 = merge::merged_tensor(&s, w, 1.0, DType::F32).unwrap();
-                let p = merge::parity(&rt, &s, &l.name, (w, m.view()), (w, m32.view()), 4, 1).unwrap();
+                let p =
+                    merge::parity(&rt, &s, &l.name, (w, m.view()), (w, m32.view()), 4, 1).unwrap();
                 // f32 merge: only kernel rounding remains; bf16: rounding W' to bf16 dominates.
                 let bound = match dt {
                     DType::F32 => 1e-5,
@@ -103,7 +112,11 @@ fn shape_mismatch_names_the_module() {
     let mut w = Matrix::zeros(DType::F32, 65, 256).unwrap();
     let e = merge::merge_into(l, 0, 1.0, &mut w.view_mut(), false).unwrap_err();
     assert_eq!(e.status, Status::Shape);
-    assert!(e.message.contains("layers.0.self_attn.q_proj"), "{}", e.message);
+    assert!(
+        e.message.contains("layers.0.self_attn.q_proj"),
+        "{}",
+        e.message
+    );
 }
 
 #[test]
@@ -123,7 +136,10 @@ fn c_abi_merge_unmerge() {
         let mut l: *mut rf_lora = std::ptr::null_mut();
         assert!(rf_adapter_module(ad, name.as_ptr(), &mut l).is_null());
         let base = Weights::open(base_file(DType::F32)).unwrap();
-        let w0 = base.get("layers.0.mlp.up_proj.weight").unwrap().to_f32_vec();
+        let w0 = base
+            .get("layers.0.mlp.up_proj.weight")
+            .unwrap()
+            .to_f32_vec();
         // ld > cols: the padding must be left alone.
         let (rows, cols, ld) = (172usize, 256usize, 260usize);
         let mut buf = vec![-7.0f32; rows * ld];
@@ -141,8 +157,14 @@ fn c_abi_merge_unmerge() {
         // Compare with the Rust merge.
         let ra = peft::load(&fixtures().join("adapters/lora-r8")).unwrap();
         let mut want = Matrix::from_f32(DType::F32, rows, cols, &w0).unwrap();
-        merge::merge_into(ra.module("layers.0.mlp.up_proj").unwrap(), 0, 1.0, &mut want.view_mut(), false)
-            .unwrap();
+        merge::merge_into(
+            ra.module("layers.0.mlp.up_proj").unwrap(),
+            0,
+            1.0,
+            &mut want.view_mut(),
+            false,
+        )
+        .unwrap();
         let want = want.to_f32_vec();
         for i in 0..rows {
             assert_eq!(&buf[i * ld..i * ld + cols], &want[i * cols..(i + 1) * cols]);
@@ -159,7 +181,10 @@ fn c_abi_merge_unmerge() {
         m.rows = 10;
         let e = rf_lora_merge(rt, l, 0, 1.0, &mut m);
         assert_eq!(rf_error_code(e) as i32, Status::Shape as i32);
-        let msg = std::ffi::CStr::from_ptr(rf_error_message(e)).to_str().unwrap().to_string();
+        let msg = std::ffi::CStr::from_ptr(rf_error_message(e))
+            .to_str()
+            .unwrap()
+            .to_string();
         assert!(msg.contains("layers.0.mlp.up_proj"), "{msg}");
         rf_error_free(e);
         // NULL buffer argument.
@@ -188,7 +213,11 @@ fn cli_merge_writes_file_and_parity() {
         .arg(&rep)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let table = String::from_utf8_lossy(&st.stdout);
     assert!(table.contains("part due to dtype rounding"), "{table}");
     let merged = Weights::open(&out).unwrap();
@@ -214,12 +243,28 @@ fn cli_merge_writes_file_and_parity() {
         .arg(&back)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let back = Weights::open(&back).unwrap();
-    let w0 = base.get("layers.1.mlp.up_proj.weight").unwrap().to_f32_vec();
-    let wm = merged.get("layers.1.mlp.up_proj.weight").unwrap().to_f32_vec();
-    let w1 = back.get("layers.1.mlp.up_proj.weight").unwrap().to_f32_vec();
+    let w0 = base
+        .get("layers.1.mlp.up_proj.weight")
+        .unwrap()
+        .to_f32_vec();
+    let wm = merged
+        .get("layers.1.mlp.up_proj.weight")
+        .unwrap()
+        .to_f32_vec();
+    let w1 = back
+        .get("layers.1.mlp.up_proj.weight")
+        .unwrap()
+        .to_f32_vec();
     for i in 0..w0.len() {
-        assert!((w1[i] - w0[i]).abs() <= tol(DType::BF16, wm[i].abs().max(w0[i].abs())), "{i}");
+        assert!(
+            (w1[i] - w0[i]).abs() <= tol(DType::BF16, wm[i].abs().max(w0[i].abs())),
+            "{i}"
+        );
     }
 }

@@ -385,20 +385,36 @@ mod tests {
     fn close(a: &[f32], b: &[f32], what: &str) {
         assert_eq!(a.len(), b.len(), "{what}");
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= 1e-4 + 1e-4 * y.abs(), "{what}[{i}]: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-4 + 1e-4 * y.abs(),
+                "{what}[{i}]: {x} vs {y}"
+            );
         }
     }
 
     #[test]
     fn forward_and_backward_match_dense() {
-        for (out, inp) in [(4, 6), (6, 4), (5, 7), (9, 3), (6, 6), (33, 100), (100, 33), (1, 5)] {
+        for (out, inp) in [
+            (4, 6),
+            (6, 4),
+            (5, 7),
+            (9, 3),
+            (6, 6),
+            (33, 100),
+            (100, 33),
+            (1, 5),
+        ] {
             let k = random(out, inp, (out * 1000 + inp) as u64);
             let batch = 3;
             let mut g = SplitMix64::new(9);
             let x = g.fill_uniform(batch * inp, -1.0, 1.0);
             let gy = g.fill_uniform(batch * out, -1.0, 1.0);
             let what = format!("{out}x{inp}");
-            close(&k.forward(&x, batch).unwrap(), &k.forward_dense(&x, batch).unwrap(), &what);
+            close(
+                &k.forward(&x, batch).unwrap(),
+                &k.forward_dense(&x, batch).unwrap(),
+                &what,
+            );
             let gr = k.backward(&x, &gy, batch).unwrap();
             // Dense: dL/dΔW = gyᵀ x; dx = gy ΔW.
             let mut gw = vec![0f32; out * inp];
@@ -423,7 +439,10 @@ mod tests {
             // A finite difference on one U and one V entry (loss = Σ gy·Δy, linear in each).
             let loss = |k: &Kron| -> f64 {
                 let y = k.forward(&x, batch).unwrap();
-                y.iter().zip(&gy).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
+                y.iter()
+                    .zip(&gy)
+                    .map(|(a, b)| (*a as f64) * (*b as f64))
+                    .sum()
             };
             for (which, idx) in [(0, 0), (1, k.v.len() - 1)] {
                 let mut kp = k.clone();
@@ -435,7 +454,10 @@ mod tests {
                 }
                 let fd = ((loss(&kp) - loss(&k)) / h as f64) as f32;
                 let an = if which == 0 { gr.du[idx] } else { gr.dv[idx] };
-                assert!((fd - an).abs() <= 1e-2 * (1.0 + an.abs()), "{what}: fd {fd} vs {an}");
+                assert!(
+                    (fd - an).abs() <= 1e-2 * (1.0 + an.abs()),
+                    "{what}: fd {fd} vs {an}"
+                );
             }
         }
     }
@@ -448,11 +470,23 @@ mod tests {
         k.merge_into(&mut w.view_mut(), false).unwrap();
         let dw = k.delta();
         let merged = w.to_f32_vec();
-        close(&merged.iter().zip(&w0).map(|(a, b)| a - b).collect::<Vec<_>>(), &dw, "merge");
+        close(
+            &merged
+                .iter()
+                .zip(&w0)
+                .map(|(a, b)| a - b)
+                .collect::<Vec<_>>(),
+            &dw,
+            "merge",
+        );
         k.merge_into(&mut w.view_mut(), true).unwrap();
         close(&w.to_f32_vec(), &w0, "unmerge");
         let mut bad = crate::matrix::Matrix::zeros(crate::DType::F32, 20, 12).unwrap();
-        assert!(k.merge_into(&mut bad.view_mut(), false).unwrap_err().message.contains("'r'"));
+        assert!(k
+            .merge_into(&mut bad.view_mut(), false)
+            .unwrap_err()
+            .message
+            .contains("'r'"));
         // Fresh module: U = 0 so ΔW = 0; V within the kaiming bound for a = 5.
         let f = Kron::new("f", 1024, 768, DEFAULT_SCALE, 1).unwrap();
         assert!(f.delta().iter().all(|&x| x == 0.0));
@@ -472,8 +506,11 @@ mod tests {
         for (o, i) in [(5, 7), (9, 3), (100, 33), (64, 4096)] {
             let (r, d) = dims(o, i);
             let (m, big) = (o.min(i), o.max(i));
-            assert_eq!(r * r <= m && (r + 1) * (r + 1) > m, true, "{o}x{i}");
-            assert!(r * (r + d) >= big && (d == 0 || r * (r + d - 1) < big), "{o}x{i}");
+            assert!(r * r <= m && (r + 1) * (r + 1) > m, "{o}x{i}");
+            assert!(
+                r * (r + d) >= big && (d == 0 || r * (r + d - 1) < big),
+                "{o}x{i}"
+            );
         }
     }
 }

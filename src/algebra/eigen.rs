@@ -424,7 +424,12 @@ pub fn project(basis: &Basis, adapter: &Adapter) -> Result<(EigenAdapter, Projec
         if (bm.out_features, bm.in_features) != (l.out_features, l.in_features) {
             return Err(Error::shape(format!(
                 "adapter '{}': module '{}' is {} x {}, the basis is {} x {}",
-                adapter.name, l.name, l.out_features, l.in_features, bm.out_features, bm.in_features
+                adapter.name,
+                l.name,
+                l.out_features,
+                l.in_features,
+                bm.out_features,
+                bm.in_features
             )));
         }
         let r = l.rank();
@@ -581,6 +586,7 @@ pub fn memory(basis: &Basis, adapters: &[Adapter]) -> MemoryReport {
 /// -1 = base only). z = x C_A is computed once for all rows and adapters; C_Bᵀ is applied once
 /// for all of them. The base product runs through the runtime's fused kernel (no slots); the
 /// delta is added in f32 before y is rounded to its dtype.
+#[allow(clippy::too_many_arguments)] // the rf_linear argument list, plus the basis
 pub fn eigen_linear(
     rt: &Runtime,
     x: MatRef<'_>,
@@ -648,7 +654,14 @@ pub fn eigen_linear(
     let xm = to_mat(x);
     let par = Par::rayon(0);
     let mut z = Mat::<f32>::zeros(m, k);
-    matmul(z.as_mut(), Accum::Replace, xm.as_ref(), basis.c_a.as_ref(), 1.0, par);
+    matmul(
+        z.as_mut(),
+        Accum::Replace,
+        xm.as_ref(),
+        basis.c_a.as_ref(),
+        1.0,
+        par,
+    );
     // u = z · core(row's adapter) (or Σ cores when stacked).
     let mut u = Mat::<f32>::zeros(m, k);
     match row_slot {
@@ -657,7 +670,14 @@ pub fn eigen_linear(
             for s in slots.iter().flatten() {
                 sum += &s.core;
             }
-            matmul(u.as_mut(), Accum::Replace, z.as_ref(), sum.as_ref(), 1.0, par);
+            matmul(
+                u.as_mut(),
+                Accum::Replace,
+                z.as_ref(),
+                sum.as_ref(),
+                1.0,
+                par,
+            );
         }
         Some(rs) => {
             for (s, slot) in slots.iter().enumerate() {

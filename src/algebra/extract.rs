@@ -368,8 +368,8 @@ pub fn extract_delta(
     let am = Matrix::from_f32(opts.dtype, r, n, &av)?;
     // The error of the factors as written (after rounding to their dtype), measured directly:
     // sqrt(1 - E(r)) is the same in exact arithmetic but loses digits when E(r) is close to 1.
-    let rel_error = (residual_sq(d, &bm.to_f32_vec(), &am.to_f32_vec(), m, n, r, par) / total)
-        .sqrt();
+    let rel_error =
+        (residual_sq(d, &bm.to_f32_vec(), &am.to_f32_vec(), m, n, r, par) / total).sqrt();
     let (alpha, scaling) = if opts.rslora {
         ((r as f64).sqrt() as f32, Scaling::RsLora)
     } else {
@@ -406,7 +406,15 @@ pub fn extract_delta(
 }
 
 /// ||D - B·A||_F² (D m x n, B m x r, A r x n, row-major), in row blocks (no m x n scratch).
-fn residual_sq(d: &[f32], b: &[f32], a: &[f32], m: usize, n: usize, r: usize, par: faer::Par) -> f64 {
+fn residual_sq(
+    d: &[f32],
+    b: &[f32],
+    a: &[f32],
+    m: usize,
+    n: usize,
+    r: usize,
+    par: faer::Par,
+) -> f64 {
     const ROWS: usize = 256;
     let am = faer::MatRef::from_row_major_slice(a, r, n);
     let mut acc = 0f64;
@@ -498,10 +506,7 @@ pub fn extract(
         .iter()
         .map(|l| l.rank * (l.in_features + l.out_features))
         .sum();
-    let dense_params = layers
-        .iter()
-        .map(|l| l.in_features * l.out_features)
-        .sum();
+    let dense_params = layers.iter().map(|l| l.in_features * l.out_features).sum();
     let rule = match opts.rule {
         RankRule::Energy(e) => format!("energy >= {e}"),
         RankRule::Fixed(r) => format!("rank = {r}"),
@@ -615,7 +620,11 @@ pub fn energy_svg(r: &ExtractReport) -> String {
         "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">rank (max {})</text>\n<text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {})\" text-anchor=\"middle\">energy kept E(r)</text>\n",
         ml + pw / 2.0, h - 10.0, maxr, mt + ph / 2.0, mt + ph / 2.0
     ));
-    if let Some(t) = r.rule.strip_prefix("energy >= ").and_then(|t| t.parse::<f64>().ok()) {
+    if let Some(t) = r
+        .rule
+        .strip_prefix("energy >= ")
+        .and_then(|t| t.parse::<f64>().ok())
+    {
         s.push_str(&format!(
             "<line x1=\"{ml}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"red\" stroke-dasharray=\"4 3\"/>\n",
             y(t),

@@ -91,12 +91,7 @@ pub fn merge_into(
 
 /// A merged copy of `w` in `dtype`: W's own dtype for the file, F32 for the unrounded merge the
 /// parity report compares with.
-pub fn merged_tensor(
-    slot: &Slot<'_>,
-    w: MatRef<'_>,
-    sign: f32,
-    dtype: DType,
-) -> Result<Matrix> {
+pub fn merged_tensor(slot: &Slot<'_>, w: MatRef<'_>, sign: f32, dtype: DType) -> Result<Matrix> {
     check_fit(slot, w.rows, w.cols, "the weight")?;
     let mut m = Matrix::zeros(dtype, w.rows, w.cols)?;
     {

@@ -32,7 +32,7 @@ impl Default for RsvdOptions {
         RsvdOptions {
             oversample: 20,
             power_iters: 7,
-            seed: 0x5EED_0F_5EED,
+            seed: 0x005E_ED0F_5EED,
             par: Par::rayon(0),
         }
     }

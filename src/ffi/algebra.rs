@@ -47,15 +47,12 @@ pub struct rf_extract_options {
 
 /// Progress of a long call: `done` of `total` steps finished, `what` = the tensor just done
 /// (valid during the call only). Called from worker threads, never two calls at once.
-pub type rf_progress_fn = Option<
-    unsafe extern "C" fn(user: *mut c_void, done: usize, total: usize, what: *const c_char),
->;
+pub type rf_progress_fn =
+    Option<unsafe extern "C" fn(user: *mut c_void, done: usize, total: usize, what: *const c_char)>;
 
 /// Fills `*out` with the defaults (struct_size set, energy 0.90, max_rank 128, F32, ...).
 #[no_mangle]
-pub unsafe extern "C" fn rf_extract_options_default(
-    out: *mut rf_extract_options,
-) -> *mut rf_error {
+pub unsafe extern "C" fn rf_extract_options_default(out: *mut rf_extract_options) -> *mut rf_error {
     boundary!({
         let out = arg_out(out, "out")?;
         let d = ExtractOptions::default();
@@ -110,9 +107,8 @@ unsafe fn read_extract_options(
         o.modules = vec![arg_str(modules, "opts->modules")?.to_string()];
     }
     let raw = (addr_of!((*p).dtype) as *const i32).read_unaligned();
-    o.dtype = DType::from_raw(raw as i64).ok_or_else(|| {
-        Error::dtype(format!("opts->dtype = {raw} is not an rf_dtype"))
-    })?;
+    o.dtype = DType::from_raw(raw as i64)
+        .ok_or_else(|| Error::dtype(format!("opts->dtype = {raw} is not an rf_dtype")))?;
     o.oversample = addr_of!((*p).oversample).read_unaligned() as usize;
     o.power_iters = addr_of!((*p).power_iters).read_unaligned() as usize;
     o.seed = addr_of!((*p).seed).read_unaligned();

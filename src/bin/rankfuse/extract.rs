@@ -54,8 +54,9 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
         (Some(e), None) => RankRule::Energy(e),
         (None, None) => RankRule::Energy(0.90),
     };
-    let dtype = DType::parse(&a.dtype)
-        .ok_or_else(|| Error::invalid(format!("--dtype '{}': expected f32, f16 or bf16", a.dtype)))?;
+    let dtype = DType::parse(&a.dtype).ok_or_else(|| {
+        Error::invalid(format!("--dtype '{}': expected f32, f16 or bf16", a.dtype))
+    })?;
     let opts = ExtractOptions {
         rule,
         max_rank: a.max_rank,
@@ -86,11 +87,7 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
     extract::write(&ex, &a.out, a.svg)?;
     let r = &ex.report;
     let mean_e = r.layers.iter().map(|l| l.energy).sum::<f64>() / r.layers.len() as f64;
-    let worst = r
-        .layers
-        .iter()
-        .map(|l| l.rel_error)
-        .fold(0f64, f64::max);
+    let worst = r.layers.iter().map(|l| l.rel_error).fold(0f64, f64::max);
     eprintln!(
         "extracted {} modules ({} skipped) in {:.2} s: {} adapter parameters ({:.2}% of dense), mean energy {:.4}, worst rel. error {:.4}; wrote {}",
         r.layers.len(),

@@ -5,8 +5,8 @@ mod bench;
 mod demo;
 mod eigen;
 mod extract;
-mod merge;
 mod inspect;
+mod merge;
 
 use clap::{Parser, Subcommand};
 use rankfuse::{Runtime, RuntimeOptions};

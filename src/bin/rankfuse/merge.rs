@@ -88,9 +88,25 @@ impl OutTensor<'_> {
                         let m32 = merge::merged_tensor(slot, *w, *sign, DType::F32)?;
                         // Merge: the fused forward runs on the input W. Unmerge: on the output.
                         let p = if ctx.unmerge {
-                            merge::parity(ctx.rt, slot, &self.name, (m.view(), *w), (m32.view(), *w), ctx.rows, 7)
+                            merge::parity(
+                                ctx.rt,
+                                slot,
+                                &self.name,
+                                (m.view(), *w),
+                                (m32.view(), *w),
+                                ctx.rows,
+                                7,
+                            )
                         } else {
-                            merge::parity(ctx.rt, slot, &self.name, (*w, m.view()), (*w, m32.view()), ctx.rows, 7)
+                            merge::parity(
+                                ctx.rt,
+                                slot,
+                                &self.name,
+                                (*w, m.view()),
+                                (*w, m32.view()),
+                                ctx.rows,
+                                7,
+                            )
                         };
                         match p {
                             Ok(p) => ctx.parity.lock().unwrap_or_else(|e| e.into_inner()).push(p),
@@ -204,9 +220,15 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
         ),
     );
     safetensors::serialize_to_file(items, Some(md), &a.out).map_err(|e| {
-        Error::io(format!("file '{}': cannot write safetensors: {e}", a.out.display()))
+        Error::io(format!(
+            "file '{}': cannot write safetensors: {e}",
+            a.out.display()
+        ))
     })?;
-    if let Some(e) = std::mem::take(&mut *ctx.errors.lock().unwrap_or_else(|e| e.into_inner())).into_iter().next() {
+    if let Some(e) = std::mem::take(&mut *ctx.errors.lock().unwrap_or_else(|e| e.into_inner()))
+        .into_iter()
+        .next()
+    {
         let _ = std::fs::remove_file(&a.out);
         return Err(e);
     }
@@ -216,7 +238,8 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
         print!("{}", merge::parity_markdown(&parity, a.unmerge));
     }
     if let Some(p) = &a.report {
-        let j = serde_json::to_string_pretty(&parity).map_err(|e| Error::internal(e.to_string()))?;
+        let j =
+            serde_json::to_string_pretty(&parity).map_err(|e| Error::internal(e.to_string()))?;
         std::fs::write(p, j).map_err(|e| Error::from_io(p, &e))?;
     }
     eprintln!(
