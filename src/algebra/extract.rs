@@ -462,11 +462,11 @@ pub fn extract(
         .map_err(|e| Error::internal(format!("cannot start {threads} threads: {e}")))?;
     let total = jobs.len();
     let done = Mutex::new(0usize);
-    // One layer per thread at a time; a single-layer job may use the whole pool in its GEMMs.
-    let par = if total == 1 {
-        faer::Par::rayon(0)
-    } else {
-        faer::Par::Seq
+    // One layer per thread at a time; when there are fewer layers than threads, each layer's
+    // GEMMs share the spare threads (nested rayon on the same pool).
+    let par = match threads / total.min(threads).max(1) {
+        0 | 1 => faer::Par::Seq,
+        n => faer::Par::rayon(n),
     };
     let results: Vec<Result<LayerResult>> = pool.install(|| {
         jobs.par_iter()
@@ -641,6 +641,9 @@ pub fn energy_svg(r: &ExtractReport) -> String {
         s.push_str(&format!(
             "<polyline fill=\"none\" stroke=\"hsl({hue:.0},70%,40%)\" stroke-width=\"1.2\" points=\"{pts}\"><title>{}</title></polyline>\n",
             l.module
+                .replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
         ));
     }
     s.push_str("</svg>\n");
