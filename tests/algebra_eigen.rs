@@ -200,3 +200,58 @@ fn errors() {
     assert_eq!(e.status, Status::NotFound);
     assert!(e.message.contains("'empty'"), "{}", e.message);
 }
+
+#[test]
+fn cli_build_and_project() {
+    let exe = env!("CARGO_BIN_EXE_rankfuse");
+    let dir = tempfile::tempdir().unwrap();
+    let a = fixtures().join("adapters");
+    let basis = dir.path().join("basis.safetensors");
+    let out = std::process::Command::new(exe)
+        .args(["eigen", "build"])
+        .arg(a.join("lora-r8"))
+        .arg(a.join("lora-r64"))
+        .args(["--components", "12", "--augment", "2", "--out"])
+        .arg(&basis)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("basis"));
+    let loads = dir.path().join("loads.safetensors");
+    let peft_dir = dir.path().join("recon");
+    let out = std::process::Command::new(exe)
+        .args(["eigen", "project", "--basis"])
+        .arg(&basis)
+        .arg("--adapter")
+        .arg(a.join("lora-r8"))
+        .arg("--out")
+        .arg(&loads)
+        .arg("--export-peft")
+        .arg(&peft_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w = Weights::open(&loads).unwrap();
+    let e = w.entry("layers.0.mlp.up_proj.alpha_A").unwrap();
+    assert_eq!(e.shape, vec![14, 8]);
+    assert_eq!(peft::load(&peft_dir).unwrap().len(), 14);
+    // K larger than N·r: a clear error naming the module, non-zero exit.
+    let out = std::process::Command::new(exe)
+        .args(["eigen", "build"])
+        .arg(a.join("lora-r8"))
+        .args(["--components", "9", "--out"])
+        .arg(dir.path().join("x.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("N·r = 8") && msg.contains("module '"), "{msg}");
+}

@@ -484,3 +484,40 @@ fn cli_extract() {
     let ad = peft::load(&out).unwrap();
     assert_eq!(ad.module("layers.0.up_proj").unwrap().rank(), 5);
 }
+
+#[test]
+fn sharded_base_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, tp) = model_pair(dir.path(), DType::F32);
+    // Split the base into two shards behind an index.json.
+    let base = Weights::open(dir.path().join("base.safetensors")).unwrap();
+    let mut shards: [Vec<TensorOut<'_>>; 2] = [Vec::new(), Vec::new()];
+    let mut map = serde_json::Map::new();
+    for (i, e) in base.entries().iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        map.insert(e.name.clone(), serde_json::json!(file));
+        shards[i % 2].push(TensorOut {
+            name: e.name.clone(),
+            dtype: e.dtype.unwrap(),
+            shape: e.shape.clone(),
+            data: Cow::Borrowed(base.bytes(&e.name).unwrap()),
+        });
+    }
+    for (i, s) in shards.iter().enumerate() {
+        write(
+            &dir.path()
+                .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+            s,
+        );
+    }
+    let idx = dir.path().join("model.safetensors.index.json");
+    std::fs::write(
+        &idx,
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let (b, t) = (Weights::open(&idx).unwrap(), Weights::open(&tp).unwrap());
+    let ex = extract::extract(&b, &t, &opts(RankRule::Fixed(2)), &|_, _, _| {}).unwrap();
+    assert_eq!(ex.adapter.len(), 3);
+    assert!(ex.report.layers.iter().all(|l| l.rank == 2));
+}
