@@ -88,6 +88,17 @@ typedef enum {
 typedef struct rf_adapter rf_adapter;
 
 /*
+ An adapter as loadings on an EigenLoRAx basis (`rankfuse eigen project` output). Immutable;
+ thread-safe.
+ */
+typedef struct rf_eigen_adapter rf_eigen_adapter;
+
+/*
+ An EigenLoRAx basis (`rankfuse eigen build` output). Immutable; thread-safe.
+ */
+typedef struct rf_eigen_basis rf_eigen_basis;
+
+/*
  An error object. Owned by the caller after a function returns it; free with `rf_error_free`.
  Not thread-safe to free twice; safe to read from several threads.
  */
@@ -312,6 +323,47 @@ rf_error *rf_lora_merge(rf_runtime *rt, const rf_lora *lora, uint32_t rank, floa
  within one rounding of its dtype per step. Same rules as `rf_lora_merge`.
  */
 rf_error *rf_lora_unmerge(rf_runtime *rt, const rf_lora *lora, uint32_t rank, float scale_mult, rf_matrix *w_inout);
+
+/*
+ Loads a basis file (`<module>.eigen_A` / `<module>.eigen_B`). The caller owns `*out` (free
+ with `rf_eigen_basis_free`).
+ */
+rf_error *rf_eigen_basis_load(rf_runtime *rt, const char *path, rf_eigen_basis **out);
+
+/*
+ Frees a basis; NULL is accepted. Adapters loaded against it stay valid (they hold loadings
+ only), but need a live basis for `rf_eigen_linear`.
+ */
+void rf_eigen_basis_free(rf_eigen_basis *b);
+
+/*
+ Loads loadings (`<module>.alpha_A` / `<module>.alpha_B`, K x r) and checks them against
+ `basis` (every module present, K equal). The caller owns `*out` (free with
+ `rf_eigen_adapter_free`).
+ */
+rf_error *rf_eigen_adapter_load(const rf_eigen_basis *basis, const char *path, rf_eigen_adapter **out);
+
+/*
+ Frees an eigen adapter; NULL is accepted.
+ */
+void rf_eigen_adapter_free(rf_eigen_adapter *a);
+
+/*
+ The dense reconstruction of an eigen adapter as an ordinary adapter (A = alpha_A^T C_A^T,
+ B = C_B alpha_B, F32, fixed scale 1): its modules work in every `rf_linear` slot. The caller owns
+ `*out` (free with `rf_adapter_free`).
+ */
+rf_error *rf_eigen_adapter_to_adapter(const rf_eigen_basis *basis, const rf_eigen_adapter *a, rf_adapter **out);
+
+/*
+ EigenLoRAx serving for one module: y = x W^T + bias + Δy, Δy = ((x C_A) core_s) C_B^T with
+ core_s = alpha_A alpha_B^T of the row's eigen adapter. z = x C_A is computed once for all rows and
+ adapters; C_B^T is applied once for all rows. `adapters[s]` (NULL = empty slot) are eigen
+ adapters on `basis`; `row_slot` as in `rf_linear` (NULL = every adapter on every row; -1 = base
+ only). Shapes as in `rf_linear`; y is written in its dtype after f32 accumulation.
+ Thread-safe.
+ */
+rf_error *rf_eigen_linear(rf_runtime *rt, const rf_eigen_basis *basis, const char *module, const rf_matrix *x, const rf_matrix *w, const rf_matrix *bias, const rf_eigen_adapter *const *adapters, size_t n_adapters, const int32_t *row_slot, rf_matrix *y);
 
 /*
  The status of an error; RF_STATUS_OK for NULL (NULL means success).

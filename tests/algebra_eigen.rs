@@ -255,3 +255,136 @@ fn cli_build_and_project() {
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(msg.contains("N·r = 8") && msg.contains("module '"), "{msg}");
 }
+
+#[test]
+fn c_abi_eigen_serving_equals_reconstruction() {
+    use rankfuse::ffi::adapter::{rf_adapter_free, rf_adapter_module};
+    use rankfuse::ffi::algebra::*;
+    use rankfuse::ffi::error::{rf_error_free, rf_error_message};
+    use rankfuse::ffi::handles::{rf_adapter, rf_lora, rf_runtime};
+    use rankfuse::ffi::linear::rf_linear;
+    use rankfuse::ffi::runtime::{rf_runtime_create, rf_runtime_free};
+    use rankfuse::ffi::types::{rf_dtype, rf_lora_slot, rf_matrix};
+    use std::ffi::{CStr, CString};
+    let ads = [load("lora-r8"), load("lora-r64")];
+    let basis = eigen::build(&ads, 12, 0, 5).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bp = dir.path().join("basis.safetensors");
+    basis.save(&bp).unwrap();
+    let mut lps = Vec::new();
+    for a in &ads {
+        let p = dir.path().join(format!("{}.safetensors", a.name));
+        eigen::project(&basis, a).unwrap().0.save(&p).unwrap();
+        lps.push(CString::new(p.to_str().unwrap()).unwrap());
+    }
+    let base = Weights::open(fixtures().join("base.safetensors")).unwrap();
+    let module = "layers.0.mlp.gate_proj";
+    let w = base.get(&format!("{module}.weight")).unwrap();
+    let (m, k, n) = (5usize, w.cols, w.rows);
+    let mut xv: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 13 % 11) as f32 - 5.0) * 0.1)
+        .collect();
+    let mat = |p: *mut f32, r: usize, c: usize| rf_matrix {
+        data: p as *mut _,
+        dtype: rf_dtype::RF_DTYPE_F32,
+        rows: r as i64,
+        cols: c as i64,
+        ld: c as i64,
+    };
+    let mut wv = w.to_f32_vec();
+    let (xm, wm) = (mat(xv.as_mut_ptr(), m, k), mat(wv.as_mut_ptr(), n, k));
+    let check = |e: *mut rankfuse::ffi::error::rf_error| unsafe {
+        if !e.is_null() {
+            let msg = CStr::from_ptr(rf_error_message(e))
+                .to_string_lossy()
+                .into_owned();
+            rf_error_free(e);
+            panic!("{msg}");
+        }
+    };
+    unsafe {
+        let mut rt: *mut rf_runtime = std::ptr::null_mut();
+        check(rf_runtime_create(std::ptr::null(), &mut rt));
+        let bc = CString::new(bp.to_str().unwrap()).unwrap();
+        let mut b: *mut rf_eigen_basis = std::ptr::null_mut();
+        check(rf_eigen_basis_load(rt, bc.as_ptr(), &mut b));
+        let mut eas: Vec<*mut rf_eigen_adapter> = Vec::new();
+        let mut dense: Vec<*mut rf_adapter> = Vec::new();
+        for lp in &lps {
+            let mut ea: *mut rf_eigen_adapter = std::ptr::null_mut();
+            check(rf_eigen_adapter_load(b, lp.as_ptr(), &mut ea));
+            let mut d: *mut rf_adapter = std::ptr::null_mut();
+            check(rf_eigen_adapter_to_adapter(b, ea, &mut d));
+            eas.push(ea);
+            dense.push(d);
+        }
+        let mc = CString::new(module).unwrap();
+        let row_slot = [1i32, 0, -1, 1, 0];
+        let mut y1 = vec![0f32; m * n];
+        let mut y1m = mat(y1.as_mut_ptr(), m, n);
+        let ptrs: Vec<*const rf_eigen_adapter> = eas.iter().map(|&p| p as *const _).collect();
+        check(rf_eigen_linear(
+            rt,
+            b,
+            mc.as_ptr(),
+            &xm,
+            &wm,
+            std::ptr::null(),
+            ptrs.as_ptr(),
+            2,
+            row_slot.as_ptr(),
+            &mut y1m,
+        ));
+        let mut slots = Vec::new();
+        for &d in &dense {
+            let mut l: *mut rf_lora = std::ptr::null_mut();
+            check(rf_adapter_module(d, mc.as_ptr(), &mut l));
+            slots.push(rf_lora_slot {
+                lora: l,
+                rank: 0,
+                scale_mult: 1.0,
+            });
+        }
+        let mut y2 = vec![0f32; m * n];
+        let mut y2m = mat(y2.as_mut_ptr(), m, n);
+        check(rf_linear(
+            rt,
+            &xm,
+            &wm,
+            std::ptr::null(),
+            slots.as_ptr(),
+            2,
+            row_slot.as_ptr(),
+            &mut y2m,
+        ));
+        for (a, bb) in y1.iter().zip(&y2) {
+            assert!((a - bb).abs() <= 1e-4 + 1e-5 * bb.abs(), "{a} vs {bb}");
+        }
+        // A module the basis lacks is NOT_FOUND naming it.
+        let bad = CString::new("layers.9.nope").unwrap();
+        let e = rf_eigen_linear(
+            rt,
+            b,
+            bad.as_ptr(),
+            &xm,
+            &wm,
+            std::ptr::null(),
+            ptrs.as_ptr(),
+            2,
+            row_slot.as_ptr(),
+            &mut y1m,
+        );
+        assert!(CStr::from_ptr(rf_error_message(e))
+            .to_string_lossy()
+            .contains("layers.9.nope"));
+        rf_error_free(e);
+        for d in dense {
+            rf_adapter_free(d);
+        }
+        for ea in eas {
+            rf_eigen_adapter_free(ea);
+        }
+        rf_eigen_basis_free(b);
+        rf_runtime_free(rt);
+    }
+}

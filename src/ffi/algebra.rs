@@ -230,3 +230,184 @@ pub unsafe extern "C" fn rf_lora_unmerge(
 ) -> *mut rf_error {
     boundary!({ merge_common(rt, lora, rank, scale_mult, w_inout, true) })
 }
+
+/// An EigenLoRAx basis (`rankfuse eigen build` output). Immutable; thread-safe.
+pub struct rf_eigen_basis {
+    inner: crate::algebra::eigen::Basis,
+}
+
+/// An adapter as loadings on an EigenLoRAx basis (`rankfuse eigen project` output). Immutable;
+/// thread-safe.
+pub struct rf_eigen_adapter {
+    inner: crate::algebra::eigen::EigenAdapter,
+}
+
+/// Loads a basis file (`<module>.eigen_A` / `<module>.eigen_B`). The caller owns `*out` (free
+/// with `rf_eigen_basis_free`).
+#[no_mangle]
+pub unsafe extern "C" fn rf_eigen_basis_load(
+    rt: *mut rf_runtime,
+    path: *const c_char,
+    out: *mut *mut rf_eigen_basis,
+) -> *mut rf_error {
+    boundary!({
+        let _rt = arg_ref(rt, "rt")?;
+        let path = arg_str(path, "path")?;
+        let out = arg_out(out, "out")?;
+        let inner = crate::algebra::eigen::Basis::load(Path::new(path))?;
+        *out = Box::into_raw(Box::new(rf_eigen_basis { inner }));
+        Ok(())
+    })
+}
+
+/// Frees a basis; NULL is accepted. Adapters loaded against it stay valid (they hold loadings
+/// only), but need a live basis for `rf_eigen_linear`.
+#[no_mangle]
+pub unsafe extern "C" fn rf_eigen_basis_free(b: *mut rf_eigen_basis) {
+    boundary_value!((), {
+        if !b.is_null() {
+            drop(Box::from_raw(b));
+        }
+    })
+}
+
+/// Loads loadings (`<module>.alpha_A` / `<module>.alpha_B`, K x r) and checks them against
+/// `basis` (every module present, K equal). The caller owns `*out` (free with
+/// `rf_eigen_adapter_free`).
+#[no_mangle]
+pub unsafe extern "C" fn rf_eigen_adapter_load(
+    basis: *const rf_eigen_basis,
+    path: *const c_char,
+    out: *mut *mut rf_eigen_adapter,
+) -> *mut rf_error {
+    boundary!({
+        let b = arg_ref(basis, "basis")?;
+        let path = arg_str(path, "path")?;
+        let out = arg_out(out, "out")?;
+        let name = Path::new(path)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let inner = crate::algebra::eigen::EigenAdapter::load(Path::new(path), &name)?;
+        for m in inner.modules.values() {
+            let bm = b.inner.module(&m.name).map_err(|e| e.context(path))?;
+            if bm.k() != m.alpha_a.nrows() {
+                return Err(Error::shape(format!(
+                    "file '{path}': module '{}' has {} components, the basis has {}",
+                    m.name,
+                    m.alpha_a.nrows(),
+                    bm.k()
+                )));
+            }
+        }
+        *out = Box::into_raw(Box::new(rf_eigen_adapter { inner }));
+        Ok(())
+    })
+}
+
+/// Frees an eigen adapter; NULL is accepted.
+#[no_mangle]
+pub unsafe extern "C" fn rf_eigen_adapter_free(a: *mut rf_eigen_adapter) {
+    boundary_value!((), {
+        if !a.is_null() {
+            drop(Box::from_raw(a));
+        }
+    })
+}
+
+/// The dense reconstruction of an eigen adapter as an ordinary adapter (A = alpha_A^T C_A^T,
+/// B = C_B alpha_B, F32, fixed scale 1): its modules work in every `rf_linear` slot. The caller owns
+/// `*out` (free with `rf_adapter_free`).
+#[no_mangle]
+pub unsafe extern "C" fn rf_eigen_adapter_to_adapter(
+    basis: *const rf_eigen_basis,
+    a: *const rf_eigen_adapter,
+    out: *mut *mut super::handles::rf_adapter,
+) -> *mut rf_error {
+    boundary!({
+        let b = arg_ref(basis, "basis")?;
+        let a = arg_ref(a, "a")?;
+        let out = arg_out(out, "out")?;
+        let ad = a.inner.to_adapter(&b.inner, DType::F32)?;
+        *out = Box::into_raw(Box::new(super::handles::rf_adapter::new(ad)?));
+        Ok(())
+    })
+}
+
+/// EigenLoRAx serving for one module: y = x W^T + bias + Δy, Δy = ((x C_A) core_s) C_B^T with
+/// core_s = alpha_A alpha_B^T of the row's eigen adapter. z = x C_A is computed once for all rows and
+/// adapters; C_B^T is applied once for all rows. `adapters[s]` (NULL = empty slot) are eigen
+/// adapters on `basis`; `row_slot` as in `rf_linear` (NULL = every adapter on every row; -1 = base
+/// only). Shapes as in `rf_linear`; y is written in its dtype after f32 accumulation.
+/// Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn rf_eigen_linear(
+    rt: *mut rf_runtime,
+    basis: *const rf_eigen_basis,
+    module: *const c_char,
+    x: *const rf_matrix,
+    w: *const rf_matrix,
+    bias: *const rf_matrix,
+    adapters: *const *const rf_eigen_adapter,
+    n_adapters: usize,
+    row_slot: *const i32,
+    y: *mut rf_matrix,
+) -> *mut rf_error {
+    boundary!({
+        let rt = arg_ref(rt, "rt")?;
+        let b = arg_ref(basis, "basis")?;
+        let module = arg_str(module, "module")?;
+        let xd = read_matrix(x, "x")?;
+        let wd = read_matrix(w, "w")?;
+        let bd = if bias.is_null() {
+            None
+        } else {
+            Some(read_matrix(bias, "bias")?)
+        };
+        let yd = read_matrix(y, "y")?;
+        if n_adapters > 0 && adapters.is_null() {
+            return Err(Error::invalid(format!(
+                "argument 'adapters' is NULL with n_adapters = {n_adapters}"
+            )));
+        }
+        if n_adapters > (1 << 20) {
+            return Err(Error::invalid(format!(
+                "n_adapters = {n_adapters} is out of range"
+            )));
+        }
+        let bm = b.inner.module(module)?;
+        let raw: &[*const rf_eigen_adapter] = if n_adapters == 0 {
+            &[]
+        } else {
+            std::slice::from_raw_parts(adapters, n_adapters)
+        };
+        let mut slots = Vec::with_capacity(n_adapters);
+        for (i, &p) in raw.iter().enumerate() {
+            match p.as_ref() {
+                None => slots.push(None),
+                Some(a) => slots.push(Some(a.inner.modules.get(module).ok_or_else(|| {
+                    Error::not_found(format!(
+                        "adapters[{i}] ('{}') has no module '{module}'",
+                        a.inner.name
+                    ))
+                })?)),
+            }
+        }
+        let rs = if row_slot.is_null() {
+            None
+        } else {
+            Some(std::slice::from_raw_parts(row_slot, xd.rows))
+        };
+        let mut yv = yd.as_mut();
+        crate::algebra::eigen::eigen_linear(
+            &rt.inner,
+            xd.as_ref(),
+            wd.as_ref(),
+            bd.as_ref().map(|d| d.as_ref()),
+            bm,
+            &slots,
+            rs,
+            &mut yv,
+        )
+    })
+}
