@@ -356,7 +356,7 @@ void rf_eigen_adapter_free(rf_eigen_adapter *a);
 rf_error *rf_eigen_adapter_to_adapter(const rf_eigen_basis *basis, const rf_eigen_adapter *a, rf_adapter **out);
 
 /*
- EigenLoRAx serving for one module: y = x W^T + bias + Δy, Δy = ((x C_A) core_s) C_B^T with
+ EigenLoRAx serving for one module: y = x W^T + bias + dy, dy = ((x C_A) core_s) C_B^T with
  core_s = alpha_A alpha_B^T of the row's eigen adapter. z = x C_A is computed once for all rows and
  adapters; C_B^T is applied once for all rows. `adapters[s]` (NULL = empty slot) are eigen
  adapters on `basis`; `row_slot` as in `rf_linear` (NULL = every adapter on every row; -1 = base
