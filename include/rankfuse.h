@@ -13,6 +13,11 @@
 
 
 /*
+ Default fixed scale of a KRAdapter.
+ */
+#define DEFAULT_SCALE 2.0
+
+/*
  ABI version; bumped on any change to an existing signature or struct layout.
  */
 #define RF_ABI_VERSION 1
@@ -83,6 +88,17 @@ typedef enum {
 typedef struct rf_adapter rf_adapter;
 
 /*
+ An adapter as loadings on an EigenLoRAx basis (`rankfuse eigen project` output). Immutable;
+ thread-safe.
+ */
+typedef struct rf_eigen_adapter rf_eigen_adapter;
+
+/*
+ An EigenLoRAx basis (`rankfuse eigen build` output). Immutable; thread-safe.
+ */
+typedef struct rf_eigen_basis rf_eigen_basis;
+
+/*
  An error object. Owned by the caller after a function returns it; free with `rf_error_free`.
  Not thread-safe to free twice; safe to read from several threads.
  */
@@ -116,6 +132,64 @@ typedef struct {
   rf_scaling scaling;
   rf_dtype dtype;
 } rf_lora_info;
+
+/*
+ Options of `rf_extract_peft`. Fill with `rf_extract_options_default`, then change fields.
+ */
+typedef struct {
+  /*
+   sizeof(rf_extract_options).
+   */
+  uint32_t struct_size;
+  /*
+   A fixed rank for every layer; 0 = choose by `energy`.
+   */
+  uint32_t rank;
+  /*
+   With rank == 0: the smallest rank whose energy sum(s_i^2) / ||dW||_F^2 reaches this,
+   0 < energy <= 1 (default 0.90).
+   */
+  double energy;
+  /*
+   Rank cap per layer (default 128).
+   */
+  uint32_t max_rank;
+  /*
+   Nonzero: write rsLoRA (lora_alpha = sqrt(r)); else LoRA (lora_alpha = r). Scale 1 either way.
+   */
+  uint32_t rslora;
+  /*
+   Comma-separated module globs ('*' crosses dots); NULL or "" = every 2-D ".weight".
+   */
+  const char *modules;
+  /*
+   dtype of the written A and B (default F32).
+   */
+  rf_dtype dtype;
+  /*
+   Randomized SVD: oversampling columns (default 20) and power iterations (default 7).
+   */
+  uint32_t oversample;
+  uint32_t power_iters;
+  /*
+   Seed of the Gaussian sketch.
+   */
+  uint64_t seed;
+  /*
+   Layers processed at once; 0 = the runtime's threads. Each holds its dW in f32.
+   */
+  uint32_t threads;
+  /*
+   Nonzero: also write energy.svg.
+   */
+  uint32_t write_svg;
+} rf_extract_options;
+
+/*
+ Progress of a long call: `done` of `total` steps finished, `what` = the tensor just done
+ (valid during the call only). Called from worker threads, never two calls at once.
+ */
+typedef void (*rf_progress_fn)(void *user, size_t done, size_t total, const char *what);
 
 /*
  A 2-D row-major matrix view. `data` is a host pointer on a CPU runtime and a CUDA device
@@ -167,6 +241,11 @@ typedef struct {
 
 
 
+/*
+ The ranks of the mixed case: 16 adapters, ranks 8..64.
+ */
+#define MIXED_RANKS { 8, 16, 32, 64, 8, 16, 32, 64, 8, 16, 32, 64, 8, 16, 32, 64, }
+
 
 
 #ifdef __cplusplus
@@ -217,6 +296,79 @@ rf_error *rf_lora_info_get(const rf_lora *l, rf_lora_info *out);
  not call while another thread runs `rf_linear` with it.
  */
 rf_error *rf_lora_set_rank(rf_lora *l, uint32_t rank);
+
+/*
+ Fills `*out` with the defaults (struct_size set, energy 0.90, max_rank 128, F32, ...).
+ */
+rf_error *rf_extract_options_default(rf_extract_options *out);
+
+/*
+ PHLoRA: extracts a LoRA adapter from a full fine-tune. For every 2-D `<module>.weight` in both
+ `base_path` and `tuned_path` (safetensors files or `.safetensors.index.json`) with the same
+ shape and matching `opts->modules`, dW = W_tuned - W_base is factored by a randomized
+ truncated SVD; B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T. Writes a PEFT folder (rank_pattern /
+ alpha_pattern) plus extract_report.json / .md to `out_dir` (created if missing).
+ `opts` NULL = defaults. `progress` may be NULL; it is called once per layer, from worker
+ threads, one call at a time, with `user`. Weights are read layer by layer from memory maps.
+ Errors name the tensor (missing from tuned, shapes differ, more than 2 dims). Thread-safe.
+ */
+rf_error *rf_extract_peft(rf_runtime *rt, const char *base_path, const char *tuned_path, const rf_extract_options *opts, rf_progress_fn progress, void *user, const char *out_dir);
+
+/*
+ W <- W + scale * B[:, :r] A[:r] in place (r = `rank`, 0 = the lora's current rank; scale =
+ the lora's scale at r times `scale_mult`). `w_inout` is the caller's writable out x in buffer
+ (any dtype, ld >= cols); accumulation is f32, each element rounded once to W's dtype. Shapes
+ that do not match the module are RF_STATUS_SHAPE naming it. Needs exclusive access to the
+ buffer; the lora is only read (other threads may compute with it).
+ */
+rf_error *rf_lora_merge(rf_runtime *rt, const rf_lora *lora, uint32_t rank, float scale_mult, rf_matrix *w_inout);
+
+/*
+ The inverse of `rf_lora_merge`: W <- W - scale * B[:, :r] A[:r]. Merge then unmerge returns W
+ within one rounding of its dtype per step. Same rules as `rf_lora_merge`.
+ */
+rf_error *rf_lora_unmerge(rf_runtime *rt, const rf_lora *lora, uint32_t rank, float scale_mult, rf_matrix *w_inout);
+
+/*
+ Loads a basis file (`<module>.eigen_A` / `<module>.eigen_B`). The caller owns `*out` (free
+ with `rf_eigen_basis_free`).
+ */
+rf_error *rf_eigen_basis_load(rf_runtime *rt, const char *path, rf_eigen_basis **out);
+
+/*
+ Frees a basis; NULL is accepted. Adapters loaded against it stay valid (they hold loadings
+ only), but need a live basis for `rf_eigen_linear`.
+ */
+void rf_eigen_basis_free(rf_eigen_basis *b);
+
+/*
+ Loads loadings (`<module>.alpha_A` / `<module>.alpha_B`, K x r) and checks them against
+ `basis` (every module present, K equal). The caller owns `*out` (free with
+ `rf_eigen_adapter_free`).
+ */
+rf_error *rf_eigen_adapter_load(const rf_eigen_basis *basis, const char *path, rf_eigen_adapter **out);
+
+/*
+ Frees an eigen adapter; NULL is accepted.
+ */
+void rf_eigen_adapter_free(rf_eigen_adapter *a);
+
+/*
+ The dense reconstruction of an eigen adapter as an ordinary adapter (A = alpha_A^T C_A^T,
+ B = C_B alpha_B, F32, fixed scale 1): its modules work in every `rf_linear` slot. The caller owns
+ `*out` (free with `rf_adapter_free`).
+ */
+rf_error *rf_eigen_adapter_to_adapter(const rf_eigen_basis *basis, const rf_eigen_adapter *a, rf_adapter **out);
+
+/*
+ EigenLoRAx serving for one module: y = x W^T + bias + dy, dy = ((x C_A) core_s) C_B^T with
+ core_s = alpha_A alpha_B^T of the row's eigen adapter. z = x C_A is computed once for all rows and
+ adapters; C_B^T is applied once for all rows. `adapters[s]` (NULL = empty slot) are eigen
+ adapters on `basis`; `row_slot` as in `rf_linear` (NULL = every adapter on every row; -1 = base
+ only). Shapes as in `rf_linear`; y is written in its dtype after f32 accumulation.
+ Thread-safe.
+ */
+rf_error *rf_eigen_linear(rf_runtime *rt, const rf_eigen_basis *basis, const char *module, const rf_matrix *x, const rf_matrix *w, const rf_matrix *bias, const rf_eigen_adapter *const *adapters, size_t n_adapters, const int32_t *row_slot, rf_matrix *y);
 
 /*
  Allocates `bytes` of device memory on the runtime's GPU; `*out` receives the device pointer.

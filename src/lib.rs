@@ -4,6 +4,7 @@
 //! `#[no_mangle]`) and is described by `include/rankfuse.h`.
 
 pub mod adapter;
+pub mod algebra;
 pub mod backend;
 pub mod bench;
 pub mod dtype;

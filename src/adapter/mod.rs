@@ -1,5 +1,6 @@
 //! Adapters: a named set of per-module low-rank modules.
 
+pub mod kron;
 pub mod lora;
 pub mod pattern;
 pub mod peft;

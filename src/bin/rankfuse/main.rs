@@ -3,7 +3,10 @@
 mod apply;
 mod bench;
 mod demo;
+mod eigen;
+mod extract;
 mod inspect;
+mod merge;
 
 use clap::{Parser, Subcommand};
 use rankfuse::{Runtime, RuntimeOptions};
@@ -34,6 +37,14 @@ enum Cmd {
     Demo,
     /// Times fused vs base-only vs naive unfused (JSON + a table).
     Bench(bench::Args),
+    /// PHLoRA: a LoRA adapter (PEFT folder) from base + fully fine-tuned weights.
+    Extract(extract::Args),
+    /// Times the randomized truncated SVD against faer's full SVD (same run).
+    ExtractBench(extract::BenchArgs),
+    /// Merges (or unmerges) a PEFT adapter into base weights, writing a new safetensors file.
+    Merge(merge::Args),
+    /// EigenLoRAx: a shared principal basis for many adapters, and adapters as loadings on it.
+    Eigen(eigen::Args),
 }
 
 fn main() {
@@ -54,6 +65,10 @@ fn main() {
         Cmd::Apply(a) => apply::run(&rt, &a),
         Cmd::Demo => demo::run(&rt),
         Cmd::Bench(a) => bench::run(&rt, &a),
+        Cmd::Extract(a) => extract::run(&rt, &a),
+        Cmd::ExtractBench(a) => extract::bench(&rt, &a),
+        Cmd::Merge(a) => merge::run(&rt, &a),
+        Cmd::Eigen(a) => eigen::run(&rt, &a),
     };
     if let Err(e) = r {
         fail(e)
