@@ -11,7 +11,9 @@ pub mod error;
 pub mod ffi;
 pub mod matrix;
 pub mod rng;
+pub mod rank;
 pub mod runtime;
+pub mod train;
 pub mod weights;
 
 pub use adapter::{Adapter, Lora, Scaling};

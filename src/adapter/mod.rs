@@ -51,6 +51,9 @@ impl Adapter {
     pub fn modules(&self) -> impl Iterator<Item = &Lora> {
         self.modules.iter().map(|b| &**b)
     }
+    pub fn modules_mut(&mut self) -> impl Iterator<Item = &mut Lora> {
+        self.modules.iter_mut().map(|b| &mut **b)
+    }
     pub fn module_at(&self, i: usize) -> Option<&Lora> {
         self.modules.get(i).map(|b| &**b)
     }

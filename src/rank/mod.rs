@@ -1,0 +1,4 @@
+//! Dynamic ranks: DyLoRA truncation sampling, importance scores, ElaLoRA prune/grow, and
+//! RankAdaptor's per-layer rank search.
+
+pub mod dylora;
