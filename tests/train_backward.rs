@@ -48,10 +48,30 @@ fn check_close(what: &str, got: f64, want: f64, atol: f64, rtol: f64) {
 #[test]
 fn optimized_matches_reference_all_dtypes_modes_shapes() {
     let cases = [
-        Case { m: 1, n: 1, k: 1, r: 1 },
-        Case { m: 7, n: 13, k: 19, r: 3 },
-        Case { m: 13, n: 300, k: 270, r: 5 },
-        Case { m: 6, n: 17, k: 33, r: 8 },
+        Case {
+            m: 1,
+            n: 1,
+            k: 1,
+            r: 1,
+        },
+        Case {
+            m: 7,
+            n: 13,
+            k: 19,
+            r: 3,
+        },
+        Case {
+            m: 13,
+            n: 300,
+            k: 270,
+            r: 5,
+        },
+        Case {
+            m: 6,
+            n: 17,
+            k: 33,
+            r: 8,
+        },
     ];
     let mut rng = SplitMix64::new(7);
     for dt in DType::ALL {
@@ -98,22 +118,48 @@ fn optimized_matches_reference_all_dtypes_modes_shapes() {
                         p.check(Some(&dxv)).unwrap();
                         backward::backward(
                             &p,
-                            GradsMut { da: &mut da, db: &mut db, ldb: cap, de: &mut de },
+                            GradsMut {
+                                da: &mut da,
+                                db: &mut db,
+                                ldb: cap,
+                                de: &mut de,
+                            },
                             Some(&mut dxv),
                         );
                     }
                     let tol = rtol(dt);
                     // Inputs are exact in dt; the optimized kernel accumulates in f32.
                     let atol = 2e-5 * (c.k.max(c.n).max(c.m) as f64);
-                    let ctx = format!("{dt:?} m{} n{} k{} r{} {mode:?} gains={with_gains}", c.m, c.n, c.k, c.r);
+                    let ctx = format!(
+                        "{dt:?} m{} n{} k{} r{} {mode:?} gains={with_gains}",
+                        c.m, c.n, c.k, c.r
+                    );
                     for i in 0..c.r {
                         for kk in 0..c.k {
-                            check_close(&format!("{ctx} dA[{i},{kk}]"), da[i * c.k + kk] as f64, reference.da[i * c.k + kk], atol, 1e-5);
+                            check_close(
+                                &format!("{ctx} dA[{i},{kk}]"),
+                                da[i * c.k + kk] as f64,
+                                reference.da[i * c.k + kk],
+                                atol,
+                                1e-5,
+                            );
                         }
                         for j in 0..c.n {
-                            check_close(&format!("{ctx} dB[{j},{i}]"), db[j * cap + i] as f64, reference.db[j * c.r + i], atol, 1e-5);
+                            check_close(
+                                &format!("{ctx} dB[{j},{i}]"),
+                                db[j * cap + i] as f64,
+                                reference.db[j * c.r + i],
+                                atol,
+                                1e-5,
+                            );
                         }
-                        check_close(&format!("{ctx} dE[{i}]"), de[i] as f64, reference.de[i], atol, 1e-5);
+                        check_close(
+                            &format!("{ctx} dE[{i}]"),
+                            de[i] as f64,
+                            reference.de[i],
+                            atol,
+                            1e-5,
+                        );
                     }
                     let dxo = dxm.to_f32_vec();
                     for (i, (&g, &w)) in dxo.iter().zip(&reference.dx).enumerate() {
@@ -127,7 +173,19 @@ fn optimized_matches_reference_all_dtypes_modes_shapes() {
 
 /// f64 forward loss L = sum(dy ⊙ y) over the adapter part, for finite differences.
 #[allow(clippy::too_many_arguments)]
-fn loss(x: &[f64], a: &[f64], b: &[f64], e: &[f64], dy: &[f64], w: &[f64], m: usize, n: usize, k: usize, r: usize, s: f64) -> f64 {
+fn loss(
+    x: &[f64],
+    a: &[f64],
+    b: &[f64],
+    e: &[f64],
+    dy: &[f64],
+    w: &[f64],
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    s: f64,
+) -> f64 {
     let mut l = 0.0;
     for i in 0..m {
         let t: Vec<f64> = (0..r)
@@ -152,8 +210,19 @@ fn reference_matches_finite_differences() {
             .iter()
             .map(|&(a, b)| rand_mat(&mut rng, dt, a, b))
             .collect();
-        let f64v = |mm: &Matrix| mm.to_f32_vec().iter().map(|&v| v as f64).collect::<Vec<f64>>();
-        let (x, w, dy, a, b) = (f64v(&mats[0]), f64v(&mats[1]), f64v(&mats[2]), f64v(&mats[3]), f64v(&mats[4]));
+        let f64v = |mm: &Matrix| {
+            mm.to_f32_vec()
+                .iter()
+                .map(|&v| v as f64)
+                .collect::<Vec<f64>>()
+        };
+        let (x, w, dy, a, b) = (
+            f64v(&mats[0]),
+            f64v(&mats[1]),
+            f64v(&mats[2]),
+            f64v(&mats[3]),
+            f64v(&mats[4]),
+        );
         let gains = [1.3f32, 0.7, -0.4];
         let e: Vec<f64> = gains.iter().map(|&g| g as f64).collect();
         for mode in [Mode::Nested, Mode::Frozen] {
@@ -270,7 +339,17 @@ fn dx_matches_reference_through_the_rust_api() {
     let dy = rand_mat(&mut rng, DType::F32, m, n);
     let mut dxv = vec![0f32; m * (k + 2)];
     let mut dx = MatMut::from_slice(&mut dxv, m, k, k + 2).unwrap();
-    train::backward(&rt, &mut l, x.view(), w.view(), dy.view(), 3, Mode::Nested, Some(&mut dx)).unwrap();
+    train::backward(
+        &rt,
+        &mut l,
+        x.view(),
+        w.view(),
+        dy.view(),
+        3,
+        Mode::Nested,
+        Some(&mut dx),
+    )
+    .unwrap();
     let grad = vec![true; 3];
     let p = BackwardProblem {
         x: x.view(),
@@ -286,11 +365,27 @@ fn dx_matches_reference_through_the_rust_api() {
     let r = backward::reference(&p);
     for i in 0..m {
         for kk in 0..k {
-            check_close("dx", dxv[i * (k + 2) + kk] as f64, r.dx[i * k + kk], 1e-4, 1e-5);
+            check_close(
+                "dx",
+                dxv[i * (k + 2) + kk] as f64,
+                r.dx[i * k + kk],
+                1e-4,
+                1e-5,
+            );
         }
     }
     // Wrong shapes are errors naming the module.
     let bad = rand_mat(&mut rng, DType::F32, m, n + 1);
-    let e = train::backward(&rt, &mut l, x.view(), w.view(), bad.view(), 0, Mode::Nested, None).unwrap_err();
+    let e = train::backward(
+        &rt,
+        &mut l,
+        x.view(),
+        w.view(),
+        bad.view(),
+        0,
+        Mode::Nested,
+        None,
+    )
+    .unwrap_err();
     assert!(e.message.contains("module 'm'"), "{}", e.message);
 }

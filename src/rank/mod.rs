@@ -2,3 +2,6 @@
 //! RankAdaptor's per-layer rank search.
 
 pub mod dylora;
+pub mod elalora;
+pub mod importance;
+pub mod schedule;

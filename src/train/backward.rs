@@ -95,7 +95,9 @@ impl BackwardProblem<'_> {
             )));
         }
         if self.grad.len() != r || self.gains.is_some_and(|g| g.len() != r) {
-            return Err(Error::internal("backward: component vectors have the wrong length"));
+            return Err(Error::internal(
+                "backward: component vectors have the wrong length",
+            ));
         }
         if let Some(dx) = dx {
             if dx.rows != m || dx.cols != k {
@@ -115,7 +117,10 @@ impl BackwardProblem<'_> {
             }
         }
         if !self.scale.is_finite() {
-            return Err(Error::invalid(format!("scale {} is not finite", self.scale)));
+            return Err(Error::invalid(format!(
+                "scale {} is not finite",
+                self.scale
+            )));
         }
         Ok(())
     }
@@ -424,6 +429,7 @@ fn micro<F: Fma, const R: usize>(
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn micro_any<F: Fma>(
     rows: usize,
     d: &[f32],
@@ -446,6 +452,7 @@ fn micro_any<F: Fma>(
 
 /// One task: dx columns c0..c0+kc for all m rows, into `out` (m x kc).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn gemm_task<F: Fma>(
     d: &[f32],
     ldd: usize,

@@ -5,6 +5,7 @@
 //! `&mut Lora`: changing an adapter needs exclusive access (the C ABI documents the same rule).
 
 pub mod backward;
+pub mod resume;
 pub mod state;
 
 pub use backward::Mode;
@@ -47,7 +48,10 @@ pub fn backward(
     let name = lora.name.clone();
     let Lora { a, b, train, .. } = lora;
     let t = train.as_deref_mut().expect("checked by grad_components");
-    let gains: Option<Vec<f32>> = t.gains_eff.as_ref().map(|_| (0..r).map(|c| t.gain(c)).collect());
+    let gains: Option<Vec<f32>> = t
+        .gains_eff
+        .as_ref()
+        .map(|_| (0..r).map(|c| t.gain(c)).collect());
     let av = a.view();
     let bv = b.view();
     let p = BackwardProblem {
@@ -61,7 +65,8 @@ pub fn backward(
         grad: &grad,
         want_de: t.e.is_some(),
     };
-    p.check(dx.as_deref()).map_err(|e| e.context(format!("module '{name}'")))?;
+    p.check(dx.as_deref())
+        .map_err(|e| e.context(format!("module '{name}'")))?;
     let cap = t.capacity();
     let g = GradsMut {
         da: &mut t.ga,
@@ -255,7 +260,11 @@ pub fn clip_grad_norm(adapter: &mut Adapter, max_norm: f32) -> Result<f64> {
         let f = (max_norm as f64 / (norm + 1e-6)) as f32;
         for l in adapter.modules_mut() {
             let t = l.train_state_mut()?;
-            for v in t.ga.iter_mut().chain(t.gb.iter_mut()).chain(t.ge.iter_mut()) {
+            for v in
+                t.ga.iter_mut()
+                    .chain(t.gb.iter_mut())
+                    .chain(t.ge.iter_mut())
+            {
                 *v *= f;
             }
         }

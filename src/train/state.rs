@@ -278,6 +278,31 @@ impl Lora {
         Ok(())
     }
 
+    /// Replaces A (capacity x in) and B (out x capacity), row-major f32, in the masters and the
+    /// forward's copies; resets the optimizer state.
+    pub fn set_weights(&mut self, a: &[f32], b: &[f32]) -> Result<()> {
+        let (k, n, cap) = (self.in_features, self.out_features, self.capacity);
+        if a.len() != cap * k || b.len() != n * cap {
+            return Err(Error::shape(format!(
+                "module '{}': A must be {cap} x {k} and B {n} x {cap}; got {} and {} values",
+                self.name,
+                a.len(),
+                b.len()
+            )));
+        }
+        if a.iter().chain(b).any(|v| !v.is_finite()) {
+            return Err(Error::numeric(format!(
+                "module '{}': new weights contain NaN or infinity",
+                self.name
+            )));
+        }
+        let t = self.train_state_mut()?;
+        t.a.copy_from_slice(a);
+        t.b.copy_from_slice(b);
+        t.reset_optimizer();
+        self.sync_from_master()
+    }
+
     /// The forward's gains for the first `r` components (None when no gains and no mask).
     pub fn gains_view(&self, r: usize) -> Option<MatRef<'_>> {
         let g = self.train.as_deref()?.gains_eff.as_ref()?;
