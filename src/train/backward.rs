@@ -373,6 +373,18 @@ pub fn backward(p: &BackwardProblem<'_>, g: GradsMut<'_>, dx: Option<&mut MatMut
     nn_gemm(&dyf, ldd, m, &p.w, &af, dx);
 }
 
+/// dx = dy · W for a layer without an adapter (or to time the base part): the same blocked
+/// GEMM the backward uses. Runs on the current rayon pool.
+pub fn input_grad(dy: MatRef<'_>, w: MatRef<'_>, dx: &mut MatMut<'_>) {
+    assert!(
+        dy.cols == w.rows && dx.rows == dy.rows && dx.cols == w.cols,
+        "input_grad shapes"
+    );
+    let n = w.rows;
+    let d = to_f32(&dy, n);
+    nn_gemm(&d, n, dy.rows, &w, &[], dx);
+}
+
 // ---- dx = [dy | P] · [W ; A_r]: an NN GEMM with packed row panels ----
 
 const MR: usize = 6;
@@ -383,17 +395,21 @@ const KC: usize = 256;
 const JB: usize = 256;
 
 trait Fma {
+    /// True on the path that checked AVX2+FMA at runtime.
+    const HW: bool;
     fn fma(a: f32, b: f32, c: f32) -> f32;
 }
 struct HwFma;
 struct NoFma;
 impl Fma for HwFma {
+    const HW: bool = true;
     #[inline(always)]
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     }
 }
 impl Fma for NoFma {
+    const HW: bool = false;
     #[inline(always)]
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a * b + c
@@ -428,6 +444,50 @@ fn micro<F: Fma, const R: usize>(
     }
 }
 
+/// The AVX2+FMA 6 x 16 tile: 12 accumulators in registers, two panel loads and six broadcasts
+/// per reduction step.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `d` must hold 6 rows (stride `ldd`) of `jb` readable floats
+/// and `panel` `jb * 16` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn micro_6x16_avx2(
+    d: *const f32,
+    ldd: usize,
+    panel: *const f32,
+    jb: usize,
+    acc: &mut [[f32; NR]; MR],
+) {
+    use std::arch::x86_64::*;
+    let mut c = [[_mm256_setzero_ps(); 2]; MR];
+    let rows = [
+        d,
+        d.add(ldd),
+        d.add(2 * ldd),
+        d.add(3 * ldd),
+        d.add(4 * ldd),
+        d.add(5 * ldd),
+    ];
+    for j in 0..jb {
+        let b0 = _mm256_loadu_ps(panel.add(j * NR));
+        let b1 = _mm256_loadu_ps(panel.add(j * NR + 8));
+        for (r, cr) in c.iter_mut().enumerate() {
+            let a = _mm256_broadcast_ss(&*rows[r].add(j));
+            cr[0] = _mm256_fmadd_ps(a, b0, cr[0]);
+            cr[1] = _mm256_fmadd_ps(a, b1, cr[1]);
+        }
+    }
+    for (r, cr) in c.iter().enumerate() {
+        let mut t = [0f32; NR];
+        _mm256_storeu_ps(t.as_mut_ptr(), cr[0]);
+        _mm256_storeu_ps(t.as_mut_ptr().add(8), cr[1]);
+        for l in 0..NR {
+            acc[r][l] += t[l];
+        }
+    }
+}
+
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn micro_any<F: Fma>(
@@ -440,6 +500,15 @@ fn micro_any<F: Fma>(
     panel: &[f32],
     acc: &mut [[f32; NR]; MR],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if F::HW && rows == MR {
+            assert!((i0 + MR - 1) * ldd + j0 + jb <= d.len() && panel.len() >= jb * NR);
+            // SAFETY: F::HW is only used on the path that checked AVX2+FMA; bounds asserted above.
+            unsafe { micro_6x16_avx2(d.as_ptr().add(i0 * ldd + j0), ldd, panel.as_ptr(), jb, acc) };
+            return;
+        }
+    }
     match rows {
         6 => micro::<F, 6>(d, ldd, i0, j0, jb, panel, acc),
         5 => micro::<F, 5>(d, ldd, i0, j0, jb, panel, acc),
