@@ -379,12 +379,10 @@ impl Weights {
             [] => (1, 1),
             [n] => (1, *n),
             [r, c] => (*r, *c),
-            s => {
-                return Err(Error::format(format!(
+            s => return Err(Error::format(format!(
                 "file '{}': tensor '{name}' has shape {s:?}; only 1-D and 2-D tensors are matrices",
                 self.path.display()
-            )))
-            }
+            ))),
         };
         let bytes = &self.shards[t.shard].backing.bytes()[t.start..t.end];
         MatRef::from_bytes(bytes, dtype, rows, cols, cols.max(1))

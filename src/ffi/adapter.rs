@@ -2,7 +2,7 @@
 
 use super::boundary::{arg_out, arg_ref, arg_str};
 use super::error::rf_error;
-use super::handles::{lora_ptr_mut, lora_ref, rf_adapter, rf_lora, rf_runtime};
+use super::handles::{lora_ref, rf_adapter, rf_lora, rf_runtime};
 use super::types::*;
 use crate::adapter::peft;
 use crate::error::Error;
@@ -89,12 +89,10 @@ pub unsafe extern "C" fn rf_adapter_module(
     out: *mut *mut rf_lora,
 ) -> *mut rf_error {
     boundary!({
-        let a = arg_out(a, "a")?;
+        let a = arg_ref(a, "a")?;
         let module = arg_str(module, "module")?;
         let out = arg_out(out, "out")?;
-        // From a unique borrow, so training calls may later write through the handle.
-        a.inner.module(module)?;
-        *out = lora_ptr_mut(a.inner.get_mut(module).expect("checked above"));
+        *out = a.inner.module_ptr(module)? as *mut rf_lora;
         Ok(())
     })
 }

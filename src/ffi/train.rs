@@ -8,7 +8,7 @@
 
 use super::boundary::{arg_out, arg_ref, arg_str};
 use super::error::rf_error;
-use super::handles::{c_name, lora_mut, lora_ptr_mut, lora_ref, rf_adapter, rf_lora, rf_runtime};
+use super::handles::{c_name, lora_mut, lora_ref, rf_adapter, rf_lora, rf_runtime};
 use super::linear::read_matrix;
 use super::types::*;
 use crate::adapter::{Adapter, Lora, Scaling};
@@ -181,8 +181,8 @@ pub unsafe extern "C" fn rf_adapter_add_lora(
             dtype,
             seed,
         )?;
-        let l = a.inner.add(l)?;
-        let p = lora_ptr_mut(l);
+        a.inner.add(l)?;
+        let p = a.inner.module_ptr(module)? as *mut rf_lora;
         a.names.push(cname);
         if !lora_out.is_null() {
             *lora_out = p;
