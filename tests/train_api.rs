@@ -464,3 +464,148 @@ fn saved_and_reloaded_adapter_reproduces_outputs() {
         assert_eq!(back.get("blk.0.fc1").unwrap().rank(), 4);
     }
 }
+
+#[test]
+fn c_abi_sampler_elalora_masks_clipping_and_resume() {
+    unsafe {
+        let mut rt = null_mut();
+        ok(rf_runtime_create(null(), &mut rt));
+        let mut ad = null_mut();
+        let name = CString::new("ela").unwrap();
+        ok(rf_adapter_new(name.as_ptr(), &mut ad));
+        let mut ls = Vec::new();
+        for i in 0..2 {
+            let m = CString::new(format!("blk.{i}.fc")).unwrap();
+            let mut l = null_mut();
+            ok(rf_adapter_add_lora(
+                ad,
+                m.as_ptr(),
+                6,
+                5,
+                4,
+                8.0,
+                2,
+                0,
+                i,
+                &mut l,
+            ));
+            ok(rf_lora_enable_gains(l, 1.0));
+            let mask = [1u8, 1, 1, 0];
+            ok(rf_lora_set_mask(l, mask.as_ptr(), 4));
+            let mut back = [9u8; 4];
+            ok(rf_lora_get_mask(l, back.as_mut_ptr(), 4));
+            assert_eq!(back, mask);
+            let e = rf_lora_set_mask(l, mask.as_ptr(), 3);
+            assert_eq!(rf_error_code(e), rf_status::RF_STATUS_SHAPE);
+            rf_error_free(e);
+            ls.push(l);
+        }
+        let mut s = null_mut();
+        ok(rf_dylora_sampler_create(5, 1, 3, &mut s));
+        let mut b = 0u32;
+        for _ in 0..20 {
+            ok(rf_dylora_sampler_next(s, &mut b));
+            assert!((1..=3).contains(&b));
+        }
+        rf_dylora_sampler_free(s);
+        let opts = rf_elalora_options {
+            struct_size: std::mem::size_of::<rf_elalora_options>() as u32,
+            target_total_rank: 4,
+            warmup_steps: 1,
+            final_steps: 1,
+            total_steps: 10,
+            interval: 2,
+            max_change: 1,
+            beta1: 0.85,
+            beta2: 0.85,
+            seed: 1,
+        };
+        let mut bad = opts;
+        bad.struct_size = 4;
+        let mut ela = null_mut();
+        let e = rf_elalora_create(ad, &bad, &mut ela);
+        assert_eq!(rf_error_code(e), rf_status::RF_STATUS_INVALID_ARGUMENT);
+        rf_error_free(e);
+        ok(rf_elalora_create(ad, &opts, &mut ela));
+        let mut rng = SplitMix64::new(2);
+        let mut x: Vec<f32> = rng.fill_uniform(3 * 6, -1.0, 1.0);
+        let mut w: Vec<f32> = rng.fill_uniform(5 * 6, -1.0, 1.0);
+        let mut changed_total = 0;
+        for step in 0..10u32 {
+            let mut dy: Vec<f32> = rng.fill_uniform(3 * 5, -1.0, 1.0);
+            ok(rf_adapter_zero_grad(ad));
+            for &l in &ls {
+                ok(rf_lora_backward(
+                    rt,
+                    l,
+                    &mat(&mut x, 3, 6),
+                    &mat(&mut w, 5, 6),
+                    &mat(&mut dy, 3, 5),
+                    0,
+                    0,
+                    null(),
+                ));
+            }
+            let mut norm = 0f64;
+            ok(rf_adapter_clip_grad_norm(ad, 0.5, &mut norm));
+            assert!(norm > 0.0);
+            let mut changed = 0;
+            ok(rf_elalora_update(ela, ad, step, &mut changed));
+            changed_total += changed;
+            ok(rf_adapter_adamw_step(ad, null()));
+        }
+        assert!(changed_total > 0);
+        let mut active = 0;
+        for &l in &ls {
+            let mut m = [0u8; 4];
+            ok(rf_lora_get_mask(l, m.as_mut_ptr(), 4));
+            active += m.iter().filter(|&&v| v == 1).count();
+        }
+        assert_eq!(active, 4);
+        rf_elalora_free(ela);
+        // Save, load, resume through the C ABI: outputs and masks come back.
+        let dir = tempfile::tempdir().unwrap();
+        let d = CString::new(dir.path().to_str().unwrap()).unwrap();
+        ok(rf_adapter_save_peft(ad, d.as_ptr()));
+        let mut back = null_mut();
+        ok(rankfuse::ffi::adapter::rf_adapter_load_peft(
+            rt,
+            d.as_ptr(),
+            &mut back,
+        ));
+        ok(rf_adapter_train_enable(back));
+        for (i, &l) in ls.iter().enumerate() {
+            let m = CString::new(format!("blk.{i}.fc")).unwrap();
+            let mut l2 = null_mut();
+            ok(rf_adapter_module(back, m.as_ptr(), &mut l2));
+            let (mut m1, mut m2) = ([0u8; 4], [0u8; 4]);
+            ok(rf_lora_get_mask(l, m1.as_mut_ptr(), 4));
+            ok(rf_lora_get_mask(l2, m2.as_mut_ptr(), 4));
+            assert_eq!(m1, m2);
+            let run = |lora: *mut rf_lora, x: &mut [f32], w: &mut [f32]| {
+                let mut y = [0f32; 15];
+                let slot = rf_lora_slot {
+                    lora,
+                    rank: 0,
+                    scale_mult: 1.0,
+                };
+                ok(rf_linear(
+                    rt,
+                    &mat(x, 3, 6),
+                    &mat(w, 5, 6),
+                    null(),
+                    &slot,
+                    1,
+                    null(),
+                    &mut mat(&mut y, 3, 5),
+                ));
+                y
+            };
+            let (y1, y2) = (run(l, &mut x, &mut w), run(l2, &mut x, &mut w));
+            assert!(rel_diff(&y2, &y1) <= 1e-6, "{y1:?} {y2:?}");
+        }
+        rf_adapter_free(back);
+        rf_adapter_free(ad);
+        rf_runtime_free(rt);
+    }
+}

@@ -77,7 +77,13 @@ pub fn save_meta(adapter: &Adapter) -> Result<Option<String>> {
         }
         if let Some(imp) = &t.importance {
             m.importance_e = Some((imp.ie.clone(), imp.ue.clone()));
-            m.scores = Some(crate::rank::importance::component_scores(l)?);
+            // Masked components score -inf, which JSON cannot hold: they are written as 0.
+            let sc = crate::rank::importance::component_scores(l)?;
+            m.scores = Some(
+                sc.into_iter()
+                    .map(|v| if v.is_finite() { v } else { 0.0 })
+                    .collect(),
+            );
         }
         all.insert(l.name.clone(), m);
     }
