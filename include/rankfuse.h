@@ -358,7 +358,9 @@ rf_error *rf_adapter_new(const char *name, rf_adapter **out);
  with a = sqrt(5) (U(-1/sqrt(in), 1/sqrt(in))) from `seed`, B = 0. `scaling` is an
  `rf_scaling` value (FIXED uses alpha / capacity, as AdaLoRA's alpha / r_init), `dtype` an
  `rf_dtype` value: the compute dtype the forward reads; masters and optimizer state are f32.
- `*lora_out` (may be NULL) is borrowed from the adapter. Needs exclusive access to `a`.
+ The module is appended to the adapter's module list (`rf_adapter_module_name` index
+ `count - 1`). `*lora_out` (may be NULL) is borrowed from the adapter. Needs exclusive access
+ to `a`.
  */
 rf_error *rf_adapter_add_lora(rf_adapter *a, const char *module, int64_t in_features, int64_t out_features, uint32_t capacity, float alpha, uint32_t scaling, uint32_t dtype, uint64_t seed, rf_lora **lora_out);
 

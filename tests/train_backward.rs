@@ -90,6 +90,16 @@ fn optimized_matches_reference_all_dtypes_modes_shapes() {
                     } else {
                         x.view()
                     };
+                    let (wp, ldw) = padded(&w, 5);
+                    let (dp, ldd) = padded(&dy, 1);
+                    let (wv, dyv) = if dt == DType::F32 {
+                        (
+                            rankfuse::MatRef::from_slice(&wp, c.n, c.k, ldw).unwrap(),
+                            rankfuse::MatRef::from_slice(&dp, c.m, c.n, ldd).unwrap(),
+                        )
+                    } else {
+                        (w.view(), dy.view())
+                    };
                     let gains: Vec<f32> = (0..c.r)
                         .map(|i| if i == 1 { 0.0 } else { rng.uniform(0.5, 1.5) })
                         .collect();
@@ -98,8 +108,8 @@ fn optimized_matches_reference_all_dtypes_modes_shapes() {
                         .collect();
                     let p = BackwardProblem {
                         x: xv,
-                        w: w.view(),
-                        dy: dy.view(),
+                        w: wv,
+                        dy: dyv,
                         a: a.view(),
                         b: b.view(),
                         gains: with_gains.then_some(&gains[..]),
@@ -388,4 +398,29 @@ fn dx_matches_reference_through_the_rust_api() {
     )
     .unwrap_err();
     assert!(e.message.contains("module 'm'"), "{}", e.message);
+}
+
+#[test]
+fn input_grad_matches_reference() {
+    let mut rng = SplitMix64::new(21);
+    let rt = Runtime::cpu().unwrap();
+    for dt in DType::ALL {
+        let (m, n, k) = (11, 37, 290);
+        let w = rand_mat(&mut rng, dt, n, k);
+        let dy = rand_mat(&mut rng, dt, m, n);
+        let mut dx = Matrix::zeros(DType::F32, m, k).unwrap();
+        {
+            let mut v = dx.view_mut();
+            rt.install(|| backward::input_grad(dy.view(), w.view(), &mut v));
+        }
+        let got = dx.to_f32_vec();
+        for i in 0..m {
+            for kk in 0..k {
+                let want: f64 = (0..n)
+                    .map(|j| dy.view().get(i, j) as f64 * w.view().get(j, kk) as f64)
+                    .sum();
+                check_close("input_grad", got[i * k + kk] as f64, want, 1e-4, 1e-5);
+            }
+        }
+    }
 }

@@ -146,7 +146,9 @@ pub unsafe extern "C" fn rf_adapter_new(
 /// with a = sqrt(5) (U(-1/sqrt(in), 1/sqrt(in))) from `seed`, B = 0. `scaling` is an
 /// `rf_scaling` value (FIXED uses alpha / capacity, as AdaLoRA's alpha / r_init), `dtype` an
 /// `rf_dtype` value: the compute dtype the forward reads; masters and optimizer state are f32.
-/// `*lora_out` (may be NULL) is borrowed from the adapter. Needs exclusive access to `a`.
+/// The module is appended to the adapter's module list (`rf_adapter_module_name` index
+/// `count - 1`). `*lora_out` (may be NULL) is borrowed from the adapter. Needs exclusive access
+/// to `a`.
 #[no_mangle]
 pub unsafe extern "C" fn rf_adapter_add_lora(
     a: *mut rf_adapter,
