@@ -278,6 +278,18 @@ impl Lora {
         Ok(())
     }
 
+    /// Re-draws PEFT's default init (A kaiming-uniform from `seed`, B = 0), as `new_trainable`
+    /// does, keeping the allocation: a new trial on the same capacity (RankAdaptor probes).
+    /// Resets gradients and optimizer state; gains, mask and rank are left as they are.
+    pub fn reset_peft_init(&mut self, seed: u64) -> Result<()> {
+        let (k, n, cap) = (self.in_features, self.out_features, self.capacity);
+        let bound = 1.0 / (k as f32).sqrt();
+        let a = SplitMix64::new(seed).fill_uniform(cap * k, -bound, bound);
+        self.set_weights(&a, &vec![0.0; n * cap])?;
+        self.train_state_mut()?.zero_grad();
+        Ok(())
+    }
+
     /// Replaces A (capacity x in) and B (out x capacity), row-major f32, in the masters and the
     /// forward's copies; resets the optimizer state.
     pub fn set_weights(&mut self, a: &[f32], b: &[f32]) -> Result<()> {
