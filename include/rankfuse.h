@@ -82,10 +82,30 @@ typedef enum {
 } rf_device;
 
 /*
+ Backward modes: which components get gradients.
+ */
+typedef enum {
+  /*
+   Every active component below the rank in use (LoRA; DyLoRA nested).
+   */
+  RF_BACKWARD_NESTED = 0,
+  /*
+   Only component rank-1 (DyLoRA's released code: lower components frozen).
+   */
+  RF_BACKWARD_FROZEN = 1,
+} rf_backward_mode;
+
+/*
  An adapter: a named set of LoRA modules. Compute calls may share it across threads; calls
  that change it need exclusive access.
  */
 typedef struct rf_adapter rf_adapter;
+
+/*
+ DyLoRA's truncation-rank sampler (owned; free with `rf_dylora_sampler_free`; not
+ thread-safe).
+ */
+typedef struct rf_dylora_sampler rf_dylora_sampler;
 
 /*
  An adapter as loadings on an EigenLoRAx basis (`rankfuse eigen project` output). Immutable;
@@ -97,6 +117,11 @@ typedef struct rf_eigen_adapter rf_eigen_adapter;
  An EigenLoRAx basis (`rankfuse eigen build` output). Immutable; thread-safe.
  */
 typedef struct rf_eigen_basis rf_eigen_basis;
+
+/*
+ ElaLoRA's rank allocator (owned; free with `rf_elalora_free`; not thread-safe).
+ */
+typedef struct rf_elalora rf_elalora;
 
 /*
  An error object. Owned by the caller after a function returns it; free with `rf_error_free`.
@@ -238,6 +263,54 @@ typedef struct {
    */
   void *cuda_stream;
 } rf_runtime_options;
+
+/*
+ Options of the AdamW step. Set `struct_size = sizeof(rf_adamw_options)`. NULL options =
+ torch.optim.AdamW defaults (lr 1e-3, betas 0.9/0.999, eps 1e-8, weight_decay 0.01).
+ */
+typedef struct {
+  uint32_t struct_size;
+  float lr;
+  float beta1;
+  float beta2;
+  float eps;
+  float weight_decay;
+} rf_adamw_options;
+
+/*
+ Options of ElaLoRA's rank allocator. Set `struct_size = sizeof(rf_elalora_options)`.
+ */
+typedef struct {
+  uint32_t struct_size;
+  /*
+   Total active components at the end (the budget); 0 = the starting total.
+   */
+  uint32_t target_total_rank;
+  /*
+   Steps with no rank change at the start and at the end of training.
+   */
+  uint32_t warmup_steps;
+  uint32_t final_steps;
+  /*
+   Total training steps.
+   */
+  uint32_t total_steps;
+  /*
+   Steps between two prune/grow rounds.
+   */
+  uint32_t interval;
+  /*
+   Components exchanged per round (pruned, and grown one per module) on top of the budget's
+   own change.
+   */
+  uint32_t max_change;
+  /*
+   EMA factors (0.85 in the paper).
+   */
+  float beta1;
+  float beta2;
+  uint64_t seed;
+} rf_elalora_options;
 
 
 
@@ -455,6 +528,140 @@ void rf_runtime_free(rf_runtime *rt);
  `buf` NULL to learn the length; a `cap` too small is RF_STATUS_INVALID_ARGUMENT.
  */
 rf_error *rf_runtime_info(const rf_runtime *rt, char *buf, size_t cap, size_t *len_out);
+
+/*
+ Creates an empty adapter named `name` to add trainable modules to. The caller owns `*out`
+ (free with `rf_adapter_free`).
+ */
+rf_error *rf_adapter_new(const char *name, rf_adapter **out);
+
+/*
+ Adds a trainable LoRA module for a linear layer `in_features -> out_features`, allocated at
+ `capacity` components (its rank starts at `capacity`). PEFT's default init: A kaiming-uniform
+ with a = sqrt(5) (U(-1/sqrt(in), 1/sqrt(in))) from `seed`, B = 0. `scaling` is an
+ `rf_scaling` value (FIXED uses alpha / capacity, as AdaLoRA's alpha / r_init), `dtype` an
+ `rf_dtype` value: the compute dtype the forward reads; masters and optimizer state are f32.
+ The module is appended to the adapter's module list (`rf_adapter_module_name` index
+ `count - 1`). `*lora_out` (may be NULL) is borrowed from the adapter. Needs exclusive access
+ to `a`.
+ */
+rf_error *rf_adapter_add_lora(rf_adapter *a, const char *module, int64_t in_features, int64_t out_features, uint32_t capacity, float alpha, uint32_t scaling, uint32_t dtype, uint64_t seed, rf_lora **lora_out);
+
+/*
+ Turns training on for every module of an adapter (e.g. one loaded with
+ `rf_adapter_load_peft` to resume or fine-tune): tensors become owned copies with f32 masters;
+ rankfuse state saved by `rf_adapter_save_peft` (masks, gains, importance) is restored.
+ Needs exclusive access.
+ */
+rf_error *rf_adapter_train_enable(rf_adapter *a);
+
+/*
+ Turns on per-component gains E (`B diag(E) A`, AdaLoRA/ElaLoRA), all set to `init`; the
+ fused forward applies them to the shrink output. Needs exclusive access.
+ */
+rf_error *rf_lora_enable_gains(rf_lora *l, float init);
+
+/*
+ Sets the component mask: `mask[c]` != 0 keeps component c, 0 masks it off (no output, no
+ gradient, no update). `n` must equal the capacity. Needs exclusive access.
+ */
+rf_error *rf_lora_set_mask(rf_lora *l, const uint8_t *mask, size_t n);
+
+/*
+ Writes the component mask (1 = active) into `mask_out[0..n)`, `n` = capacity. Reads only.
+ */
+rf_error *rf_lora_get_mask(const rf_lora *l, uint8_t *mask_out, size_t n);
+
+/*
+ Views of the module's A (capacity x in) and B (out x capacity) as the forward reads them
+ (compute dtype). Borrowed: valid until the next call that changes the module.
+ */
+rf_error *rf_lora_weights(const rf_lora *l, rf_matrix *a_out, rf_matrix *b_out);
+
+/*
+ Replaces the module's A (capacity x in) and B (out x capacity) with copies of `a` and `b`
+ (any dtype, any ld); resets its optimizer state. Needs exclusive access.
+ */
+rf_error *rf_lora_set_weights(rf_lora *l, const rf_matrix *a, const rf_matrix *b);
+
+/*
+ Backward of `y = x W^T + scale * ((x A_r^T) ⊙ e) B_r^T` for the layer's output gradient `dy`
+ (m x n): accumulates dA, dB (and dE with gains) into the module's gradient buffers, at rank
+ `rank_or_0` (0 = the module's current rank), `mode` an `rf_backward_mode` value. When `dx` is
+ not NULL writes `dx = dy W + scale * ((dy B_r) ⊙ e) A_r` (m x k, any dtype, its own memory).
+ Masked components get exactly zero gradient. x, w, dy may be f32/f16/bf16; accumulation is
+ f32. Needs exclusive access to `l`; `rt`, `x`, `w`, `dy` are only read.
+ */
+rf_error *rf_lora_backward(rf_runtime *rt, rf_lora *l, const rf_matrix *x, const rf_matrix *w, const rf_matrix *dy, uint32_t rank_or_0, uint32_t mode, const rf_matrix *dx);
+
+/*
+ Zeroes the module's gradient buffers. Needs exclusive access.
+ */
+rf_error *rf_lora_zero_grad(rf_lora *l);
+
+/*
+ Zeroes the gradient buffers of every module. Needs exclusive access.
+ */
+rf_error *rf_adapter_zero_grad(rf_adapter *a);
+
+/*
+ Scales all gradients of the adapter so their global L2 norm is at most `max_norm` (as
+ torch.nn.utils.clip_grad_norm_); `*norm_out` (may be NULL) gets the norm before clipping.
+ A non-finite norm leaves the gradients unchanged. Needs exclusive access.
+ */
+rf_error *rf_adapter_clip_grad_norm(rf_adapter *a, float max_norm, double *norm_out);
+
+/*
+ One AdamW step (bias-corrected per component, decoupled weight decay) on the components that
+ got a gradient since the last zero_grad and are not masked; the rest stay exactly as they
+ are. `opts` NULL = defaults. A NaN/Inf gradient makes it a no-op returning
+ RF_STATUS_NUMERIC naming the module. Does not zero the gradients. Needs exclusive access.
+ */
+rf_error *rf_lora_adamw_step(rf_lora *l, const rf_adamw_options *opts);
+
+/*
+ `rf_lora_adamw_step` on every module, all-or-nothing: a NaN/Inf gradient in any module makes
+ it a no-op returning RF_STATUS_NUMERIC naming that module. Needs exclusive access.
+ */
+rf_error *rf_adapter_adamw_step(rf_adapter *a, const rf_adamw_options *opts);
+
+/*
+ A DyLoRA sampler: each `rf_dylora_sampler_next` draws b uniform in [r_min, r_max] from
+ `seed`; use the same b for every layer of a step (per-call rank in `rf_linear` and
+ `rf_lora_backward`). The caller owns `*out`.
+ */
+rf_error *rf_dylora_sampler_create(uint64_t seed, uint32_t r_min, uint32_t r_max, rf_dylora_sampler **out);
+
+/*
+ The next truncation rank. Needs exclusive access to the sampler.
+ */
+rf_error *rf_dylora_sampler_next(rf_dylora_sampler *s, uint32_t *b_out);
+
+/*
+ Frees a sampler; NULL is accepted.
+ */
+void rf_dylora_sampler_free(rf_dylora_sampler *s);
+
+/*
+ Prepares ElaLoRA on an adapter whose modules have training and gains enabled: importance
+ state is allocated on every module. The caller owns `*out` (free with `rf_elalora_free`).
+ Needs exclusive access to `a`.
+ */
+rf_error *rf_elalora_create(rf_adapter *a, const rf_elalora_options *opts, rf_elalora **out);
+
+/*
+ Call after the backward of step `step` (0-based) and before the optimizer step: updates the
+ importance EMAs from the gradients and, on schedule, prunes and grows components (new ones
+ are orthogonalized with E = 0, so outputs do not change; resized modules' optimizer state is
+ reset). `*changed_out` (may be NULL) = number of components pruned + grown. Needs exclusive
+ access to `e` and `a`.
+ */
+rf_error *rf_elalora_update(rf_elalora *e, rf_adapter *a, uint32_t step, uint32_t *changed_out);
+
+/*
+ Frees an ElaLoRA allocator; NULL is accepted.
+ */
+void rf_elalora_free(rf_elalora *e);
 
 /*
  Opens a `*.safetensors` file or a sharded model's `*.safetensors.index.json`, memory-mapped.

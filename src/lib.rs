@@ -11,8 +11,10 @@ pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod matrix;
+pub mod rank;
 pub mod rng;
 pub mod runtime;
+pub mod train;
 pub mod weights;
 
 pub use adapter::{Adapter, Lora, Scaling};

@@ -119,6 +119,11 @@ impl Runtime {
         }
     }
 
+    /// Runs `f` on the runtime's thread pool (training kernels use this).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     /// The fused linear: checks the problem, then runs the kernel table's implementation.
     pub fn linear(&self, p: &LinearProblem<'_>, y: &mut MatMut<'_>) -> Result<()> {
         p.check(y)?;
@@ -169,7 +174,7 @@ pub fn slot(lora: &Lora, rank: usize, scale_mult: f32) -> Result<Slot<'_>> {
         a: lora.a_view(r),
         b: lora.b_view(r),
         scale: lora.scale_at(r) * scale_mult,
-        gains: None,
+        gains: lora.gains_view(r),
         module: &lora.name,
     })
 }

@@ -77,6 +77,8 @@ pub struct Lora {
     pub fixed_scale: f32,
     pub a: TensorData,
     pub b: TensorData,
+    /// Training state (f32 masters, gradients, optimizer, gains, mask); None = inference only.
+    pub train: Option<Box<crate::train::TrainState>>,
 }
 
 impl Lora {
@@ -125,6 +127,7 @@ impl Lora {
             fixed_scale,
             a,
             b,
+            train: None,
         })
     }
 

@@ -8,18 +8,25 @@ pub mod peft;
 pub use lora::{Lora, Scaling, TensorData};
 
 use crate::error::{Error, Result};
+use std::cell::UnsafeCell;
 use std::collections::HashMap;
 
 /// A named set of modules, keyed by the base model's module path.
 pub struct Adapter {
     pub name: String,
-    // Boxed so `&Lora` handed to C stays put when the vector grows.
+    // Boxed so `&Lora` handed to C stays put when the vector grows. In an UnsafeCell so a handle
+    // given to C (`module_ptr`) may be written through by training calls, which the C ABI
+    // requires to have exclusive access to the adapter.
     #[allow(clippy::vec_box)]
-    modules: Vec<Box<Lora>>,
+    modules: Vec<Box<UnsafeCell<Lora>>>,
     index: HashMap<String, usize>,
     /// The adapter_config.json this adapter was loaded from (kept for saving), if any.
     pub peft_config: Option<serde_json::Map<String, serde_json::Value>>,
 }
+
+// SAFETY: shared access only reads modules; writes need `&mut Adapter` or, through
+// `module_ptr` handles, exclusive access promised by the caller (the C ABI contract).
+unsafe impl Sync for Adapter {}
 
 impl Adapter {
     pub fn new(name: &str) -> Adapter {
@@ -40,8 +47,8 @@ impl Adapter {
             )));
         }
         self.index.insert(lora.name.clone(), self.modules.len());
-        self.modules.push(Box::new(lora));
-        Ok(self.modules.last_mut().expect("just pushed"))
+        self.modules.push(Box::new(UnsafeCell::new(lora)));
+        Ok(self.modules.last_mut().expect("just pushed").get_mut())
     }
 
     pub fn len(&self) -> usize {
@@ -50,17 +57,33 @@ impl Adapter {
     pub fn is_empty(&self) -> bool {
         self.modules.is_empty()
     }
+    fn shared(cell: &UnsafeCell<Lora>) -> &Lora {
+        // SAFETY: writes happen only through `&mut self` (no `&Lora` can be live then) or through
+        // `module_ptr` handles, whose users must hold exclusive access to the adapter.
+        unsafe { &*cell.get() }
+    }
     pub fn modules(&self) -> impl Iterator<Item = &Lora> {
-        self.modules.iter().map(|b| &**b)
+        self.modules.iter().map(|b| Self::shared(b))
+    }
+    pub fn modules_mut(&mut self) -> impl Iterator<Item = &mut Lora> {
+        self.modules.iter_mut().map(|b| b.get_mut())
     }
     pub fn module_at(&self, i: usize) -> Option<&Lora> {
-        self.modules.get(i).map(|b| &**b)
+        self.modules.get(i).map(|b| Self::shared(b))
     }
     pub fn get(&self, module: &str) -> Option<&Lora> {
-        self.index.get(module).map(|&i| &*self.modules[i])
+        self.index
+            .get(module)
+            .map(|&i| Self::shared(&self.modules[i]))
     }
     pub fn get_mut(&mut self, module: &str) -> Option<&mut Lora> {
-        self.index.get(module).map(|&i| &mut *self.modules[i])
+        self.index.get(module).map(|&i| self.modules[i].get_mut())
+    }
+    /// A raw handle to a module (for the C ABI): stable while the adapter lives; writing through
+    /// it needs exclusive access to the adapter.
+    pub fn module_ptr(&self, module: &str) -> Result<*mut Lora> {
+        self.module(module)?;
+        Ok(self.modules[self.index[module]].get())
     }
     /// Like `get`, with an error naming the adapter and module.
     pub fn module(&self, module: &str) -> Result<&Lora> {

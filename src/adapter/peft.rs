@@ -454,7 +454,12 @@ pub fn save(adapter: &Adapter, dir: &Path) -> Result<()> {
                 alpha: l.alpha,
             },
         );
-        let (a, b) = (l.a_view(r), l.b_view(r));
+        // Gains / masks (training) are folded into B: PEFT loads a plain LoRA.
+        let folded = crate::train::resume::folded_b(l, r);
+        let (a, b) = (
+            l.a_view(r),
+            folded.as_ref().map_or(l.b_view(r), |m| m.view()),
+        );
         tensors.push(TensorOut {
             name: format!("{KEY_PREFIX}{}.lora_A.weight", l.name),
             dtype: a.dtype,
@@ -506,6 +511,9 @@ pub fn save(adapter: &Adapter, dir: &Path) -> Result<()> {
         RANKFUSE_META_KEY.to_string(),
         serde_json::to_string(&meta).map_err(|e| Error::internal(e.to_string()))?,
     );
+    if let Some(t) = crate::train::resume::save_meta(adapter)? {
+        md.insert(crate::train::resume::TRAIN_META_KEY.to_string(), t);
+    }
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(md))
 }
 

@@ -2,7 +2,7 @@
 
 use super::boundary::{arg_out, arg_ref, arg_str};
 use super::error::rf_error;
-use super::handles::{lora_ptr, lora_ref, rf_adapter, rf_lora, rf_runtime};
+use super::handles::{lora_ref, rf_adapter, rf_lora, rf_runtime};
 use super::types::*;
 use crate::adapter::peft;
 use crate::error::Error;
@@ -92,7 +92,7 @@ pub unsafe extern "C" fn rf_adapter_module(
         let a = arg_ref(a, "a")?;
         let module = arg_str(module, "module")?;
         let out = arg_out(out, "out")?;
-        *out = lora_ptr(a.inner.module(module)?);
+        *out = a.inner.module_ptr(module)? as *mut rf_lora;
         Ok(())
     })
 }

@@ -60,3 +60,16 @@ pub unsafe fn lora_ref<'a>(p: *const rf_lora, name: &str) -> Result<&'a Lora> {
 pub fn lora_ptr(l: &Lora) -> *mut rf_lora {
     l as *const Lora as *mut rf_lora
 }
+
+/// `&mut Lora` behind an `rf_lora` pointer, for calls that change the module.
+///
+/// # Safety
+/// `p` must be NULL or a pointer obtained from `rf_adapter_module` / `rf_adapter_add_lora`
+/// (`Adapter::module_ptr`, which has write provenance) whose adapter is alive, and the caller must hold exclusive access to that module (the C ABI
+/// documents this on every function that changes an adapter).
+pub unsafe fn lora_mut<'a>(p: *mut rf_lora, name: &str) -> Result<&'a mut Lora> {
+    if p.is_null() {
+        return Err(Error::invalid(format!("argument '{name}' is NULL")));
+    }
+    Ok(&mut *(p as *mut Lora))
+}

@@ -13,5 +13,6 @@ pub mod error;
 pub mod handles;
 pub mod linear;
 pub mod runtime;
+pub mod train;
 pub mod types;
 pub mod weights;
