@@ -130,7 +130,7 @@ impl ElaLora {
         let o = self.opts;
         if step < o.warmup_steps
             || step > o.total_steps - o.final_steps
-            || (step - o.warmup_steps) % o.interval != 0
+            || !(step - o.warmup_steps).is_multiple_of(o.interval)
             || step == 0
         {
             return Ok(0);

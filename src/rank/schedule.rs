@@ -180,7 +180,7 @@ pub fn search(
             ranks[i] += 1;
             let gain = (model.predict(layers, &ranks) - base) / layers[i].params(1) as f64;
             ranks[i] -= 1;
-            if best.map_or(true, |(g, _)| gain > g) {
+            if best.is_none_or(|(g, _)| gain > g) {
                 best = Some((gain, i));
             }
         }
