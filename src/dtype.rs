@@ -123,7 +123,11 @@ pub unsafe fn store_f32(p: *mut u8, dtype: DType, i: usize, v: f32) {
 #[inline]
 pub unsafe fn convert_to_f32(src: *const u8, dtype: DType, dst: &mut [f32]) {
     match dtype {
-        DType::F32 => std::ptr::copy_nonoverlapping(src as *const f32, dst.as_mut_ptr(), dst.len()),
+        // Byte copy: `src` may be unaligned (safetensors offsets, C buffers), and a typed f32
+        // copy from an unaligned pointer is undefined behaviour.
+        DType::F32 => {
+            std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr() as *mut u8, dst.len() * 4)
+        }
         DType::F16 => {
             if (src as usize) % 2 == 0 {
                 // half converts slices with F16C/NEON when the CPU has them (runtime check).
@@ -153,7 +157,8 @@ pub unsafe fn convert_to_f32(src: *const u8, dtype: DType, dst: &mut [f32]) {
 #[inline]
 pub unsafe fn convert_from_f32(src: &[f32], dst: *mut u8, dtype: DType) {
     match dtype {
-        DType::F32 => std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut f32, src.len()),
+        // Byte copy: `dst` may be unaligned.
+        DType::F32 => std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst, src.len() * 4),
         _ => {
             for (i, &v) in src.iter().enumerate() {
                 store_f32(dst, dtype, i, v);
