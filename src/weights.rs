@@ -145,17 +145,19 @@ fn explain_invalid(bytes: &[u8]) -> Option<String> {
             offs.first()?.as_u64()? as u128,
             offs.get(1)?.as_u64()? as u128,
         );
+        // Only explain what is understood; anything else keeps the crate's own message.
         let shape: Vec<u128> = v
             .get("shape")?
             .as_array()?
             .iter()
-            .map(|d| d.as_u64().unwrap_or(0) as u128)
-            .collect();
+            .map(|d| d.as_u64().map(u128::from))
+            .collect::<Option<_>>()?;
         let size = match v.get("dtype")?.as_str()? {
             "F64" | "I64" | "U64" => 8u128,
             "F32" | "I32" | "U32" => 4,
             "F16" | "BF16" | "I16" | "U16" => 2,
-            _ => 1,
+            "I8" | "U8" | "BOOL" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 1,
+            _ => return None,
         };
         let elems = shape.iter().try_fold(1u128, |a, &d| a.checked_mul(d));
         let Some(elems) = elems.filter(|&e| e < (1u128 << 64)) else {

@@ -97,7 +97,8 @@ fn open_handle(path: &str, mode: OpenMode) -> Result<*mut rf_weights> {
         .entries()
         .iter()
         .map(|t| c_name(&t.name, "tensor name"))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| e.context(format!("file '{path}'")))?;
     Ok(Box::into_raw(Box::new(rf_weights {
         inner: Arc::new(w),
         names,

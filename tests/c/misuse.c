@@ -54,7 +54,7 @@ static rf_matrix mat(void *data, rf_dtype dt, int64_t rows, int64_t cols) {
 
 int main(int argc, char **argv) {
   if (argc != 2) { fprintf(stderr, "usage: %s REPO_ROOT\n", argv[0]); return 2; }
-  char path[4096], fx[4096];
+  char path[4096], fx[2048];
   snprintf(fx, sizeof fx, "%s/tests/fixtures/peft-tiny", argv[1]);
 
   /* Errors: NULL means success. */
@@ -179,9 +179,14 @@ int main(int argc, char **argv) {
   expect(rf_lora_set_rank(q, UINT32_MAX), RF_STATUS_INVALID_ARGUMENT, "q_proj", "set_rank UINT32_MAX");
   expect(rf_adapter_save_peft(NULL, "/tmp/x"), RF_STATUS_INVALID_ARGUMENT, "'a'", "save a NULL");
   expect(rf_adapter_save_peft(ad, NULL), RF_STATUS_INVALID_ARGUMENT, "'dir'", "save dir NULL");
-  expect(rf_adapter_save_peft(ad, "/proc/rankfuse-cannot-write-here"), RF_STATUS_IO, "/proc", "save unwritable");
+  snprintf(path, sizeof path, "%s/README.md/not-a-dir", argv[1]); /* a file as a parent folder */
+  expect(rf_adapter_save_peft(ad, path), RF_STATUS_IO, "README.md", "save unwritable");
 
   /* rf_linear: x 3 x 256 -> y 3 x 64 with q_proj; every argument wrong in turn. */
+  if (wm.rows <= 0 || wm.rows > 4096 || wm.cols <= 0 || wm.cols > 4096) {
+    fprintf(stderr, "unexpected q_proj shape\n");
+    return 1;
+  }
   const int64_t M = 3, K = wm.cols, N = wm.rows;
   float *xb = calloc((size_t)(M * K), sizeof(float));
   float *yb = malloc((size_t)(M * N) * sizeof(float));

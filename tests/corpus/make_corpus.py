@@ -76,13 +76,14 @@ weights("name-lone-surrogate.safetensors",
         "FORMAT", "name-lone-surrogate.safetensors", "tensor name with an unpaired UTF-16 surrogate escape")
 weights("name-nul.safetensors",
         st_bytes({"a\u0000b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, f32(1)),
-        "FORMAT", "NUL", "tensor name with a NUL byte (cannot be a C string)")
+        "FORMAT", "name-nul.safetensors", "tensor name with a NUL byte (cannot be a C string)")
 weights("header-not-json.safetensors", st_bytes(None, raw_header=b"{not json"), "FORMAT",
         "header-not-json.safetensors", "header is not JSON")
 weights("header-array.safetensors", st_bytes(None, raw_header=b"[1,2,3]"), "FORMAT",
         "header-array.safetensors", "header is a JSON array")
-weights("header-deep-nesting.safetensors", st_bytes(None, raw_header=b"[" * 10000 + b"]" * 10000),
-        "FORMAT", "header-deep-nesting.safetensors", "10000-deep JSON nesting (stack bomb)")
+weights("header-deep-nesting.safetensors",
+        st_bytes(None, raw_header=b'{"__metadata__":' + b"[" * 10000 + b"]" * 10000 + b"}"),
+        "FORMAT", "recursion limit", "10000-deep JSON nesting inside the header (stack bomb)")
 weights("entry-not-object.safetensors", st_bytes({"t": 5}), "FORMAT", "entry-not-object.safetensors",
         "tensor entry is a number")
 weights("missing-dtype.safetensors", st_bytes({"t": {"shape": [2], "data_offsets": [0, 8]}}, f32(1, 2)),
@@ -91,10 +92,10 @@ weights("missing-offsets.safetensors", st_bytes({"t": {"dtype": "F32", "shape": 
         "FORMAT", "missing-offsets.safetensors", "tensor entry without data_offsets")
 weights("unknown-dtype.safetensors",
         st_bytes({"t": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, f32(1, 2)),
-        "FORMAT", "unknown-dtype.safetensors", "dtype that does not exist")
+        "FORMAT", "F33", "dtype that does not exist")
 weights("shape-negative.safetensors",
         st_bytes({"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, f32(1, 2)),
-        "FORMAT", "shape-negative.safetensors", "negative dimension")
+        "FORMAT", "-2", "negative dimension")
 weights("shape-overflow.safetensors",
         st_bytes({"t": {"dtype": "F32", "shape": [1 << 32, 1 << 32, 16], "data_offsets": [0, 8]}}, f32(1, 2)),
         "FORMAT", "shape-overflow.safetensors", "shape product overflows 64 bits")
