@@ -151,7 +151,8 @@ fn make(spec: &MatSpec, rows: i64, cols: i64, rng: &mut Rng, fill: Option<u8>) -
             return None;
         }
         let e = rankfuse::matrix::span_elems(rows as usize, cols as usize, ld as usize)?;
-        e.checked_mul(dt.size()).filter(|&b| b <= isize::MAX as usize)
+        e.checked_mul(dt.size())
+            .filter(|&b| b <= isize::MAX as usize)
     })();
     let null = spec.flags % 32 == 31;
     let unaligned = spec.flags & 64 != 0;
@@ -177,10 +178,26 @@ fn make(spec: &MatSpec, rows: i64, cols: i64, rng: &mut Rng, fill: Option<u8>) -
     };
     // rf_dtype is read by value (raw i32) by the library; build it through a raw write so an
     // invalid number is passed exactly as C would.
-    let mut desc = rf_matrix { data, dtype: rf_dtype::RF_DTYPE_F32, rows, cols, ld };
+    let mut desc = rf_matrix {
+        data,
+        dtype: rf_dtype::RF_DTYPE_F32,
+        rows,
+        cols,
+        ld,
+    };
     // SAFETY: rf_dtype is a 4-byte C enum; writing an i32 to its field is what C does.
     unsafe { (std::ptr::addr_of_mut!(desc.dtype) as *mut i32).write(raw_dtype) };
-    Buf { mem, desc, invalid, off, span: if bytes == usize::MAX { usize::MAX } else { bytes } }
+    Buf {
+        mem,
+        desc,
+        invalid,
+        off,
+        span: if bytes == usize::MAX {
+            usize::MAX
+        } else {
+            bytes
+        },
+    }
 }
 
 fn lora_dtype(b: u8) -> DType {
@@ -189,15 +206,27 @@ fn lora_dtype(b: u8) -> DType {
 
 fuzz_target!(|inp: Input| {
     let rts = runtimes();
-    let rt = if inp.isa == 255 { std::ptr::null_mut() } else { rts[inp.isa as usize % rts.len()] as *mut rf_runtime };
-    let (m, n, k) = ((inp.m % 10) as i64, (inp.n % 10) as i64, (inp.k % 10) as i64);
+    let rt = if inp.isa == 255 {
+        std::ptr::null_mut()
+    } else {
+        rts[inp.isa as usize % rts.len()] as *mut rf_runtime
+    };
+    let (m, n, k) = (
+        (inp.m % 10) as i64,
+        (inp.n % 10) as i64,
+        (inp.k % 10) as i64,
+    );
     let mut rng = Rng(inp.seed);
     let x = make(&inp.x, m, k, &mut rng, None);
     let w = make(&inp.w, n, k, &mut rng, None);
     let bias = inp.bias.as_ref().map(|b| make(b, 1, n, &mut rng, None));
     let mut y = make(&inp.y, m, n, &mut rng, Some(0xA5));
     let all = [Some(&x), Some(&w), bias.as_ref(), Some(&y)];
-    if all.iter().flatten().any(|b| b.span == usize::MAX && !b.invalid) {
+    if all
+        .iter()
+        .flatten()
+        .any(|b| b.span == usize::MAX && !b.invalid)
+    {
         return; // a valid descriptor of memory we cannot provide
     }
     let any_invalid = all.iter().flatten().any(|b| b.invalid);
@@ -242,13 +271,20 @@ fuzz_target!(|inp: Input| {
                 std::ptr::null()
             },
             rank: (s.rank % 7) as u32,
-            scale_mult: [1.0, 0.5, -2.0, 0.0, f32::NAN, f32::INFINITY, 1e30, 1.0][(s.scale % 8) as usize],
+            scale_mult: [1.0, 0.5, -2.0, 0.0, f32::NAN, f32::INFINITY, 1e30, 1.0]
+                [(s.scale % 8) as usize],
         })
         .collect();
     let slots_null = inp.slots_null == 255 && !slots.is_empty();
-    let rows_for_rs = if x.invalid { 0 } else { x.desc.rows.max(0) as usize };
+    let rows_for_rs = if x.invalid {
+        0
+    } else {
+        x.desc.rows.max(0) as usize
+    };
     let row_slot: Option<Vec<i32>> = inp.row_slot.as_ref().map(|v| {
-        (0..rows_for_rs).map(|i| v.get(i).map_or(-1, |&s| s as i32 % 6)).collect()
+        (0..rows_for_rs)
+            .map(|i| v.get(i).map_or(-1, |&s| s as i32 % 6))
+            .collect()
     });
     if row_slot.is_some() && x.invalid {
         // rf_linear reads x.rows entries of row_slot only after x is accepted; a 0-row x with
@@ -264,7 +300,11 @@ fuzz_target!(|inp: Input| {
             &x.desc,
             &w.desc,
             bias.as_ref().map_or(std::ptr::null(), |b| &b.desc),
-            if slots_null { std::ptr::null() } else { slots.as_ptr() },
+            if slots_null {
+                std::ptr::null()
+            } else {
+                slots.as_ptr()
+            },
             slots.len(),
             row_slot.as_ref().map_or(std::ptr::null(), |v| v.as_ptr()),
             &mut y.desc,
@@ -273,11 +313,20 @@ fuzz_target!(|inp: Input| {
     let must_fail = rt.is_null() || any_invalid || slots_null;
     if e.is_null() {
         assert!(!must_fail, "rf_linear accepted an invalid call: {inp:?}");
-        assert!(!y_over_x || y.span == 0 || x.span == 0, "y overlapping x was accepted");
+        assert!(
+            !y_over_x || y.span == 0 || x.span == 0,
+            "y overlapping x was accepted"
+        );
         // Padding between rows of y (ld > cols) is never written.
-        let (rows, cols, ld) = (y.desc.rows as usize, y.desc.cols as usize, y.desc.ld as usize);
-        let es = y.span / ((rows.saturating_sub(1)) * ld + cols).max(1);
-        for i in 0..rows.saturating_sub(1) {
+        let (rows, cols, ld) = (
+            y.desc.rows as usize,
+            y.desc.cols as usize,
+            y.desc.ld as usize,
+        );
+        // (An empty y, rows or cols 0, may have any ld: there is no padding to check.)
+        let padded_rows = if y.span == 0 { 0 } else { rows - 1 };
+        let es = if y.span == 0 { 0 } else { y.span / (padded_rows * ld + cols) };
+        for i in 0..padded_rows {
             for j in cols..ld {
                 for b in 0..es {
                     let at = y.off + (i * ld + j) * es + b;
@@ -289,7 +338,9 @@ fuzz_target!(|inp: Input| {
         // SAFETY: e is an error object we own; freed once.
         let (st, msg) = unsafe {
             let st = rf_error_code(e);
-            let msg = CStr::from_ptr(rf_error_message(e)).to_string_lossy().into_owned();
+            let msg = CStr::from_ptr(rf_error_message(e))
+                .to_string_lossy()
+                .into_owned();
             rf_error_free(e);
             (st, msg)
         };

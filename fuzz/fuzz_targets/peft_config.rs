@@ -23,7 +23,11 @@ fuzz_target!(|data: &[u8]| {
     let cfg = match PeftConfig::parse(Path::new("fuzz/adapter_config.json"), data) {
         Ok(c) => c,
         Err(e) => {
-            check_error(&e, &[Status::Format, Status::Unsupported], Some("adapter_config.json"));
+            check_error(
+                &e,
+                &[Status::Format, Status::Unsupported],
+                Some("adapter_config.json"),
+            );
             return;
         }
     };
@@ -36,12 +40,19 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let ranks = PatternMap::new("rank_pattern", cfg.rank_pattern.clone());
     let alphas = PatternMap::new("alpha_pattern", cfg.alpha_pattern.clone());
-    for (field, m) in [("rank_pattern", ranks.as_ref().err()), ("alpha_pattern", alphas.as_ref().err())] {
+    for (field, m) in [
+        ("rank_pattern", ranks.as_ref().err()),
+        ("alpha_pattern", alphas.as_ref().err()),
+    ] {
         if let Some(e) = m {
             check_error(e, &[Status::Format], Some(field));
         }
     }
-    for module in MODULES.iter().copied().chain(keys.iter().map(|s| s.as_str())) {
+    for module in MODULES
+        .iter()
+        .copied()
+        .chain(keys.iter().map(|s| s.as_str()))
+    {
         if let Ok(r) = &ranks {
             if let Some(v) = r.resolve(module) {
                 assert!(v >= 1);

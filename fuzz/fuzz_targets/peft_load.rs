@@ -6,7 +6,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use rankfuse::adapter::peft::{self, PeftConfig};
-use rankfuse::{LinearProblem, Matrix, Status, Weights, DType};
+use rankfuse::{DType, LinearProblem, Matrix, Status, Weights};
 use rankfuse_fuzz::{check_error, runtime, split};
 use std::path::Path;
 use std::sync::Arc;
@@ -22,7 +22,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let Some(wbytes) = parts.get(1) else { return };
-    let Ok(cfg) = PeftConfig::parse(Path::new("adapter_config.json"), parts[0]) else { return };
+    let Ok(cfg) = PeftConfig::parse(Path::new("adapter_config.json"), parts[0]) else {
+        return;
+    };
     let weights = match Weights::from_bytes("adapter_model.safetensors", wbytes.to_vec()) {
         Ok(w) => Arc::new(w),
         Err(e) => {
@@ -35,7 +37,13 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             check_error(
                 &e,
-                &[Status::Format, Status::Unsupported, Status::Shape, Status::DType, Status::InvalidArgument],
+                &[
+                    Status::Format,
+                    Status::Unsupported,
+                    Status::Shape,
+                    Status::DType,
+                    Status::InvalidArgument,
+                ],
                 None,
             );
             return;
@@ -51,8 +59,18 @@ fuzz_target!(|data: &[u8]| {
         let x = Matrix::from_f32(DType::F32, 2, k, &vec![1.0; 2 * k]).unwrap();
         let w = Matrix::zeros(DType::F32, n, k).unwrap();
         let mut y = Matrix::zeros(DType::F32, 2, n).unwrap();
-        let slots = [Some(rankfuse::runtime::slot(l, 0, 1.0).expect("own rank resolves"))];
-        let p = LinearProblem { x: x.view(), w: w.view(), bias: None, slots: &slots, row_slot: None };
-        runtime().linear(&p, &mut y.view_mut()).expect("shapes of a loaded module agree");
+        let slots = [Some(
+            rankfuse::runtime::slot(l, 0, 1.0).expect("own rank resolves"),
+        )];
+        let p = LinearProblem {
+            x: x.view(),
+            w: w.view(),
+            bias: None,
+            slots: &slots,
+            row_slot: None,
+        };
+        runtime()
+            .linear(&p, &mut y.view_mut())
+            .expect("shapes of a loaded module agree");
     }
 });

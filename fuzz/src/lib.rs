@@ -33,7 +33,11 @@ pub fn check_error(e: &Error, allowed: &[Status], must_name: Option<&str>) {
     );
     assert!(!e.message.trim().is_empty(), "empty error message");
     if let Some(n) = must_name {
-        assert!(e.message.contains(n), "message '{}' does not name '{n}'", e.message);
+        assert!(
+            e.message.contains(n),
+            "message '{}' does not name '{n}'",
+            e.message
+        );
     }
 }
 
@@ -45,7 +49,12 @@ pub fn touch_weights(w: &Weights) {
         let elems = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         let elems = elems.expect("validated shape product fits");
         if let Some(dt) = t.dtype {
-            assert_eq!(bytes.len(), elems * dt.size(), "tensor '{}' byte length", t.name);
+            assert_eq!(
+                bytes.len(),
+                elems * dt.size(),
+                "tensor '{}' byte length",
+                t.name
+            );
         }
         // Reading every byte: out-of-range views fault under ASan.
         sink += bytes.iter().map(|&b| b as f32).sum::<f32>();
