@@ -471,3 +471,78 @@ fn unaligned_f32_data_from_files_and_callers() {
     }
     unsafe { rf_weights_free(w) };
 }
+
+/// Regression (found by fuzz/linear_args): an empty matrix (0 columns) with more than one row and
+/// a huge `ld` spans no memory, so it is valid, but kernels formed row pointers `i * ld * size`
+/// that overflowed (a panic caught as RF_STATUS_INTERNAL in debug builds, wrapping pointer
+/// arithmetic in release). k = 0 must give y = bias; an empty y with any ld must work too.
+#[test]
+fn empty_matrices_with_any_ld() {
+    let rt = Rt::new();
+    let (m, n) = (5i64, 3i64);
+    let mut yb = vec![-1f32; (m * n) as usize];
+    let mut bb = vec![0.5f32, 1.5, 2.5];
+    let mut one = [0f32; 1];
+    let dt = rf_dtype::RF_DTYPE_F32;
+    for ld in [0, 7, i64::MAX / 8, i64::MAX] {
+        let x = rf_matrix {
+            data: one.as_mut_ptr() as *mut c_void,
+            dtype: dt,
+            rows: m,
+            cols: 0,
+            ld,
+        };
+        let w = rf_matrix {
+            data: null_mut(),
+            dtype: dt,
+            rows: n,
+            cols: 0,
+            ld,
+        };
+        let b = rf_matrix {
+            data: bb.as_mut_ptr() as *mut c_void,
+            dtype: dt,
+            rows: 1,
+            cols: n,
+            ld: n,
+        };
+        let mut y = rf_matrix {
+            data: yb.as_mut_ptr() as *mut c_void,
+            dtype: dt,
+            rows: m,
+            cols: n,
+            ld: n,
+        };
+        let (st, msg) = take(unsafe { rf_linear(rt.0, &x, &w, &b, null(), 0, null(), &mut y) });
+        assert_eq!(st, "OK", "ld {ld}: {msg}");
+        for (i, v) in yb.iter().enumerate() {
+            assert_eq!(*v, bb[i % 3], "ld {ld}: y[{i}] must be the bias when k = 0");
+        }
+        // An empty output (3 x 0) with a huge ld.
+        let mut three = [1f32; 3];
+        let w0 = rf_matrix {
+            data: null_mut(),
+            dtype: dt,
+            rows: 0,
+            cols: 1,
+            ld: 1,
+        };
+        let x3 = rf_matrix {
+            data: three.as_mut_ptr() as *mut c_void,
+            dtype: dt,
+            rows: 3,
+            cols: 1,
+            ld: 1,
+        };
+        let mut y0 = rf_matrix {
+            data: null_mut(),
+            dtype: dt,
+            rows: 3,
+            cols: 0,
+            ld,
+        };
+        let (st, msg) =
+            take(unsafe { rf_linear(rt.0, &x3, &w0, null(), null(), 0, null(), &mut y0) });
+        assert_eq!(st, "OK", "empty y, ld {ld}: {msg}");
+    }
+}

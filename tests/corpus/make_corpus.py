@@ -83,7 +83,7 @@ weights("header-array.safetensors", st_bytes(None, raw_header=b"[1,2,3]"), "FORM
         "header-array.safetensors", "header is a JSON array")
 weights("header-deep-nesting.safetensors",
         st_bytes(None, raw_header=b'{"__metadata__":' + b"[" * 10000 + b"]" * 10000 + b"}"),
-        "FORMAT", "recursion limit", "10000-deep JSON nesting inside the header (stack bomb)")
+        "FORMAT", "header-deep-nesting.safetensors", "10000-deep JSON nesting inside the header (stack bomb)")
 weights("entry-not-object.safetensors", st_bytes({"t": 5}), "FORMAT", "entry-not-object.safetensors",
         "tensor entry is a number")
 weights("missing-dtype.safetensors", st_bytes({"t": {"shape": [2], "data_offsets": [0, 8]}}, f32(1, 2)),
