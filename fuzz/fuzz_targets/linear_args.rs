@@ -276,16 +276,21 @@ fuzz_target!(|inp: Input| {
         })
         .collect();
     let slots_null = inp.slots_null == 255 && !slots.is_empty();
-    let rows_for_rs = if x.invalid {
+    // (An empty x may claim 2^40 rows; a row_slot that long cannot be provided: pass none.)
+    let rows_for_rs = if x.invalid || x.desc.rows > 1 << 16 {
         0
     } else {
         x.desc.rows.max(0) as usize
     };
-    let row_slot: Option<Vec<i32>> = inp.row_slot.as_ref().map(|v| {
-        (0..rows_for_rs)
-            .map(|i| v.get(i).map_or(-1, |&s| s as i32 % 6))
-            .collect()
-    });
+    let row_slot: Option<Vec<i32>> = inp
+        .row_slot
+        .as_ref()
+        .filter(|_| x.desc.rows <= 1 << 16)
+        .map(|v| {
+            (0..rows_for_rs)
+                .map(|i| v.get(i).map_or(-1, |&s| s as i32 % 6))
+                .collect()
+        });
     if row_slot.is_some() && x.invalid {
         // rf_linear reads x.rows entries of row_slot only after x is accepted; a 0-row x with
         // row_slot is fine, so nothing to do here.
@@ -325,7 +330,11 @@ fuzz_target!(|inp: Input| {
         );
         // (An empty y, rows or cols 0, may have any ld: there is no padding to check.)
         let padded_rows = if y.span == 0 { 0 } else { rows - 1 };
-        let es = if y.span == 0 { 0 } else { y.span / (padded_rows * ld + cols) };
+        let es = if y.span == 0 {
+            0
+        } else {
+            y.span / (padded_rows * ld + cols)
+        };
         for i in 0..padded_rows {
             for j in cols..ld {
                 for b in 0..es {
