@@ -476,25 +476,34 @@ fn unaligned_f32_data_from_files_and_callers() {
 /// a huge `ld` spans no memory, so it is valid, but kernels formed row pointers `i * ld * size`
 /// that overflowed (a panic caught as RF_STATUS_INTERNAL in debug builds, wrapping pointer
 /// arithmetic in release). k = 0 must give y = bias; an empty y with any ld must work too.
+/// Also (found next): NULL data of an empty f16 matrix reached `slice::from_raw_parts`, which
+/// refuses NULL even for length 0.
 #[test]
 fn empty_matrices_with_any_ld() {
     let rt = Rt::new();
     let (m, n) = (5i64, 3i64);
     let mut yb = vec![-1f32; (m * n) as usize];
     let mut bb = vec![0.5f32, 1.5, 2.5];
-    let mut one = [0f32; 1];
     let dt = rf_dtype::RF_DTYPE_F32;
-    for ld in [0, 7, i64::MAX / 8, i64::MAX] {
+    // NULL data is allowed for empty matrices (an f16 x with NULL data also crashed the f16
+    // slice conversion, which refuses NULL even at length 0).
+    let cases = [
+        (0, rf_dtype::RF_DTYPE_F32),
+        (7, rf_dtype::RF_DTYPE_F16),
+        (i64::MAX / 8, rf_dtype::RF_DTYPE_BF16),
+        (i64::MAX, rf_dtype::RF_DTYPE_F16),
+    ];
+    for (ld, wdt) in cases {
         let x = rf_matrix {
-            data: one.as_mut_ptr() as *mut c_void,
-            dtype: dt,
+            data: null_mut(),
+            dtype: wdt,
             rows: m,
             cols: 0,
             ld,
         };
         let w = rf_matrix {
             data: null_mut(),
-            dtype: dt,
+            dtype: wdt,
             rows: n,
             cols: 0,
             ld,

@@ -62,6 +62,13 @@ pub unsafe fn read_matrix(p: *const rf_matrix, name: &str) -> Result<Desc> {
             "{name}: data is NULL for a {rows} x {cols} matrix"
         )));
     }
+    // NULL is fine for an empty matrix, but Rust slices and copies refuse NULL even at length 0:
+    // hand kernels a dangling, well-aligned pointer instead (never dereferenced: 0 bytes).
+    let data = if data.is_null() {
+        std::ptr::NonNull::<u128>::dangling().as_ptr() as *mut u8
+    } else {
+        data
+    };
     Ok(Desc {
         data,
         dtype,
