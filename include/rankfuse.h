@@ -29,6 +29,13 @@
 #define RF_VERSION_PATCH 0
 
 /*
+ `rf_weights_open_options.flags`: read the file(s) into memory instead of mapping them. Costs a
+ copy; in exchange a file truncated or rewritten by another process while open cannot fault
+ the host (a mapped file that shrinks makes later reads die with SIGBUS).
+ */
+#define RF_WEIGHTS_READ 1
+
+/*
  How a LoRA's scale follows the rank in use.
  */
 typedef enum {
@@ -311,6 +318,17 @@ typedef struct {
   float beta2;
   uint64_t seed;
 } rf_elalora_options;
+
+/*
+ Options of `rf_weights_open_ex`. Set `struct_size = sizeof(rf_weights_open_options)`.
+ */
+typedef struct {
+  uint32_t struct_size;
+  /*
+   Bitwise OR of `RF_WEIGHTS_*` flags; 0 = memory-map (the default of `rf_weights_open`).
+   */
+  uint32_t flags;
+} rf_weights_open_options;
 
 
 
@@ -664,11 +682,22 @@ rf_error *rf_elalora_update(rf_elalora *e, rf_adapter *a, uint32_t step, uint32_
 void rf_elalora_free(rf_elalora *e);
 
 /*
- Opens a `*.safetensors` file or a sharded model's `*.safetensors.index.json`, memory-mapped.
+ Opens a `*.safetensors` file or a sharded model's `*.safetensors.index.json`, memory-mapped
+ (read into memory instead when the environment variable `RANKFUSE_NO_MMAP=1` is set; see
+ `rf_weights_open_ex`). A mapped file that another process truncates while open makes later
+ reads of it fault (SIGBUS): open files that may change with `RF_WEIGHTS_READ`.
  The caller owns `*out` (free with `rf_weights_free`); views from `rf_weights_get` stay valid
  until then. Immutable after opening: safe to share across threads.
  */
 rf_error *rf_weights_open(rf_runtime *rt, const char *path, rf_weights **out);
+
+/*
+ `rf_weights_open` with options: `opts` NULL behaves like `rf_weights_open` (mapped unless the
+ environment variable `RANKFUSE_NO_MMAP=1` is set); `flags & RF_WEIGHTS_READ` reads the
+ file(s) into memory instead of mapping them. Ownership and thread safety as
+ `rf_weights_open`.
+ */
+rf_error *rf_weights_open_ex(rf_runtime *rt, const char *path, const rf_weights_open_options *opts, rf_weights **out);
 
 /*
  Frees weights; NULL is accepted. Views obtained from them become invalid.

@@ -122,8 +122,14 @@ pub unsafe fn store_f32(p: *mut u8, dtype: DType, i: usize, v: f32) {
 /// `src` must point to `dst.len()` readable elements of `dtype` (any alignment).
 #[inline]
 pub unsafe fn convert_to_f32(src: *const u8, dtype: DType, dst: &mut [f32]) {
+    // Nothing to read: `src` may be NULL (an empty matrix), which slice and copy functions
+    // refuse even for length 0.
+    if dst.is_empty() {
+        return;
+    }
     match dtype {
-        // Bytes, not f32s: `src` may be unaligned (safetensors offsets) or dangling when empty.
+        // Byte copy: `src` may be unaligned (safetensors offsets, C buffers), and a typed f32
+        // copy from an unaligned pointer is undefined behaviour.
         DType::F32 => {
             std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr() as *mut u8, dst.len() * 4)
         }
@@ -155,8 +161,11 @@ pub unsafe fn convert_to_f32(src: *const u8, dtype: DType, dst: &mut [f32]) {
 /// `dst` must point to `src.len()` writable elements of `dtype` (any alignment).
 #[inline]
 pub unsafe fn convert_from_f32(src: &[f32], dst: *mut u8, dtype: DType) {
+    if src.is_empty() {
+        return; // `dst` may be NULL (an empty matrix)
+    }
     match dtype {
-        // Bytes, not f32s: `dst` may be unaligned or dangling when empty.
+        // Byte copy: `dst` may be unaligned.
         DType::F32 => std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst, src.len() * 4),
         _ => {
             for (i, &v) in src.iter().enumerate() {

@@ -14,6 +14,12 @@ use std::path::{Path, PathBuf};
 /// Largest sharded index JSON we read (real ones are well under 1 MiB).
 const MAX_INDEX_BYTES: u64 = 64 << 20;
 
+/// Largest safetensors JSON header accepted, checked from the 8-byte length prefix before the
+/// header is parsed. The format (and the `safetensors` crate) allow 100 MB; real headers are
+/// kilobytes to a few MiB (one entry of ~100 bytes per tensor), and parsing JSON costs several
+/// times its size in memory, so rankfuse refuses more than 16 MiB (~150 000 tensors per file).
+const MAX_HEADER_BYTES: u64 = 16 << 20;
+
 /// How a file's bytes are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum OpenMode {
@@ -28,6 +34,17 @@ pub enum OpenMode {
 enum Backing {
     Map(Mmap),
     Owned(Vec<u8>),
+}
+
+impl OpenMode {
+    /// `Read` when the environment variable `RANKFUSE_NO_MMAP` is set to anything but empty or
+    /// `0`, else `Map`. [`Weights::open`] (and so adapter loading) uses this.
+    pub fn from_env() -> OpenMode {
+        match std::env::var_os("RANKFUSE_NO_MMAP") {
+            Some(v) if !v.is_empty() && v != "0" => OpenMode::Read,
+            _ => OpenMode::Map,
+        }
+    }
 }
 
 impl Backing {
@@ -91,7 +108,21 @@ fn read_backing(path: &Path, mode: OpenMode) -> Result<Backing> {
             Ok(Backing::Map(map))
         }
         OpenMode::Read => {
-            let bytes = std::fs::read(path).map_err(|e| Error::from_io(path, &e))?;
+            use std::io::Read;
+            let len = file.metadata().map_err(|e| Error::from_io(path, &e))?.len();
+            let mut bytes = Vec::new();
+            usize::try_from(len)
+                .ok()
+                .and_then(|n| bytes.try_reserve_exact(n).ok())
+                .ok_or_else(|| {
+                    Error::oom(format!(
+                        "file '{}': cannot allocate {len} bytes to read it",
+                        path.display()
+                    ))
+                })?;
+            (&file)
+                .read_to_end(&mut bytes)
+                .map_err(|e| Error::from_io(path, &e))?;
             Ok(Backing::Owned(bytes))
         }
     }
@@ -100,9 +131,9 @@ fn read_backing(path: &Path, mode: OpenMode) -> Result<Backing> {
 /// Finds which tensor makes a header invalid, for a message that names it. The crate's own
 /// validation is authoritative; this only explains.
 fn explain_invalid(bytes: &[u8]) -> Option<String> {
-    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
     let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
     let data_len = bytes.len() - 8 - n;
     let mut ranges = Vec::new();
     for (name, v) in &header {
@@ -114,17 +145,19 @@ fn explain_invalid(bytes: &[u8]) -> Option<String> {
             offs.first()?.as_u64()? as u128,
             offs.get(1)?.as_u64()? as u128,
         );
+        // Only explain what is understood; anything else keeps the crate's own message.
         let shape: Vec<u128> = v
             .get("shape")?
             .as_array()?
             .iter()
-            .map(|d| d.as_u64().unwrap_or(0) as u128)
-            .collect();
+            .map(|d| d.as_u64().map(u128::from))
+            .collect::<Option<_>>()?;
         let size = match v.get("dtype")?.as_str()? {
             "F64" | "I64" | "U64" => 8u128,
             "F32" | "I32" | "U32" => 4,
             "F16" | "BF16" | "I16" | "U16" => 2,
-            _ => 1,
+            "I8" | "U8" | "BOOL" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 1,
+            _ => return None,
         };
         let elems = shape.iter().try_fold(1u128, |a, &d| a.checked_mul(d));
         let Some(elems) = elems.filter(|&e| e < (1u128 << 64)) else {
@@ -156,6 +189,67 @@ fn explain_invalid(bytes: &[u8]) -> Option<String> {
     None
 }
 
+/// The first key that appears twice in one JSON object of `header` (at any depth), if any.
+/// JSON parsers disagree on duplicates (first wins, last wins, error); serde_json keeps the last,
+/// so such a file could mean one thing to rankfuse and another to a different tool. Invalid JSON
+/// gives `None` (the real parse reports it).
+fn duplicate_key(header: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+    const TAG: &str = "rankfuse-duplicate-key:";
+    struct NoDup;
+    impl<'de> serde::Deserialize<'de> for NoDup {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            d.deserialize_any(NoDupVisitor)
+        }
+    }
+    struct NoDupVisitor;
+    impl<'de> Visitor<'de> for NoDupVisitor {
+        type Value = NoDup;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<NoDup, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = m.next_key::<String>()? {
+                m.next_value::<NoDup>()?;
+                if seen.contains(&k) {
+                    return Err(A::Error::custom(format!("{TAG}{k}")));
+                }
+                seen.insert(k);
+            }
+            Ok(NoDup)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> std::result::Result<NoDup, A::Error> {
+            while s.next_element::<NoDup>()?.is_some() {}
+            Ok(NoDup)
+        }
+        fn visit_bool<E>(self, _: bool) -> std::result::Result<NoDup, E> {
+            Ok(NoDup)
+        }
+        fn visit_i64<E>(self, _: i64) -> std::result::Result<NoDup, E> {
+            Ok(NoDup)
+        }
+        fn visit_u64<E>(self, _: u64) -> std::result::Result<NoDup, E> {
+            Ok(NoDup)
+        }
+        fn visit_f64<E>(self, _: f64) -> std::result::Result<NoDup, E> {
+            Ok(NoDup)
+        }
+        fn visit_str<E>(self, _: &str) -> std::result::Result<NoDup, E> {
+            Ok(NoDup)
+        }
+        fn visit_unit<E>(self) -> std::result::Result<NoDup, E> {
+            Ok(NoDup)
+        }
+    }
+    let e = serde_json::from_slice::<NoDup>(header).err()?;
+    let msg = e.to_string();
+    let rest = msg.strip_prefix(TAG)?;
+    // serde_json appends " at line L column C" to custom messages.
+    let key = rest.rsplit_once(" at line ").map_or(rest, |(k, _)| k);
+    Some(key.to_string())
+}
+
 fn parse_shard(
     path: &Path,
     backing: Backing,
@@ -163,6 +257,35 @@ fn parse_shard(
     out: &mut Vec<TensorEntry>,
 ) -> Result<Shard> {
     let bytes = backing.bytes();
+    let Some(prefix) = bytes.get(..8) else {
+        return Err(Error::format(format!(
+            "file '{}': {} bytes is too short for a safetensors file (8-byte header length first)",
+            path.display(),
+            bytes.len()
+        )));
+    };
+    let n = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+    if n > MAX_HEADER_BYTES {
+        return Err(Error::format(format!(
+            "file '{}': header length {n} is over rankfuse's {MAX_HEADER_BYTES}-byte limit",
+            path.display()
+        )));
+    }
+    if n > (bytes.len() - 8) as u64 {
+        return Err(Error::format(format!(
+            "file '{}': header length {n} runs past the end of the {}-byte file",
+            path.display(),
+            bytes.len()
+        )));
+    }
+    let header = &bytes[8..8 + n as usize];
+    if let Some(k) = duplicate_key(header) {
+        return Err(Error::format(format!(
+            "file '{}': invalid safetensors: key '{}' appears twice in one object of the header",
+            path.display(),
+            k.escape_debug()
+        )));
+    }
     let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
         let why = explain_invalid(bytes).unwrap_or_else(|| e.to_string());
         Error::format(format!(
@@ -208,10 +331,90 @@ fn parse_shard(
     })
 }
 
+/// The `weight_map` of a sharded model's index JSON: (tensor, shard file name) pairs, each file
+/// name checked to be a plain name beside the index (no directories, no `..`). `index` names the
+/// file in messages.
+pub fn parse_index(index: &Path, text: &[u8]) -> Result<Vec<(String, String)>> {
+    let shown = index.display();
+    let json: serde_json::Value = serde_json::from_slice(text)
+        .map_err(|e| Error::format(format!("index '{shown}': invalid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::format(format!("index '{shown}': no \"weight_map\" object")))?;
+    let mut out = Vec::with_capacity(map.len());
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            Error::format(format!(
+                "index '{shown}': weight_map['{name}'] is not a string"
+            ))
+        })?;
+        if file.is_empty() || file.contains(['/', '\\', '\0']) || file == ".." || file == "." {
+            return Err(Error::format(format!(
+                "index '{shown}': weight_map['{name}'] = '{}' is not a file name beside the index",
+                file.escape_debug()
+            )));
+        }
+        out.push((name.clone(), file.to_string()));
+    }
+    Ok(out)
+}
+
+/// Opens each shard the index names once (through `load`: file name -> (path, bytes)) and picks
+/// the tensors the index assigns to it.
+fn assemble_index(
+    index: &Path,
+    text: &[u8],
+    shards: &mut Vec<Shard>,
+    tensors: &mut Vec<TensorEntry>,
+    mut load: impl FnMut(&str) -> Result<(PathBuf, Backing)>,
+) -> Result<()> {
+    let shown = index.display();
+    let map = parse_index(index, text)?;
+    let mut shard_of: HashMap<&str, usize> = HashMap::new();
+    let mut wanted: Vec<(&str, usize)> = Vec::with_capacity(map.len());
+    let mut all: Vec<TensorEntry> = Vec::new();
+    for (name, file) in &map {
+        let idx = match shard_of.get(file.as_str()) {
+            Some(&i) => i,
+            None => {
+                let (p, backing) = load(file).map_err(|e| e.context(format!("index '{shown}'")))?;
+                let i = shards.len();
+                shards.push(parse_shard(&p, backing, i, &mut all)?);
+                shard_of.insert(file, i);
+                i
+            }
+        };
+        wanted.push((name, idx));
+    }
+    let mut found: HashMap<(&str, usize), &TensorEntry> = HashMap::new();
+    for t in &all {
+        found.insert((t.name.as_str(), t.shard), t);
+    }
+    for (name, idx) in wanted {
+        let t = found.get(&(name, idx)).ok_or_else(|| {
+            Error::not_found(format!(
+                "index '{shown}': tensor '{name}' is not in shard '{}'",
+                shards[idx].path.display()
+            ))
+        })?;
+        tensors.push((*t).clone());
+    }
+    Ok(())
+}
+
 impl Weights {
-    /// Opens a `.safetensors` file, or a sharded model through its `.safetensors.index.json`.
+    /// Opens a `.safetensors` file, or a sharded model through its `.safetensors.index.json`;
+    /// memory-mapped unless `RANKFUSE_NO_MMAP` is set (see [`OpenMode::from_env`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Weights> {
-        Self::open_with(path, OpenMode::Map)
+        Self::open_with(path, OpenMode::from_env())
+    }
+
+    /// Whether the tensors live in a memory map (`OpenMode::Map`) rather than owned memory.
+    pub fn is_mapped(&self) -> bool {
+        self.shards
+            .iter()
+            .any(|s| matches!(s.backing, Backing::Map(_)))
     }
 
     pub fn open_with(path: impl AsRef<Path>, mode: OpenMode) -> Result<Weights> {
@@ -228,6 +431,56 @@ impl Weights {
             let backing = read_backing(path, mode)?;
             shards.push(parse_shard(path, backing, 0, &mut tensors)?);
         }
+        Self::finish(path.to_path_buf(), shards, tensors)
+    }
+
+    fn open_index(
+        path: &Path,
+        mode: OpenMode,
+        shards: &mut Vec<Shard>,
+        tensors: &mut Vec<TensorEntry>,
+    ) -> Result<()> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::from_io(path, &e))?;
+        if meta.len() > MAX_INDEX_BYTES {
+            return Err(Error::format(format!(
+                "index '{}': {} bytes is over the {MAX_INDEX_BYTES}-byte limit",
+                path.display(),
+                meta.len()
+            )));
+        }
+        let text = std::fs::read(path).map_err(|e| Error::from_io(path, &e))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        assemble_index(path, &text, shards, tensors, |file| {
+            let p = dir.join(file);
+            let backing = read_backing(&p, mode)?;
+            Ok((p, backing))
+        })
+    }
+
+    /// A sharded model from memory: the index JSON and its shards by file name (the names the
+    /// index's `weight_map` uses). Same checks as [`Weights::open`] on an index; a shard the
+    /// index names but `shards` lacks is NOT_FOUND. `name` stands for the index file in messages.
+    pub fn from_index_bytes(name: &str, index: &[u8], shards: &[(&str, &[u8])]) -> Result<Weights> {
+        let path = PathBuf::from(name);
+        if index.len() as u64 > MAX_INDEX_BYTES {
+            return Err(Error::format(format!(
+                "index '{name}': {} bytes is over the {MAX_INDEX_BYTES}-byte limit",
+                index.len()
+            )));
+        }
+        let mut out_shards = Vec::new();
+        let mut tensors = Vec::new();
+        assemble_index(&path, index, &mut out_shards, &mut tensors, |file| {
+            let (_, bytes) = shards
+                .iter()
+                .find(|(n, _)| *n == file)
+                .ok_or_else(|| Error::not_found(format!("file '{file}': no such shard")))?;
+            Ok((PathBuf::from(file), Backing::Owned(bytes.to_vec())))
+        })?;
+        Self::finish(path, out_shards, tensors)
+    }
+
+    fn finish(path: PathBuf, shards: Vec<Shard>, tensors: Vec<TensorEntry>) -> Result<Weights> {
         let mut by_name = HashMap::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
             if by_name.insert(t.name.clone(), i).is_some() {
@@ -239,75 +492,11 @@ impl Weights {
             }
         }
         Ok(Weights {
-            path: path.to_path_buf(),
+            path,
             shards,
             tensors,
             by_name,
         })
-    }
-
-    fn open_index(
-        path: &Path,
-        mode: OpenMode,
-        shards: &mut Vec<Shard>,
-        tensors: &mut Vec<TensorEntry>,
-    ) -> Result<()> {
-        let shown = path.display();
-        let meta = std::fs::metadata(path).map_err(|e| Error::from_io(path, &e))?;
-        if meta.len() > MAX_INDEX_BYTES {
-            return Err(Error::format(format!(
-                "index '{shown}': {} bytes is over the {MAX_INDEX_BYTES}-byte limit",
-                meta.len()
-            )));
-        }
-        let text = std::fs::read(path).map_err(|e| Error::from_io(path, &e))?;
-        let json: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| Error::format(format!("index '{shown}': invalid JSON: {e}")))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::format(format!("index '{shown}': no \"weight_map\" object")))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let mut shard_of: HashMap<&str, usize> = HashMap::new();
-        let mut wanted: Vec<(String, usize)> = Vec::new();
-        let mut all: Vec<TensorEntry> = Vec::new();
-        for (name, file) in map {
-            let file = file.as_str().ok_or_else(|| {
-                Error::format(format!(
-                    "index '{shown}': weight_map['{name}'] is not a string"
-                ))
-            })?;
-            if file.is_empty() || file.contains(['/', '\\']) || file == ".." || file == "." {
-                return Err(Error::format(format!("index '{shown}': weight_map['{name}'] = '{file}' is not a file name beside the index")));
-            }
-            let idx = match shard_of.get(file) {
-                Some(&i) => i,
-                None => {
-                    let p = dir.join(file);
-                    let backing = read_backing(&p, mode)
-                        .map_err(|e| e.context(format!("index '{shown}'")))?;
-                    let i = shards.len();
-                    shards.push(parse_shard(&p, backing, i, &mut all)?);
-                    shard_of.insert(file, i);
-                    i
-                }
-            };
-            wanted.push((name.clone(), idx));
-        }
-        let mut found: HashMap<(&str, usize), &TensorEntry> = HashMap::new();
-        for t in &all {
-            found.insert((t.name.as_str(), t.shard), t);
-        }
-        for (name, idx) in &wanted {
-            let t = found.get(&(name.as_str(), *idx)).ok_or_else(|| {
-                Error::not_found(format!(
-                    "index '{shown}': tensor '{name}' is not in shard '{}'",
-                    shards[*idx].path.display()
-                ))
-            })?;
-            tensors.push((*t).clone());
-        }
-        Ok(())
     }
 
     /// Weights from bytes already in memory (e.g. data embedded in a binary); `name` stands for
@@ -316,16 +505,7 @@ impl Weights {
         let path = PathBuf::from(name);
         let mut tensors = Vec::new();
         let shard = parse_shard(&path, Backing::Owned(bytes), 0, &mut tensors)?;
-        let mut by_name = HashMap::with_capacity(tensors.len());
-        for (i, t) in tensors.iter().enumerate() {
-            by_name.insert(t.name.clone(), i);
-        }
-        Ok(Weights {
-            path,
-            shards: vec![shard],
-            tensors,
-            by_name,
-        })
+        Self::finish(path, vec![shard], tensors)
     }
 
     pub fn path(&self) -> &Path {

@@ -46,6 +46,9 @@ pub unsafe fn read_matrix(p: *const rf_matrix, name: &str) -> Result<Desc> {
         return Err(Error::shape(format!("{name}: ld {ld} < cols {cols}")));
     }
     let (rows, cols, ld) = (rows as usize, cols as usize, ld as usize);
+    // An empty matrix spans no memory whatever its ld; canonicalise ld so no kernel ever forms a
+    // row pointer `i * ld` that overflows (found by fuzz/linear_args: 5 x 0 with ld = 2^62).
+    let ld = if rows == 0 || cols == 0 { cols } else { ld };
     let bytes = crate::matrix::span_elems(rows, cols, ld)
         .and_then(|e| e.checked_mul(dtype.size()))
         .filter(|&b| b <= isize::MAX as usize)
@@ -59,6 +62,13 @@ pub unsafe fn read_matrix(p: *const rf_matrix, name: &str) -> Result<Desc> {
             "{name}: data is NULL for a {rows} x {cols} matrix"
         )));
     }
+    // NULL is fine for an empty matrix, but Rust slices and copies refuse NULL even at length 0:
+    // hand kernels a dangling, well-aligned pointer instead (never dereferenced: 0 bytes).
+    let data = if data.is_null() {
+        std::ptr::NonNull::<u128>::dangling().as_ptr() as *mut u8
+    } else {
+        data
+    };
     Ok(Desc {
         data,
         dtype,
