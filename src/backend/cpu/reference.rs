@@ -6,6 +6,9 @@ use crate::matrix::MatMut;
 
 pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
     let (m, n, k) = (p.m(), p.n(), p.k());
+    if m == 0 || n == 0 {
+        return;
+    }
     let mut t: Vec<Vec<f64>> = vec![Vec::new(); p.slots.len()];
     for i in 0..m {
         for (s, slot) in p.slots.iter().enumerate() {
