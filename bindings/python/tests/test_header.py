@@ -161,7 +161,7 @@ def test_function_pointers_and_macros_parse():
     h = _cheader.parse(
         "#define RF_X 3\n#define RF_F 2.0\n#define RF_S \"a.b\"\n#define RF_L { 8, 16, }\n"
         "typedef int32_t (*rf_cb)(void *user, const rf_cb_arg *const *args);\n"
-        "typedef struct rf_cb_arg rf_cb_arg;\n"
+        "typedef struct rf_cb_arg rf_cb_arg;\ntypedef struct rf_error rf_error;\n"
         "rf_error *rf_run(rf_cb cb, rf_cb *cbs, void *user);\n"
     )
     assert h.macros == {"RF_X": 3, "RF_F": 2.0, "RF_S": "a.b", "RF_L": (8, 16)}
