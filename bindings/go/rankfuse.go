@@ -41,6 +41,34 @@ static rf_error *rfgo_linear(rf_runtime *rt,
   rf_matrix y = {yd, (rf_dtype)yt, yr, yc, yl};
   return rf_linear(rt, &x, &w, has_bias ? &b : NULL, slots, n_slots, row_slot, &y);
 }
+
+// rf_lora_merge / rf_lora_unmerge with the descriptor of W built here (see rfgo_linear).
+static rf_error *rfgo_merge(rf_runtime *rt, const rf_lora *l, uint32_t rank, float mult,
+    int unmerge, void *wd, int wt, int64_t wr, int64_t wc, int64_t wl) {
+  rf_matrix w = {wd, (rf_dtype)wt, wr, wc, wl};
+  return unmerge ? rf_lora_unmerge(rt, l, rank, mult, &w) : rf_lora_merge(rt, l, rank, mult, &w);
+}
+
+static rf_error *rfgo_backward(rf_runtime *rt, rf_lora *l,
+    void *xd, int xt, int64_t xr, int64_t xc, int64_t xl,
+    void *wd, int wt, int64_t wr, int64_t wc, int64_t wl,
+    void *gd, int gt, int64_t gr, int64_t gc, int64_t gl,
+    uint32_t rank, uint32_t mode,
+    int has_dx, void *dd, int dt, int64_t dr, int64_t dc, int64_t dl) {
+  rf_matrix x = {xd, (rf_dtype)xt, xr, xc, xl};
+  rf_matrix w = {wd, (rf_dtype)wt, wr, wc, wl};
+  rf_matrix dy = {gd, (rf_dtype)gt, gr, gc, gl};
+  rf_matrix dx = {dd, (rf_dtype)dt, dr, dc, dl};
+  return rf_lora_backward(rt, l, &x, &w, &dy, rank, mode, has_dx ? &dx : NULL);
+}
+
+static rf_error *rfgo_set_weights(rf_lora *l,
+    void *ad, int at, int64_t ar, int64_t ac, int64_t al,
+    void *bd, int bt, int64_t br, int64_t bc, int64_t bl) {
+  rf_matrix a = {ad, (rf_dtype)at, ar, ac, al};
+  rf_matrix b = {bd, (rf_dtype)bt, br, bc, bl};
+  return rf_lora_set_weights(l, &a, &b);
+}
 */
 import "C"
 
@@ -559,7 +587,8 @@ func (w *Weights) Get(name string) (Matrix, error) {
 
 // ---------------------------------------------------------------- adapters
 
-// Adapter is a loaded adapter: a named set of LoRA modules.
+// Adapter is an adapter: a named set of LoRA modules (loaded with Runtime.LoadPEFT or built for
+// training with NewAdapter).
 type Adapter struct {
 	ptr *C.rf_adapter
 	rt  *Runtime
@@ -573,7 +602,9 @@ func (a *Adapter) Close() error {
 	C.rf_adapter_free(a.ptr)
 	a.ptr = nil
 	runtime.SetFinalizer(a, nil)
-	a.rt.release()
+	if a.rt != nil { // nil for NewAdapter's adapters
+		a.rt.release()
+	}
 	return nil
 }
 
@@ -703,5 +734,348 @@ func (l *Lora) SetRank(rank uint32) error {
 	}
 	err = check(C.rf_lora_set_rank(p, C.uint32_t(rank)))
 	runtime.KeepAlive(l.adapter)
+	return err
+}
+
+// ---------------------------------------------------------------- merge, training
+
+// Merge folds the lora into a weight in place: W <- W + scale * B[:, :r] A[:r] (rank 0 = the
+// lora's current rank; scale = its scale at r times scaleMult, 0 taken as 1 as in Slot). w is
+// the caller's writable out x in matrix (a Go slice view; Weights views are read-only).
+func (r *Runtime) Merge(l *Lora, rank uint32, scaleMult float32, w Matrix) error {
+	return r.merge(l, rank, scaleMult, w, 0)
+}
+
+// Unmerge is the inverse of Merge: W <- W - scale * B[:, :r] A[:r].
+func (r *Runtime) Unmerge(l *Lora, rank uint32, scaleMult float32, w Matrix) error {
+	return r.merge(l, rank, scaleMult, w, 1)
+}
+
+func (r *Runtime) merge(l *Lora, rank uint32, scaleMult float32, w Matrix, unmerge C.int) error {
+	p, err := r.live()
+	if err != nil {
+		return err
+	}
+	lp, err := l.live()
+	if err != nil {
+		return err
+	}
+	if w.weights != nil {
+		return &Error{Status: StatusInvalidArgument, Message: "w: a Weights view is read-only"}
+	}
+	if scaleMult == 0 {
+		scaleMult = 1
+	}
+	err = check(C.rfgo_merge(p, lp, C.uint32_t(rank), C.float(scaleMult), unmerge,
+		w.ptr, C.int(w.DType), C.int64_t(w.Rows), C.int64_t(w.Cols), C.int64_t(w.LD)))
+	runtime.KeepAlive(r)
+	runtime.KeepAlive(l.adapter)
+	runtime.KeepAlive(w.slice)
+	return err
+}
+
+// BackwardMode selects which components get gradients (rf_backward_mode).
+type BackwardMode uint32
+
+const (
+	BackwardNested BackwardMode = C.RF_BACKWARD_NESTED // every active component below the rank
+	BackwardFrozen BackwardMode = C.RF_BACKWARD_FROZEN // only component rank-1 (DyLoRA)
+)
+
+// NewAdapter creates an empty adapter to add trainable modules to (AddLora). It needs no
+// runtime; Close frees it.
+func NewAdapter(name string) (*Adapter, error) {
+	cs := C.CString(name)
+	defer C.free(unsafe.Pointer(cs))
+	var a *C.rf_adapter
+	if err := check(C.rf_adapter_new(cs, &a)); err != nil {
+		return nil, err
+	}
+	out := &Adapter{ptr: a}
+	runtime.SetFinalizer(out, (*Adapter).Close)
+	return out, nil
+}
+
+// AddLora appends a trainable module for a linear layer in -> out with `capacity` components
+// (rank starts at capacity), PEFT's init (A kaiming-uniform from seed, B = 0). dtype is the
+// compute dtype the forward reads; masters and optimizer state are f32. Needs exclusive access.
+func (a *Adapter) AddLora(module string, in, out int64, capacity uint32, alpha float32,
+	scaling Scaling, dtype DType, seed uint64) (*Lora, error) {
+	if a == nil || a.ptr == nil {
+		return nil, closedErr("adapter")
+	}
+	cs := C.CString(module)
+	defer C.free(unsafe.Pointer(cs))
+	var l *C.rf_lora
+	err := check(C.rf_adapter_add_lora(a.ptr, cs, C.int64_t(in), C.int64_t(out),
+		C.uint32_t(capacity), C.float(alpha), C.uint32_t(scaling), C.uint32_t(dtype),
+		C.uint64_t(seed), &l))
+	runtime.KeepAlive(a)
+	if err != nil {
+		return nil, err
+	}
+	return &Lora{ptr: l, adapter: a}, nil
+}
+
+// TrainEnable turns training on for every module (e.g. of a loaded adapter, to fine-tune it).
+func (a *Adapter) TrainEnable() error {
+	if a == nil || a.ptr == nil {
+		return closedErr("adapter")
+	}
+	err := check(C.rf_adapter_train_enable(a.ptr))
+	runtime.KeepAlive(a)
+	return err
+}
+
+// ZeroGrad zeroes the gradients of every module.
+func (a *Adapter) ZeroGrad() error {
+	if a == nil || a.ptr == nil {
+		return closedErr("adapter")
+	}
+	err := check(C.rf_adapter_zero_grad(a.ptr))
+	runtime.KeepAlive(a)
+	return err
+}
+
+// ClipGradNorm scales all gradients so their global L2 norm is at most maxNorm and returns the
+// norm before clipping (as torch.nn.utils.clip_grad_norm_).
+func (a *Adapter) ClipGradNorm(maxNorm float32) (float64, error) {
+	if a == nil || a.ptr == nil {
+		return 0, closedErr("adapter")
+	}
+	var n C.double
+	err := check(C.rf_adapter_clip_grad_norm(a.ptr, C.float(maxNorm), &n))
+	runtime.KeepAlive(a)
+	return float64(n), err
+}
+
+// AdamWOptions are the AdamW hyper-parameters, used as given: start from DefaultAdamW().
+type AdamWOptions struct {
+	LR, Beta1, Beta2, Eps, WeightDecay float32
+}
+
+// DefaultAdamW is torch.optim.AdamW's defaults (lr 1e-3, betas 0.9/0.999, eps 1e-8, wd 0.01).
+func DefaultAdamW() AdamWOptions {
+	return AdamWOptions{LR: 1e-3, Beta1: 0.9, Beta2: 0.999, Eps: 1e-8, WeightDecay: 0.01}
+}
+
+func (o *AdamWOptions) c() *C.rf_adamw_options {
+	if o == nil {
+		return nil
+	}
+	var c C.rf_adamw_options
+	c.struct_size = C.uint32_t(unsafe.Sizeof(c))
+	c.lr, c.beta1, c.beta2 = C.float(o.LR), C.float(o.Beta1), C.float(o.Beta2)
+	c.eps, c.weight_decay = C.float(o.Eps), C.float(o.WeightDecay)
+	return &c
+}
+
+// AdamWStep is one AdamW step on every module, all-or-nothing (a NaN/Inf gradient anywhere is
+// StatusNumeric and changes nothing). opts nil = DefaultAdamW(). Does not zero the gradients.
+func (a *Adapter) AdamWStep(opts *AdamWOptions) error {
+	if a == nil || a.ptr == nil {
+		return closedErr("adapter")
+	}
+	err := check(C.rf_adapter_adamw_step(a.ptr, opts.c()))
+	runtime.KeepAlive(a)
+	return err
+}
+
+// Backward accumulates the gradients of l for the layer output gradient dy (m x n) of
+// y = x W^T + scale * (x A_r^T) B_r^T, at rank (0 = current). dx (nil = not wanted) receives
+// dy W + scale * (dy B_r) A_r (m x k, its own writable memory). Needs exclusive access to l.
+func (r *Runtime) Backward(l *Lora, x, w, dy Matrix, rank uint32, mode BackwardMode, dx *Matrix) error {
+	p, err := r.live()
+	if err != nil {
+		return err
+	}
+	lp, err := l.live()
+	if err != nil {
+		return err
+	}
+	for _, m := range []struct {
+		name string
+		m    *Matrix
+	}{{"x", &x}, {"w", &w}, {"dy", &dy}, {"dx", dx}} {
+		if m.m != nil {
+			if err := m.m.usable(m.name); err != nil {
+				return err
+			}
+		}
+	}
+	hasDx := C.int(0)
+	var d Matrix
+	if dx != nil {
+		if dx.weights != nil {
+			return &Error{Status: StatusInvalidArgument, Message: "dx: a Weights view is read-only"}
+		}
+		hasDx, d = 1, *dx
+	}
+	err = check(C.rfgo_backward(p, lp,
+		x.ptr, C.int(x.DType), C.int64_t(x.Rows), C.int64_t(x.Cols), C.int64_t(x.LD),
+		w.ptr, C.int(w.DType), C.int64_t(w.Rows), C.int64_t(w.Cols), C.int64_t(w.LD),
+		dy.ptr, C.int(dy.DType), C.int64_t(dy.Rows), C.int64_t(dy.Cols), C.int64_t(dy.LD),
+		C.uint32_t(rank), C.uint32_t(mode),
+		hasDx, d.ptr, C.int(d.DType), C.int64_t(d.Rows), C.int64_t(d.Cols), C.int64_t(d.LD)))
+	runtime.KeepAlive(r)
+	runtime.KeepAlive(l.adapter)
+	runtime.KeepAlive(x.slice)
+	runtime.KeepAlive(x.weights)
+	runtime.KeepAlive(w.slice)
+	runtime.KeepAlive(w.weights)
+	runtime.KeepAlive(dy.slice)
+	runtime.KeepAlive(dy.weights)
+	runtime.KeepAlive(d.slice)
+	return err
+}
+
+// ZeroGrad zeroes this module's gradients. Needs exclusive access.
+func (l *Lora) ZeroGrad() error {
+	p, err := l.live()
+	if err != nil {
+		return err
+	}
+	err = check(C.rf_lora_zero_grad(p))
+	runtime.KeepAlive(l.adapter)
+	return err
+}
+
+// AdamWStep is one AdamW step on this module (opts nil = DefaultAdamW()); see Adapter.AdamWStep.
+func (l *Lora) AdamWStep(opts *AdamWOptions) error {
+	p, err := l.live()
+	if err != nil {
+		return err
+	}
+	err = check(C.rf_lora_adamw_step(p, opts.c()))
+	runtime.KeepAlive(l.adapter)
+	return err
+}
+
+// EnableGains turns on per-component gains E (B diag(E) A, AdaLoRA/ElaLoRA), all set to init.
+func (l *Lora) EnableGains(init float32) error {
+	p, err := l.live()
+	if err != nil {
+		return err
+	}
+	err = check(C.rf_lora_enable_gains(p, C.float(init)))
+	runtime.KeepAlive(l.adapter)
+	return err
+}
+
+// SetMask sets the component mask (len = capacity; false masks a component off).
+func (l *Lora) SetMask(mask []bool) error {
+	p, err := l.live()
+	if err != nil {
+		return err
+	}
+	m := make([]C.uint8_t, len(mask)+1) // +1: a valid pointer for an empty mask
+	for i, v := range mask {
+		if v {
+			m[i] = 1
+		}
+	}
+	err = check(C.rf_lora_set_mask(p, &m[0], C.size_t(len(mask))))
+	runtime.KeepAlive(l.adapter)
+	runtime.KeepAlive(m)
+	return err
+}
+
+// Mask reports the component mask (true = active), one entry per component of the capacity.
+func (l *Lora) Mask() ([]bool, error) {
+	info, err := l.Info()
+	if err != nil {
+		return nil, err
+	}
+	p, _ := l.live()
+	m := make([]C.uint8_t, int(info.Capacity)+1)
+	err = check(C.rf_lora_get_mask(p, &m[0], C.size_t(info.Capacity)))
+	runtime.KeepAlive(l.adapter)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]bool, info.Capacity)
+	for i := range out {
+		out[i] = m[i] != 0
+	}
+	return out, nil
+}
+
+// Weights copies the module's A (capacity x in) and B (out x capacity), as the forward reads
+// them (compute dtype), into new Go slices and returns views of them.
+func (l *Lora) Weights() (a, b Matrix, err error) {
+	p, err := l.live()
+	if err != nil {
+		return Matrix{}, Matrix{}, err
+	}
+	var ca, cb C.rf_matrix
+	if err = check(C.rf_lora_weights(p, &ca, &cb)); err == nil {
+		a, err = copyMatrix(ca)
+		if err == nil {
+			b, err = copyMatrix(cb)
+		}
+	}
+	runtime.KeepAlive(l.adapter)
+	return a, b, err
+}
+
+// copyMatrix copies a C-owned matrix into a compact Go slice of its dtype.
+func copyMatrix(m C.rf_matrix) (Matrix, error) {
+	rows, cols, ld, dt := int(m.rows), int(m.cols), int(m.ld), DType(m.dtype)
+	es := dt.Size()
+	if es == 0 {
+		return Matrix{}, &Error{Status: StatusDType, Message: "unknown dtype " + dt.String()}
+	}
+	n, err := spanElems(rows, cols, ld)
+	if err != nil {
+		return Matrix{}, err
+	}
+	var src []byte
+	if n > 0 {
+		// SAFETY (unsafe): rf_lora_weights returned a view of n elements, valid until the module
+		// changes; the caller holds the adapter alive and the copy ends before returning.
+		src = unsafe.Slice((*byte)(m.data), n*es)
+	}
+	if dt == F32DType {
+		out := make([]float32, rows*cols)
+		for i := 0; i < rows; i++ {
+			for j := 0; j < cols; j++ {
+				out[i*cols+j] = *(*float32)(unsafe.Pointer(&src[(i*ld+j)*4]))
+			}
+		}
+		return F32(out, rows, cols, 0)
+	}
+	out := make([]uint16, rows*cols)
+	for i := 0; i < rows; i++ {
+		for j := 0; j < cols; j++ {
+			out[i*cols+j] = *(*uint16)(unsafe.Pointer(&src[(i*ld+j)*2]))
+		}
+	}
+	if dt == F16DType {
+		return F16(out, rows, cols, 0)
+	}
+	return BF16(out, rows, cols, 0)
+}
+
+// SetWeights replaces A (capacity x in) and B (out x capacity) with copies of a and b (any
+// dtype, any ld) and resets the optimizer state. Needs exclusive access.
+func (l *Lora) SetWeights(a, b Matrix) error {
+	p, err := l.live()
+	if err != nil {
+		return err
+	}
+	if err := a.usable("a"); err != nil {
+		return err
+	}
+	if err := b.usable("b"); err != nil {
+		return err
+	}
+	err = check(C.rfgo_set_weights(p,
+		a.ptr, C.int(a.DType), C.int64_t(a.Rows), C.int64_t(a.Cols), C.int64_t(a.LD),
+		b.ptr, C.int(b.DType), C.int64_t(b.Rows), C.int64_t(b.Cols), C.int64_t(b.LD)))
+	runtime.KeepAlive(l.adapter)
+	runtime.KeepAlive(a.slice)
+	runtime.KeepAlive(a.weights)
+	runtime.KeepAlive(b.slice)
+	runtime.KeepAlive(b.weights)
 	return err
 }

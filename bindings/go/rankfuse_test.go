@@ -422,9 +422,14 @@ func TestHeaderCoverage(t *testing.T) {
 		f.Close()
 	}
 	var missing []string
+	inHeader := map[string]bool{}
 	for _, p := range protos {
 		name := string(p[1])
+		inHeader[name] = true
 		if regexp.MustCompile(`\b` + name + `\(`).Match(src) {
+			if skip[name] {
+				t.Errorf("%s is wrapped in rankfuse.go: remove it from unwrapped.txt", name)
+			}
 			continue
 		}
 		if skip[name] {
@@ -432,6 +437,11 @@ func TestHeaderCoverage(t *testing.T) {
 			continue
 		}
 		missing = append(missing, name)
+	}
+	for name := range skip {
+		if !inHeader[name] {
+			t.Errorf("unwrapped.txt lists %s, which rankfuse.h does not declare", name)
+		}
 	}
 	if len(missing) > 0 {
 		t.Fatalf("functions of rankfuse.h with no Go wrapper: %v (wrap them in rankfuse.go, "+
@@ -495,5 +505,218 @@ func TestConcurrentLinear(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		t.Error(err)
+	}
+}
+
+// matMulT returns a (m x k) times b^T (n x k): m x n.
+func matMulT(a []float32, m, k int, b []float32, n int) []float32 {
+	out := make([]float32, m*n)
+	for i := 0; i < m; i++ {
+		for j := 0; j < n; j++ {
+			var s float64
+			for p := 0; p < k; p++ {
+				s += float64(a[i*k+p]) * float64(b[j*k+p])
+			}
+			out[i*n+j] = float32(s)
+		}
+	}
+	return out
+}
+
+func mustF32(t *testing.T, s []float32, rows, cols int) Matrix {
+	t.Helper()
+	m, err := F32(s, rows, cols, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func randF32(seed *uint64, n int, amp float32) []float32 {
+	out := make([]float32, n)
+	for i := range out {
+		*seed = *seed*6364136223846793005 + 1442695040888963407
+		out[i] = amp * (float32(*seed>>40)/float32(1<<24)*2 - 1)
+	}
+	return out
+}
+
+// A trainable module from NewAdapter: weights round trip, merge/unmerge against Linear,
+// backward's dx against a Go reference, masks, and a few AdamW steps that lower the loss.
+func TestTrainingAndMerge(t *testing.T) {
+	rt, err := NewRuntime(&RuntimeOptions{NumThreads: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	a, err := NewAdapter("go-train")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	const m, k, n, capacity = 6, 7, 5, 4
+	l, err := a.AddLora("layer", k, n, capacity, 8, ScalingLoRA, F32DType, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := l.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Capacity != capacity || info.Rank != capacity || info.Scale != 2 || info.InFeatures != k {
+		t.Fatalf("info %+v", info)
+	}
+	am, bm, err := l.Weights()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if am.Rows != capacity || am.Cols != k || bm.Rows != n || bm.Cols != capacity {
+		t.Fatalf("A %dx%d, B %dx%d", am.Rows, am.Cols, bm.Rows, bm.Cols)
+	}
+	b0, _ := bm.Float32s()
+	for _, v := range b0 {
+		if v != 0 {
+			t.Fatalf("B should start at zero, has %g", v)
+		}
+	}
+	seed := uint64(1)
+	A := randF32(&seed, capacity*k, 0.5)
+	B := randF32(&seed, n*capacity, 0.5)
+	W := randF32(&seed, n*k, 1)
+	x := randF32(&seed, m*k, 1)
+	if err := l.SetWeights(mustF32(t, A, capacity, k), mustF32(t, B, n, capacity)); err != nil {
+		t.Fatal(err)
+	}
+	am, bm, _ = l.Weights()
+	gotA, _ := am.Float32s()
+	gotB, _ := bm.Float32s()
+	compare(t, "A round trip", gotA, A, 0, 0)
+	compare(t, "B round trip", gotB, B, 0, 0)
+
+	// Merge: Linear with the lora == Linear on the merged weight, and unmerge restores W.
+	yLora := make([]float32, m*n)
+	if err := rt.Linear(mustF32(t, x, m, k), mustF32(t, W, n, k), nil, []Slot{{Lora: l}}, nil,
+		mustF32(t, yLora, m, n)); err != nil {
+		t.Fatal(err)
+	}
+	merged := append([]float32(nil), W...)
+	if err := rt.Merge(l, 0, 1, mustF32(t, merged, n, k)); err != nil {
+		t.Fatal(err)
+	}
+	yMerged := make([]float32, m*n)
+	if err := rt.Linear(mustF32(t, x, m, k), mustF32(t, merged, n, k), nil, nil, nil,
+		mustF32(t, yMerged, m, n)); err != nil {
+		t.Fatal(err)
+	}
+	compare(t, "merged vs fused", yMerged, yLora, 1e-5, 1e-5)
+	if err := rt.Unmerge(l, 0, 1, mustF32(t, merged, n, k)); err != nil {
+		t.Fatal(err)
+	}
+	compare(t, "unmerge", merged, W, 1e-6, 1e-5)
+	if err := rt.Merge(l, 0, 1, mustF32(t, make([]float32, k*k), k, k)); !errors.Is(err, &Error{Status: StatusShape}) {
+		t.Fatalf("merge into a k x k weight: %v, want SHAPE", err)
+	}
+
+	// Backward's dx = dy W + scale (dy B) A.
+	dy := randF32(&seed, m*n, 1)
+	dx := make([]float32, m*k)
+	dxm := mustF32(t, dx, m, k)
+	if err := rt.Backward(l, mustF32(t, x, m, k), mustF32(t, W, n, k), mustF32(t, dy, m, n), 0,
+		BackwardNested, &dxm); err != nil {
+		t.Fatal(err)
+	}
+	wT := make([]float32, k*n) // W^T, so dy W = matMulT(dy, W^T)
+	for i := 0; i < n; i++ {
+		for j := 0; j < k; j++ {
+			wT[j*n+i] = W[i*k+j]
+		}
+	}
+	aT := make([]float32, k*capacity)
+	for i := 0; i < capacity; i++ {
+		for j := 0; j < k; j++ {
+			aT[j*capacity+i] = A[i*k+j]
+		}
+	}
+	bT := make([]float32, capacity*n)
+	for i := 0; i < n; i++ {
+		for j := 0; j < capacity; j++ {
+			bT[j*n+i] = B[i*capacity+j]
+		}
+	}
+	ref := matMulT(dy, m, n, wT, k)
+	dyB := matMulT(dy, m, n, bT, capacity)
+	lo := matMulT(dyB, m, capacity, aT, k)
+	for i := range ref {
+		ref[i] += info.Scale * lo[i]
+	}
+	compare(t, "dx", dx, ref, 1e-5, 1e-5)
+	norm, err := a.ClipGradNorm(1e9)
+	if err != nil || !(norm > 0) {
+		t.Fatalf("grad norm %g, %v", norm, err)
+	}
+
+	// Masks round trip.
+	if err := l.SetMask([]bool{true, false, true, true}); err != nil {
+		t.Fatal(err)
+	}
+	mask, err := l.Mask()
+	if err != nil || fmt.Sprint(mask) != "[true false true true]" {
+		t.Fatalf("mask %v, %v", mask, err)
+	}
+	if err := l.SetMask([]bool{true, true, true, true}); err != nil {
+		t.Fatal(err)
+	}
+
+	// A few AdamW steps on 0.5 ||y - target||^2 lower the loss (W frozen).
+	target := randF32(&seed, m*n, 1)
+	loss := func() (float64, []float32) {
+		y := make([]float32, m*n)
+		if err := rt.Linear(mustF32(t, x, m, k), mustF32(t, W, n, k), nil, []Slot{{Lora: l}}, nil,
+			mustF32(t, y, m, n)); err != nil {
+			t.Fatal(err)
+		}
+		var s float64
+		g := make([]float32, m*n)
+		for i := range y {
+			g[i] = y[i] - target[i]
+			s += 0.5 * float64(g[i]) * float64(g[i])
+		}
+		return s, g
+	}
+	first, _ := loss()
+	opts := DefaultAdamW()
+	opts.LR = 1e-2
+	for step := 0; step < 30; step++ {
+		_, g := loss()
+		if err := l.ZeroGrad(); err != nil {
+			t.Fatal(err)
+		}
+		if err := rt.Backward(l, mustF32(t, x, m, k), mustF32(t, W, n, k), mustF32(t, g, m, n), 0,
+			BackwardNested, nil); err != nil {
+			t.Fatal(err)
+		}
+		var err error
+		if step%2 == 0 {
+			err = l.AdamWStep(&opts)
+		} else {
+			err = a.AdamWStep(&opts)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	last, _ := loss()
+	t.Logf("loss %.4f -> %.4f after 30 AdamW steps", first, last)
+	if !(last < 0.9*first) {
+		t.Fatalf("loss %g -> %g: training did not lower it", first, last)
+	}
+	if err := a.ZeroGrad(); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.EnableGains(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.TrainEnable(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -34,6 +34,7 @@ from ._ffi import rf_lora_slot, rf_matrix
 __all__ = [
     "ABI_VERSION",
     "Adapter",
+    "BackwardMode",
     "DType",
     "Device",
     "Error",
@@ -45,6 +46,7 @@ __all__ = [
     "Status",
     "Weights",
     "abi_version",
+    "adamw_options",
     "bf16_to_f32",
     "f32_to_bf16",
     "version",
@@ -63,6 +65,7 @@ Status = _enum("Status", "rf_status", "RF_STATUS_")
 DType = _enum("DType", "rf_dtype", "RF_DTYPE_")
 Device = _enum("Device", "rf_device", "RF_DEVICE_")
 Scaling = _enum("Scaling", "rf_scaling", "RF_SCALING_")
+BackwardMode = _enum("BackwardMode", "rf_backward_mode", "RF_BACKWARD_")
 
 
 def version() -> str:
@@ -279,6 +282,60 @@ class Runtime(_Handle):
         _check(_lib.rf_adapter_load_peft(p, str(path).encode(), ctypes.byref(out)))
         return Adapter(out, self)
 
+    def new_adapter(self, name: str = "adapter") -> "Adapter":
+        """An empty adapter to add trainable modules to (Adapter.add_lora)."""
+        self._live()
+        out = ctypes.POINTER(_ffi.rf_adapter)()
+        _check(_lib.rf_adapter_new(name.encode(), ctypes.byref(out)))
+        return Adapter(out, self)
+
+    def merge(self, lora: "Lora", w: np.ndarray, rank: int = 0, scale_mult: float = 1.0) -> np.ndarray:
+        """W += scale * B[:, :r] A[:r] in place (rank 0 = the lora's current rank); returns w.
+        w: the writable out x in weight (float32, float16 or uint16 bf16 bits)."""
+        wm = _matrix(w, "w", writable=True)
+        _check(_lib.rf_lora_merge(self._live(), lora._live(), rank, scale_mult, ctypes.byref(wm)))
+        return w
+
+    def unmerge(self, lora: "Lora", w: np.ndarray, rank: int = 0, scale_mult: float = 1.0) -> np.ndarray:
+        """The inverse of merge: W -= scale * B[:, :r] A[:r] in place; returns w."""
+        wm = _matrix(w, "w", writable=True)
+        _check(_lib.rf_lora_unmerge(self._live(), lora._live(), rank, scale_mult, ctypes.byref(wm)))
+        return w
+
+    def backward(
+        self,
+        lora: "Lora",
+        x: np.ndarray,
+        w: np.ndarray,
+        dy: np.ndarray,
+        rank: int = 0,
+        mode: BackwardMode = BackwardMode.NESTED,
+        dx: Union[bool, np.ndarray] = False,
+    ) -> Optional[np.ndarray]:
+        """Accumulates the lora's gradients for the layer output gradient dy (m x n) of
+        y = x W^T + scale * (x A_r^T) B_r^T (rank 0 = current). dx True returns a new float32
+        dx = dy W + scale * (dy B_r) A_r (m x k); an array receives it; False skips it."""
+        xm, wm, gm = _matrix(x, "x"), _matrix(w, "w"), _matrix(dy, "dy")
+        out = None
+        if dx is True:
+            out = np.empty((xm.rows, xm.cols), dtype=np.float32)
+        elif isinstance(dx, np.ndarray):
+            out = dx
+        dm = None if out is None else _matrix(out, "dx", writable=True)
+        _check(
+            _lib.rf_lora_backward(
+                self._live(),
+                lora._live(),
+                ctypes.byref(xm),
+                ctypes.byref(wm),
+                ctypes.byref(gm),
+                rank,
+                int(mode),
+                ctypes.byref(dm) if dm is not None else None,
+            )
+        )
+        return out
+
     def linear(
         self,
         x: np.ndarray,
@@ -435,6 +492,53 @@ class Adapter(_Handle):
         """Writes a PEFT folder (created if missing) that PEFT and rankfuse load back."""
         _check(_lib.rf_adapter_save_peft(self._live(), str(path).encode()))
 
+    # Training (each needs exclusive access to the adapter).
+    def add_lora(
+        self,
+        module: str,
+        in_features: int,
+        out_features: int,
+        capacity: int,
+        alpha: float,
+        scaling: Scaling = Scaling.LORA,
+        dtype: DType = DType.F32,
+        seed: int = 0,
+    ) -> "Lora":
+        """Appends a trainable module (PEFT init: A kaiming-uniform from seed, B = 0; rank =
+        capacity). dtype is the compute dtype; masters and optimizer state are f32."""
+        out = ctypes.POINTER(_ffi.rf_lora)()
+        _check(
+            _lib.rf_adapter_add_lora(
+                self._live(), module.encode(), in_features, out_features, capacity, alpha,
+                int(scaling), int(dtype), seed, ctypes.byref(out),
+            )
+        )
+        return Lora(out, self, module)
+
+    def train_enable(self) -> None:
+        """Turns training on for every module (e.g. of a loaded adapter)."""
+        _check(_lib.rf_adapter_train_enable(self._live()))
+
+    def zero_grad(self) -> None:
+        _check(_lib.rf_adapter_zero_grad(self._live()))
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clips the global gradient L2 norm to max_norm; returns the norm before clipping."""
+        n = ctypes.c_double()
+        _check(_lib.rf_adapter_clip_grad_norm(self._live(), max_norm, ctypes.byref(n)))
+        return n.value
+
+    def adamw_step(self, **opts) -> None:
+        """One AdamW step on every module, all-or-nothing (see adamw_options for opts)."""
+        _check(_lib.rf_adapter_adamw_step(self._live(), ctypes.byref(adamw_options(**opts))))
+
+
+def adamw_options(
+    lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01
+) -> "_ffi.rf_adamw_options":
+    """rf_adamw_options; the defaults are torch.optim.AdamW's."""
+    return _ffi.rf_adamw_options(ctypes.sizeof(_ffi.rf_adamw_options), lr, beta1, beta2, eps, weight_decay)
+
 
 @dataclass(frozen=True)
 class LoraInfo:
@@ -480,6 +584,42 @@ class Lora:
         if not 0 <= rank <= 0xFFFFFFFF:
             raise Error(Status.INVALID_ARGUMENT, f"rank {rank} is out of range")
         _check(_lib.rf_lora_set_rank(self._live(), rank))
+
+    # Training (each change needs exclusive access to this lora).
+    def zero_grad(self) -> None:
+        _check(_lib.rf_lora_zero_grad(self._live()))
+
+    def adamw_step(self, **opts) -> None:
+        """One AdamW step on this module (see adamw_options); NaN/Inf gradients raise NUMERIC."""
+        _check(_lib.rf_lora_adamw_step(self._live(), ctypes.byref(adamw_options(**opts))))
+
+    def enable_gains(self, init: float = 1.0) -> None:
+        """Per-component gains E (B diag(E) A, AdaLoRA/ElaLoRA), all set to init."""
+        _check(_lib.rf_lora_enable_gains(self._live(), init))
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The component mask (bool, one per component of the capacity)."""
+        p = self._live()
+        out = np.zeros(self.info().capacity, dtype=np.uint8)
+        _check(_lib.rf_lora_get_mask(p, out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), out.size))
+        return out.astype(bool)
+
+    @mask.setter
+    def mask(self, mask) -> None:
+        m = np.ascontiguousarray(mask, dtype=np.uint8)
+        _check(_lib.rf_lora_set_mask(self._live(), m.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), m.size))
+
+    def weights(self) -> tuple:
+        """Copies of A (capacity x in) and B (out x capacity) in the compute dtype."""
+        a, b = rf_matrix(), rf_matrix()
+        _check(_lib.rf_lora_weights(self._live(), ctypes.byref(a), ctypes.byref(b)))
+        return _array_from(a, None).copy(), _array_from(b, None).copy()
+
+    def set_weights(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Replaces A and B with copies of a and b; resets the optimizer state."""
+        am, bm = _matrix(a, "a"), _matrix(b, "b")
+        _check(_lib.rf_lora_set_weights(self._live(), ctypes.byref(am), ctypes.byref(bm)))
 
     @property
     def rank(self) -> int:

@@ -7,9 +7,11 @@ print the ctypes declarations that rankfuse/_ffi.py lacks:
 (Run as a script, it does not import the package, so it works without the built library.)
 
 It understands what the header uses: `typedef enum {...} name;`, `typedef struct {...} name;`,
-`typedef struct name name;` (opaque), `#define NAME number`, and one-line function prototypes.
-Anything it cannot map raises ValueError naming the construct, so a new kind of declaration
-fails the test instead of being skipped.
+`typedef struct name name;` (opaque), function-pointer typedefs `typedef R (*name)(args);`,
+`#define NAME value` (integer, float, string or `{ int, ... }` list; a bare include guard),
+the include/ifdef/ifndef/endif lines, and one-line function prototypes. Anything it cannot map
+raises ValueError naming the construct, so a new kind of declaration fails the test instead of
+being skipped.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ _SCALARS = {
 
 @dataclass
 class Header:
-    macros: dict = field(default_factory=dict)  # name -> int
+    macros: dict = field(default_factory=dict)  # name -> int | float | str | tuple of int
     enums: dict = field(default_factory=dict)  # type name -> {constant: value}
     structs: dict = field(default_factory=dict)  # type name -> [(field, C type)]
     opaque: list = field(default_factory=list)  # type names
     functions: dict = field(default_factory=dict)  # name -> (C return type, [C arg types])
+    funcptrs: dict = field(default_factory=dict)  # typedef name -> (C return type, [C arg types])
 
 
 def _strip_comments(text: str) -> str:
@@ -65,11 +68,41 @@ def _split_decl(decl: str) -> tuple[str, str]:
     return _norm(m.group(1)), m.group(2)
 
 
+_DIRECTIVES = ("include", "ifndef", "ifdef", "endif", "define")
+
+
+def _macro_value(name: str, value: str):
+    value = value.strip()
+    if re.fullmatch(r"-?\d+", value):
+        return int(value)
+    if re.fullmatch(r"-?\d+\.\d*(?:[eE][-+]?\d+)?f?|-?\d+[eE][-+]?\d+f?", value):
+        return float(value.rstrip("f"))
+    if re.fullmatch(r'"[^"\\]*"', value):
+        return value[1:-1]
+    m = re.fullmatch(r"\{\s*((?:-?\d+\s*,\s*)*(?:-?\d+)?)\s*,?\s*\}", value)
+    if m:
+        return tuple(int(v) for v in re.findall(r"-?\d+", m.group(1)))
+    raise ValueError(f"#define {name}: cannot parse the value {value!r}")
+
+
+def _args(args: str) -> list:
+    args = args.strip()
+    return [] if args in ("", "void") else [_split_decl(a)[0] for a in args.split(",")]
+
+
 def parse(text: str) -> Header:
     h = Header()
-    for name, value in re.findall(r"^\s*#define\s+(\w+)\s+(-?\d+)\s*$", text, flags=re.M):
-        h.macros[name] = int(value)
     body = _strip_comments(text)
+    for m in re.finditer(r"^\s*#\s*(\w+)(.*)$", body, flags=re.M):
+        directive, rest_of_line = m.group(1), m.group(2).strip()
+        if directive not in _DIRECTIVES:
+            raise ValueError(f"unparsed preprocessor line: {m.group(0).strip()!r}")
+        if directive == "define":
+            dm = re.fullmatch(r"(\w+)(?:\s+(.*))?", rest_of_line)
+            if not dm:
+                raise ValueError(f"unparsed #define: {m.group(0).strip()!r}")
+            if dm.group(2) is not None:  # a bare `#define NAME` is the include guard
+                h.macros[dm.group(1)] = _macro_value(dm.group(1), dm.group(2))
     body = re.sub(r"^\s*#[^\n]*", " ", body, flags=re.M)
     body = re.sub(r'extern\s+"C"\s*\{', " ", body)
     for m in re.finditer(r"typedef\s+enum\s*\{(.*?)\}\s*(\w+)\s*;", body, flags=re.S):
@@ -87,13 +120,14 @@ def parse(text: str) -> Header:
             fields.append((name, ctype))
         h.structs[m.group(2)] = fields
     h.opaque = re.findall(r"typedef\s+struct\s+(\w+)\s+\1\s*;", body)
+    funcptr = r"typedef\s+([^;{}()]+?)\(\s*\*\s*(\w+)\s*\)\s*\(([^()]*)\)\s*;"
+    for m in re.finditer(funcptr, body, flags=re.S):
+        h.funcptrs[m.group(2)] = (_norm(m.group(1)), _args(m.group(3)))
     rest = re.sub(r"typedef\s+(enum|struct)\s*\{.*?\}\s*\w+\s*;", " ", body, flags=re.S)
     rest = re.sub(r"typedef\s+struct\s+\w+\s+\w+\s*;", " ", rest)
+    rest = re.sub(funcptr, " ", rest, flags=re.S)
     for m in re.finditer(r"([^;{}()]*?)\b(rf_\w+)\s*\(([^()]*)\)\s*;", rest, flags=re.S):
-        ret = _norm(m.group(1))
-        args = m.group(3).strip()
-        argtypes = [] if args in ("", "void") else [_split_decl(a)[0] for a in args.split(",")]
-        h.functions[m.group(2)] = (ret, argtypes)
+        h.functions[m.group(2)] = (_norm(m.group(1)), _args(m.group(3)))
     leftover = re.sub(r"([^;{}()]*?)\brf_\w+\s*\([^()]*\)\s*;", " ", rest, flags=re.S)
     leftover = re.sub(r"[{}\s]+", " ", leftover).strip()  # the braces of extern "C" { }
     if leftover:
@@ -116,8 +150,8 @@ def ctypes_expr(ctype: str, h: Header) -> str:
         expr = _SCALARS[base]
     elif base in h.enums:
         expr = "c_enum"
-    elif base in h.structs or base in h.opaque:
-        expr = base
+    elif base in h.structs or base in h.opaque or base in h.funcptrs:
+        expr = base  # a function-pointer typedef is a CFUNCTYPE of the same name in _ffi
     else:
         raise ValueError(f"no ctypes mapping for C type {ctype!r}")
     for _ in range(stars):
@@ -129,6 +163,12 @@ def ctypes_type(ctype: str, h: Header, ns: dict):
     """The ctypes type object for a C type, evaluated in namespace `ns` (rankfuse._ffi)."""
     expr = ctypes_expr(ctype, h)
     return eval(expr, dict(ns))  # noqa: S307 - the expression is built above from a fixed grammar
+
+
+def funcptr_line(name: str, h: Header) -> str:
+    """`name = ctypes.CFUNCTYPE(restype, *argtypes)` for a function-pointer typedef."""
+    ret, args = h.funcptrs[name]
+    return f"{name} = ctypes.CFUNCTYPE({', '.join(ctypes_expr(t, h) for t in [ret] + args)})"
 
 
 def declaration_lines(h: Header) -> list[str]:
@@ -152,6 +192,9 @@ def missing_lines(h: Header, ffi) -> list[str]:
         if ffi.ENUMS.get(name) != consts:
             body = ", ".join(f'"{k}": {v}' for k, v in consts.items())
             out.append(f'# ENUMS entry (replace or add)\n    "{name}": {{{body}}},\n')
+    for name in h.funcptrs:
+        if name not in ffi.FUNCPTRS:
+            out.append(f"# function-pointer type: add it and list it in FUNCPTRS\n{funcptr_line(name, h)}\n")
     for name, fields in h.structs.items():
         if name not in ffi.STRUCTS:
             lines = [f"# struct: add the class and list it in STRUCTS\nclass {name}(ctypes.Structure):",

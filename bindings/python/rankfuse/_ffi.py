@@ -19,12 +19,15 @@ from ctypes import (
     POINTER,
     c_char,
     c_char_p,
+    c_double,
     c_float,
     c_int,
     c_int32,
     c_int64,
     c_size_t,
+    c_uint8,
     c_uint32,
+    c_uint64,
     c_void_p,
 )
 from pathlib import Path
@@ -54,11 +57,28 @@ ENUMS = {
         "RF_STATUS_INTERNAL": 11,
     },
     "rf_device": {"RF_DEVICE_CPU": 0, "RF_DEVICE_CUDA": 1},
+    "rf_backward_mode": {"RF_BACKWARD_NESTED": 0, "RF_BACKWARD_FROZEN": 1},
 }
 
 
 # ---------------------------------------------------------------- opaque handles
 class rf_adapter(ctypes.Structure):
+    pass
+
+
+class rf_dylora_sampler(ctypes.Structure):
+    pass
+
+
+class rf_eigen_adapter(ctypes.Structure):
+    pass
+
+
+class rf_eigen_basis(ctypes.Structure):
+    pass
+
+
+class rf_elalora(ctypes.Structure):
     pass
 
 
@@ -78,7 +98,17 @@ class rf_weights(ctypes.Structure):
     pass
 
 
-OPAQUE = {c.__name__: c for c in (rf_adapter, rf_error, rf_lora, rf_runtime, rf_weights)}
+OPAQUE = {c.__name__: c for c in (
+    rf_adapter,
+    rf_dylora_sampler,
+    rf_eigen_adapter,
+    rf_eigen_basis,
+    rf_elalora,
+    rf_error,
+    rf_lora,
+    rf_runtime,
+    rf_weights,
+)}
 ERR = P(rf_error)
 
 
@@ -93,6 +123,23 @@ class rf_lora_info(ctypes.Structure):
         ("scale", c_float),
         ("scaling", c_enum),
         ("dtype", c_enum),
+    ]
+
+
+class rf_extract_options(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("rank", c_uint32),
+        ("energy", c_double),
+        ("max_rank", c_uint32),
+        ("rslora", c_uint32),
+        ("modules", c_char_p),
+        ("dtype", c_enum),
+        ("oversample", c_uint32),
+        ("power_iters", c_uint32),
+        ("seed", c_uint64),
+        ("threads", c_uint32),
+        ("write_svg", c_uint32),
     ]
 
 
@@ -124,7 +171,49 @@ class rf_runtime_options(ctypes.Structure):
     ]
 
 
-STRUCTS = {c.__name__: c for c in (rf_lora_info, rf_matrix, rf_lora_slot, rf_runtime_options)}
+class rf_adamw_options(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("lr", c_float),
+        ("beta1", c_float),
+        ("beta2", c_float),
+        ("eps", c_float),
+        ("weight_decay", c_float),
+    ]
+
+
+class rf_elalora_options(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("target_total_rank", c_uint32),
+        ("warmup_steps", c_uint32),
+        ("final_steps", c_uint32),
+        ("total_steps", c_uint32),
+        ("interval", c_uint32),
+        ("max_change", c_uint32),
+        ("beta1", c_float),
+        ("beta2", c_float),
+        ("seed", c_uint64),
+    ]
+
+
+STRUCTS = {c.__name__: c for c in (
+    rf_lora_info,
+    rf_extract_options,
+    rf_matrix,
+    rf_lora_slot,
+    rf_runtime_options,
+    rf_adamw_options,
+    rf_elalora_options,
+)}
+
+# ---------------------------------------------------------------- function-pointer types
+# C callbacks: wrap a Python callable as rf_progress_fn(fn); keep the wrapper alive for the call.
+rf_progress_fn = ctypes.CFUNCTYPE(None, c_void_p, c_size_t, c_size_t, c_char_p)
+
+FUNCPTRS = {
+    "rf_progress_fn": rf_progress_fn,
+}
 
 # ---------------------------------------------------------------- functions
 # name: (restype, [argtypes]) — the order of include/rankfuse.h.
@@ -137,37 +226,55 @@ FUNCTIONS = {
     "rf_adapter_module": (ERR, [P(rf_adapter), c_char_p, P(P(rf_lora))]),
     "rf_lora_info_get": (ERR, [P(rf_lora), P(rf_lora_info)]),
     "rf_lora_set_rank": (ERR, [P(rf_lora), c_uint32]),
-    "rf_error_code": (c_enum, [P(rf_error)]),
-    "rf_error_message": (c_char_p, [P(rf_error)]),
-    "rf_error_free": (None, [P(rf_error)]),
-    "rf_linear": (
-        ERR,
-        [
-            P(rf_runtime),
-            P(rf_matrix),
-            P(rf_matrix),
-            P(rf_matrix),
-            P(rf_lora_slot),
-            c_size_t,
-            P(c_int32),
-            P(rf_matrix),
-        ],
-    ),
-    "rf_abi_version": (c_uint32, []),
-    "rf_version": (c_char_p, []),
-    "rf_runtime_create": (ERR, [P(rf_runtime_options), P(P(rf_runtime))]),
-    "rf_runtime_free": (None, [P(rf_runtime)]),
-    "rf_runtime_info": (ERR, [P(rf_runtime), P(c_char), c_size_t, P(c_size_t)]),
-    "rf_weights_open": (ERR, [P(rf_runtime), c_char_p, P(P(rf_weights))]),
-    "rf_weights_free": (None, [P(rf_weights)]),
-    "rf_weights_count": (c_size_t, [P(rf_weights)]),
-    "rf_weights_name": (ERR, [P(rf_weights), c_size_t, P(c_char_p)]),
-    "rf_weights_get": (ERR, [P(rf_weights), c_char_p, P(rf_matrix)]),
+    "rf_extract_options_default": (ERR, [P(rf_extract_options)]),
+    "rf_extract_peft": (ERR, [P(rf_runtime), c_char_p, c_char_p, P(rf_extract_options), rf_progress_fn, c_void_p, c_char_p]),
+    "rf_lora_merge": (ERR, [P(rf_runtime), P(rf_lora), c_uint32, c_float, P(rf_matrix)]),
+    "rf_lora_unmerge": (ERR, [P(rf_runtime), P(rf_lora), c_uint32, c_float, P(rf_matrix)]),
+    "rf_eigen_basis_load": (ERR, [P(rf_runtime), c_char_p, P(P(rf_eigen_basis))]),
+    "rf_eigen_basis_free": (None, [P(rf_eigen_basis)]),
+    "rf_eigen_adapter_load": (ERR, [P(rf_eigen_basis), c_char_p, P(P(rf_eigen_adapter))]),
+    "rf_eigen_adapter_free": (None, [P(rf_eigen_adapter)]),
+    "rf_eigen_adapter_to_adapter": (ERR, [P(rf_eigen_basis), P(rf_eigen_adapter), P(P(rf_adapter))]),
+    "rf_eigen_linear": (ERR, [P(rf_runtime), P(rf_eigen_basis), c_char_p, P(rf_matrix), P(rf_matrix), P(rf_matrix), P(P(rf_eigen_adapter)), c_size_t, P(c_int32), P(rf_matrix)]),
     "rf_device_alloc": (ERR, [P(rf_runtime), c_size_t, P(c_void_p)]),
     "rf_device_free": (ERR, [P(rf_runtime), c_void_p]),
     "rf_copy_to_device": (ERR, [P(rf_runtime), c_void_p, c_void_p, c_size_t]),
     "rf_copy_to_host": (ERR, [P(rf_runtime), c_void_p, c_void_p, c_size_t]),
     "rf_runtime_synchronize": (ERR, [P(rf_runtime)]),
+    "rf_error_code": (c_enum, [P(rf_error)]),
+    "rf_error_message": (c_char_p, [P(rf_error)]),
+    "rf_error_free": (None, [P(rf_error)]),
+    "rf_linear": (ERR, [P(rf_runtime), P(rf_matrix), P(rf_matrix), P(rf_matrix), P(rf_lora_slot), c_size_t, P(c_int32), P(rf_matrix)]),
+    "rf_abi_version": (c_uint32, []),
+    "rf_version": (c_char_p, []),
+    "rf_runtime_create": (ERR, [P(rf_runtime_options), P(P(rf_runtime))]),
+    "rf_runtime_free": (None, [P(rf_runtime)]),
+    "rf_runtime_info": (ERR, [P(rf_runtime), P(c_char), c_size_t, P(c_size_t)]),
+    "rf_adapter_new": (ERR, [c_char_p, P(P(rf_adapter))]),
+    "rf_adapter_add_lora": (ERR, [P(rf_adapter), c_char_p, c_int64, c_int64, c_uint32, c_float, c_uint32, c_uint32, c_uint64, P(P(rf_lora))]),
+    "rf_adapter_train_enable": (ERR, [P(rf_adapter)]),
+    "rf_lora_enable_gains": (ERR, [P(rf_lora), c_float]),
+    "rf_lora_set_mask": (ERR, [P(rf_lora), P(c_uint8), c_size_t]),
+    "rf_lora_get_mask": (ERR, [P(rf_lora), P(c_uint8), c_size_t]),
+    "rf_lora_weights": (ERR, [P(rf_lora), P(rf_matrix), P(rf_matrix)]),
+    "rf_lora_set_weights": (ERR, [P(rf_lora), P(rf_matrix), P(rf_matrix)]),
+    "rf_lora_backward": (ERR, [P(rf_runtime), P(rf_lora), P(rf_matrix), P(rf_matrix), P(rf_matrix), c_uint32, c_uint32, P(rf_matrix)]),
+    "rf_lora_zero_grad": (ERR, [P(rf_lora)]),
+    "rf_adapter_zero_grad": (ERR, [P(rf_adapter)]),
+    "rf_adapter_clip_grad_norm": (ERR, [P(rf_adapter), c_float, P(c_double)]),
+    "rf_lora_adamw_step": (ERR, [P(rf_lora), P(rf_adamw_options)]),
+    "rf_adapter_adamw_step": (ERR, [P(rf_adapter), P(rf_adamw_options)]),
+    "rf_dylora_sampler_create": (ERR, [c_uint64, c_uint32, c_uint32, P(P(rf_dylora_sampler))]),
+    "rf_dylora_sampler_next": (ERR, [P(rf_dylora_sampler), P(c_uint32)]),
+    "rf_dylora_sampler_free": (None, [P(rf_dylora_sampler)]),
+    "rf_elalora_create": (ERR, [P(rf_adapter), P(rf_elalora_options), P(P(rf_elalora))]),
+    "rf_elalora_update": (ERR, [P(rf_elalora), P(rf_adapter), c_uint32, P(c_uint32)]),
+    "rf_elalora_free": (None, [P(rf_elalora)]),
+    "rf_weights_open": (ERR, [P(rf_runtime), c_char_p, P(P(rf_weights))]),
+    "rf_weights_free": (None, [P(rf_weights)]),
+    "rf_weights_count": (c_size_t, [P(rf_weights)]),
+    "rf_weights_name": (ERR, [P(rf_weights), c_size_t, P(c_char_p)]),
+    "rf_weights_get": (ERR, [P(rf_weights), c_char_p, P(rf_matrix)]),
 }
 
 # ---------------------------------------------------------------- loading

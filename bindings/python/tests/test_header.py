@@ -1,5 +1,5 @@
 """The ctypes declarations (rankfuse/_ffi.py) match include/rankfuse.h exactly: every function,
-struct field, opaque type, enum constant and RF_ABI_VERSION. A function added to the header
+struct field, opaque type, function-pointer typedef, enum constant and RF_ABI_VERSION. A function added to the header
 without a declaration here fails this test; `python bindings/python/rankfuse/_cheader.py
 include/rankfuse.h` prints the declarations to paste."""
 
@@ -45,6 +45,21 @@ def drift(h):
     for name in _ffi.STRUCTS:
         if name not in h.structs:
             problems.append(f"struct {name}: in _ffi.STRUCTS but not in the header")
+    for name, (ret, args) in h.funcptrs.items():
+        have = _ffi.FUNCPTRS.get(name)
+        if have is None or vars(_ffi).get(name) is not have:
+            problems.append(f"function pointer {name}: missing; add {_cheader.funcptr_line(name, h)}")
+            continue
+        want_ret = _cheader.ctypes_type(ret, h, ns)
+        want_args = [_cheader.ctypes_type(a, h, ns) for a in args]
+        if have._restype_ is not want_ret or list(have._argtypes_) != want_args:
+            problems.append(
+                f"function pointer {name}: ({have._restype_}, {list(have._argtypes_)}), "
+                f"header says {ret} ({args}) -> {_cheader.funcptr_line(name, h)}"
+            )
+    for name in _ffi.FUNCPTRS:
+        if name not in h.funcptrs:
+            problems.append(f"function pointer {name}: in _ffi.FUNCPTRS but not in the header")
     if sorted(h.opaque) != sorted(_ffi.OPAQUE):
         problems.append(f"opaque types: header {sorted(h.opaque)}, _ffi {sorted(_ffi.OPAQUE)}")
     if h.enums != _ffi.ENUMS:
@@ -61,7 +76,8 @@ def header_text():
 
 def test_header_matches_ctypes(header_text):
     h = _cheader.parse(header_text)
-    assert len(h.functions) >= 22, "the parser found too few prototypes"
+    assert len(h.functions) >= 50, "the parser found too few prototypes"
+    assert "rf_progress_fn" in h.funcptrs, "the parser missed the function-pointer typedef"
     problems = drift(h)
     assert not problems, "include/rankfuse.h and rankfuse/_ffi.py differ:\n" + "\n".join(problems)
 
@@ -78,6 +94,10 @@ def test_struct_sizes_are_the_c_layout():
     assert ctypes.sizeof(_ffi.rf_lora_info) == 40
     assert ctypes.sizeof(_ffi.rf_lora_slot) == 16
     assert ctypes.sizeof(_ffi.rf_runtime_options) == 24
+    assert ctypes.sizeof(_ffi.rf_adamw_options) == 24
+    assert ctypes.sizeof(_ffi.rf_extract_options) == 64
+    assert _ffi.rf_extract_options.seed.offset == 48
+    assert ctypes.sizeof(_ffi.rf_elalora_options) == 48
 
 
 def test_drift_is_detected(header_text):
@@ -103,6 +123,12 @@ def test_drift_is_detected(header_text):
     assert field != header_text
     problems = drift(_cheader.parse(field))
     assert len(problems) == 1 and "struct rf_matrix" in problems[0]
+
+    cb = header_text.replace("size_t total, const char *what);", "size_t total, const char *what, int x);")
+    assert cb != header_text
+    problems = drift(_cheader.parse(cb))
+    assert len(problems) == 1 and "function pointer rf_progress_fn" in problems[0]
+    assert "c_char_p, c_int)" in problems[0]
 
     enum = header_text.replace("RF_STATUS_INTERNAL = 11,", "RF_STATUS_INTERNAL = 11,\n  RF_STATUS_NEW = 12,")
     assert enum != header_text
@@ -131,8 +157,28 @@ def test_generator_prints_what_is_missing(header_text):
     assert [f for f, _ in ns["rf_train_options"]._fields_] == ["struct_size", "grad"]
 
 
+def test_function_pointers_and_macros_parse():
+    h = _cheader.parse(
+        "#define RF_X 3\n#define RF_F 2.0\n#define RF_S \"a.b\"\n#define RF_L { 8, 16, }\n"
+        "typedef int32_t (*rf_cb)(void *user, const rf_cb_arg *const *args);\n"
+        "typedef struct rf_cb_arg rf_cb_arg;\ntypedef struct rf_error rf_error;\n"
+        "rf_error *rf_run(rf_cb cb, rf_cb *cbs, void *user);\n"
+    )
+    assert h.macros == {"RF_X": 3, "RF_F": 2.0, "RF_S": "a.b", "RF_L": (8, 16)}
+    assert h.funcptrs == {"rf_cb": ("int32_t", ["void *", "const rf_cb_arg *const *"])}
+    assert _cheader.funcptr_line("rf_cb", h) == "rf_cb = ctypes.CFUNCTYPE(c_int32, c_void_p, P(P(rf_cb_arg)))"
+    assert h.functions["rf_run"] == ("rf_error *", ["rf_cb", "rf_cb *", "void *"])
+    assert _cheader.declaration_lines(h) == ['    "rf_run": (ERR, [rf_cb, P(rf_cb), c_void_p]),']
+
+
 def test_unknown_constructs_fail_loudly():
     with pytest.raises(ValueError):
         _cheader.parse("typedef union { int a; float b; } rf_u;")
+    with pytest.raises(ValueError):
+        _cheader.parse("#define RF_EXPR (1 << 3)\n")
+    with pytest.raises(ValueError):
+        _cheader.parse("#pragma once\n")
+    with pytest.raises(ValueError):
+        _cheader.parse("typedef void (*rf_cb)(void *user);\ntypedef rf_cb rf_cb2;\n")
     with pytest.raises(ValueError):
         _cheader.ctypes_expr("rf_unknown *", _cheader.Header())
