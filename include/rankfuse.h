@@ -13,11 +13,6 @@
 
 
 /*
- Default fixed scale of a KRAdapter.
- */
-#define DEFAULT_SCALE 2.0
-
-/*
  ABI version; bumped on any change to an existing signature or struct layout.
  */
 #define RF_ABI_VERSION 1
@@ -331,11 +326,6 @@ typedef struct {
 } rf_weights_open_options;
 
 
-
-/*
- The ranks of the mixed case: 16 adapters, ranks 8..64.
- */
-#define MIXED_RANKS { 8, 16, 32, 64, 8, 16, 32, 64, 8, 16, 32, 64, 8, 16, 32, 64, }
 
 
 

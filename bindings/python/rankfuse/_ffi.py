@@ -197,6 +197,13 @@ class rf_elalora_options(ctypes.Structure):
     ]
 
 
+class rf_weights_open_options(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("flags", c_uint32),
+    ]
+
+
 STRUCTS = {c.__name__: c for c in (
     rf_lora_info,
     rf_extract_options,
@@ -205,6 +212,7 @@ STRUCTS = {c.__name__: c for c in (
     rf_runtime_options,
     rf_adamw_options,
     rf_elalora_options,
+    rf_weights_open_options,
 )}
 
 # ---------------------------------------------------------------- function-pointer types
@@ -272,6 +280,7 @@ FUNCTIONS = {
     "rf_elalora_free": (None, [P(rf_elalora)]),
     "rf_weights_open": (ERR, [P(rf_runtime), c_char_p, P(P(rf_weights))]),
     "rf_weights_free": (None, [P(rf_weights)]),
+    "rf_weights_open_ex": (ERR, [P(rf_runtime), c_char_p, P(rf_weights_open_options), P(P(rf_weights))]),
     "rf_weights_count": (c_size_t, [P(rf_weights)]),
     "rf_weights_name": (ERR, [P(rf_weights), c_size_t, P(c_char_p)]),
     "rf_weights_get": (ERR, [P(rf_weights), c_char_p, P(rf_matrix)]),
