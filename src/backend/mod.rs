@@ -117,8 +117,13 @@ impl LinearProblem<'_> {
         // Kernel workspaces hold T (m x sum of ranks, f32): refuse sizes no machine can hold
         // before anything is allocated (allocation sizes derive from checked shapes only).
         let r_total: usize = self.slots.iter().flatten().map(|s| s.rank()).sum();
-        if m.checked_mul(r_total).and_then(|v| v.checked_mul(4)).is_none_or(|b| b > (1usize << 40)) {
-            return Err(Error::oom(format!("{m} rows x {r_total} adapter components need too much workspace")));
+        if m.checked_mul(r_total)
+            .and_then(|v| v.checked_mul(4))
+            .is_none_or(|b| b > (1usize << 40))
+        {
+            return Err(Error::oom(format!(
+                "{m} rows x {r_total} adapter components need too much workspace"
+            )));
         }
         if let Some(rs) = self.row_slot {
             if rs.len() != m {
