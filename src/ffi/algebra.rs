@@ -1,10 +1,10 @@
 //! Adapter algebra exports: PHLoRA extraction to a PEFT folder, merge / unmerge into a caller's
 //! weight buffer.
 
-use super::boundary::{arg_out, arg_ref, arg_str};
+use super::boundary::{arg_out, arg_ref, arg_slice, arg_str};
 use super::error::rf_error;
 use super::handles::{lora_ref, rf_lora, rf_runtime};
-use super::linear::read_matrix;
+use super::linear::{read_matrix, read_opt_matrix};
 use super::types::*;
 use crate::algebra::extract::{self, ExtractOptions, RankRule};
 use crate::dtype::DType;
@@ -359,28 +359,10 @@ pub unsafe extern "C" fn rf_eigen_linear(
         let module = arg_str(module, "module")?;
         let xd = read_matrix(x, "x")?;
         let wd = read_matrix(w, "w")?;
-        let bd = if bias.is_null() {
-            None
-        } else {
-            Some(read_matrix(bias, "bias")?)
-        };
+        let bd = read_opt_matrix(bias, "bias")?;
         let yd = read_matrix(y, "y")?;
-        if n_adapters > 0 && adapters.is_null() {
-            return Err(Error::invalid(format!(
-                "argument 'adapters' is NULL with n_adapters = {n_adapters}"
-            )));
-        }
-        if n_adapters > (1 << 20) {
-            return Err(Error::invalid(format!(
-                "n_adapters = {n_adapters} is out of range"
-            )));
-        }
+        let raw = arg_slice(adapters, n_adapters, "adapters", "n_adapters")?;
         let bm = b.inner.module(module)?;
-        let raw: &[*const rf_eigen_adapter] = if n_adapters == 0 {
-            &[]
-        } else {
-            std::slice::from_raw_parts(adapters, n_adapters)
-        };
         let mut slots = Vec::with_capacity(n_adapters);
         for (i, &p) in raw.iter().enumerate() {
             match p.as_ref() {

@@ -73,3 +73,23 @@ pub unsafe fn arg_str<'a>(p: *const c_char, name: &str) -> Result<&'a str> {
         .to_str()
         .map_err(|_| Error::invalid(format!("argument '{name}' is not valid UTF-8")))
 }
+
+/// An array argument of `n` elements: NULL is allowed only when `n == 0`, and `n` is capped so a
+/// wild count is an error rather than a huge read.
+///
+/// # Safety
+/// A non-NULL `p` must point to `n` readable `T`s that outlive 'a.
+pub unsafe fn arg_slice<'a, T>(p: *const T, n: usize, name: &str, count: &str) -> Result<&'a [T]> {
+    if n > (1 << 20) {
+        return Err(Error::invalid(format!("{count} = {n} is out of range")));
+    }
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(Error::invalid(format!(
+            "argument '{name}' is NULL with {count} = {n}"
+        )));
+    }
+    Ok(std::slice::from_raw_parts(p, n))
+}

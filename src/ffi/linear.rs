@@ -1,6 +1,6 @@
 //! `rf_linear`: the fused base + adapter linear.
 
-use super::boundary::arg_ref;
+use super::boundary::{arg_ref, arg_slice};
 use super::error::rf_error;
 use super::handles::{lora_ref, rf_runtime};
 use super::types::*;
@@ -78,6 +78,18 @@ pub unsafe fn read_matrix(p: *const rf_matrix, name: &str) -> Result<Desc> {
     })
 }
 
+/// An optional `rf_matrix` argument (NULL = absent).
+///
+/// # Safety
+/// As `read_matrix`.
+pub unsafe fn read_opt_matrix(p: *const rf_matrix, name: &str) -> Result<Option<Desc>> {
+    if p.is_null() {
+        Ok(None)
+    } else {
+        read_matrix(p, name).map(Some)
+    }
+}
+
 impl Desc {
     /// # Safety
     /// The caller promises the memory behind the descriptor is valid for 'a.
@@ -114,27 +126,9 @@ pub unsafe extern "C" fn rf_linear(
         let rt = arg_ref(rt, "rt")?;
         let xd = read_matrix(x, "x")?;
         let wd = read_matrix(w, "w")?;
-        let bd = if bias.is_null() {
-            None
-        } else {
-            Some(read_matrix(bias, "bias")?)
-        };
+        let bd = read_opt_matrix(bias, "bias")?;
         let yd = read_matrix(y, "y")?;
-        if n_slots > 0 && slots.is_null() {
-            return Err(Error::invalid(format!(
-                "argument 'slots' is NULL with n_slots = {n_slots}"
-            )));
-        }
-        if n_slots > (1 << 20) {
-            return Err(Error::invalid(format!(
-                "n_slots = {n_slots} is out of range"
-            )));
-        }
-        let raw_slots: &[rf_lora_slot] = if n_slots == 0 {
-            &[]
-        } else {
-            std::slice::from_raw_parts(slots, n_slots)
-        };
+        let raw_slots = arg_slice(slots, n_slots, "slots", "n_slots")?;
         let mut resolved: Vec<Option<Slot<'_>>> = Vec::with_capacity(n_slots);
         for (i, s) in raw_slots.iter().enumerate() {
             if s.lora.is_null() {

@@ -9,7 +9,7 @@
 use super::boundary::{arg_out, arg_ref, arg_str};
 use super::error::rf_error;
 use super::handles::{c_name, lora_mut, lora_ref, rf_adapter, rf_lora, rf_runtime};
-use super::linear::read_matrix;
+use super::linear::{read_matrix, read_opt_matrix};
 use super::types::*;
 use crate::adapter::{Adapter, Lora, Scaling};
 use crate::dtype::DType;
@@ -355,11 +355,7 @@ pub unsafe extern "C" fn rf_lora_backward(
                 "mode = {mode} is not an rf_backward_mode (0 = NESTED, 1 = FROZEN)"
             ))
         })?;
-        let dxd = if dx.is_null() {
-            None
-        } else {
-            Some(read_matrix(dx, "dx")?)
-        };
+        let dxd = read_opt_matrix(dx, "dx")?;
         let mut dxv = dxd.as_ref().map(|d| d.as_mut());
         train::backward(
             &rt.inner,
