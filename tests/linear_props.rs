@@ -122,8 +122,8 @@ fn data(c: &Case) -> Data {
     (x, w, b, mats, row_slot)
 }
 
-/// The reference result (dense m x n f32) for the data.
-fn reference_y(c: &Case, d: &Data, reference: &Runtime) -> Vec<f32> {
+/// Runs `f` on the problem the case's data describes (slot i: scale 0.5 + i, gains on odd slots).
+fn with_problem<R>(c: &Case, d: &Data, f: impl FnOnce(&LinearProblem<'_>) -> R) -> R {
     let (x, w, b, mats, row_slot) = d;
     let slots: Vec<Option<Slot<'_>>> = mats
         .iter()
@@ -145,12 +145,17 @@ fn reference_y(c: &Case, d: &Data, reference: &Runtime) -> Vec<f32> {
         slots: &slots,
         row_slot: c.mixed.then_some(row_slot.as_slice()),
     };
+    f(&p)
+}
+
+/// The reference result (dense m x n f32) for the data.
+fn reference_y(c: &Case, d: &Data, reference: &Runtime) -> Vec<f32> {
     let ld = c.n + c.pad;
     let mut want = Matrix::zeros(DType::F32, c.m, ld).unwrap();
     // SAFETY: want holds m x ld floats.
     let mut wv =
         unsafe { MatMut::from_raw(want.view_mut().as_mut_ptr(), DType::F32, c.m, c.n, ld) };
-    reference.linear(&p, &mut wv).unwrap();
+    with_problem(c, d, |p| reference.linear(p, &mut wv)).unwrap();
     want.to_f32_vec()
         .chunks(ld)
         .flat_map(|r| r[..c.n].to_vec())
@@ -176,27 +181,6 @@ fn check(c: &Case, rts: &[(Isa, Runtime)], reference: &Runtime) {
         d.4.clone(),
     );
     let bound = reference_y(c, &ad, reference);
-    let (x, w, b, mats, row_slot) = &d;
-    let slots: Vec<Option<Slot<'_>>> = mats
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            m.as_ref().map(|(a, bm, g)| Slot {
-                a: view(a, a.rows, c.k),
-                b: view(bm, c.n, a.rows),
-                scale: 0.5 + i as f32,
-                gains: (i % 2 == 1).then(|| g.view()),
-                module: "prop",
-            })
-        })
-        .collect();
-    let p = LinearProblem {
-        x: view(x, c.m, c.k),
-        w: view(w, c.n, c.k),
-        bias: c.bias.then(|| b.view()),
-        slots: &slots,
-        row_slot: c.mixed.then_some(row_slot.as_slice()),
-    };
     let yd = c.dts[3];
     let ld = c.n + c.pad;
     let eps_k = 4.0 * f32::EPSILON * (c.k as f32 + 70.0).sqrt();
@@ -204,7 +188,7 @@ fn check(c: &Case, rts: &[(Isa, Runtime)], reference: &Runtime) {
         let mut y = Matrix::from_f32(yd, c.m, ld, &vec![7.0; c.m * ld]).unwrap();
         // SAFETY: y holds m x ld elements of yd.
         let mut yv = unsafe { MatMut::from_raw(y.view_mut().as_mut_ptr(), yd, c.m, c.n, ld) };
-        rt.linear(&p, &mut yv).unwrap();
+        with_problem(c, &d, |p| rt.linear(p, &mut yv)).unwrap();
         let all = y.to_f32_vec();
         let got: Vec<f32> = all.chunks(ld).flat_map(|r| r[..c.n].to_vec()).collect();
         let tol: Vec<f32> = bound
