@@ -45,6 +45,17 @@ pub fn span_elems(rows: usize, cols: usize, ld: usize) -> Option<usize> {
     (rows - 1).checked_mul(ld)?.checked_add(cols)
 }
 
+/// The stride views store: an empty matrix, or a single row, spans nothing past its first row
+/// whatever its ld, so ld becomes cols there and no kernel can form a row stride `ld * size` that
+/// overflows (found by fuzz/linear_args: 5 x 0 and 1 x n with ld = 2^62).
+fn canonical_ld(rows: usize, cols: usize, ld: usize) -> usize {
+    if rows <= 1 || cols == 0 {
+        cols
+    } else {
+        ld
+    }
+}
+
 fn check_shape(what: &str, rows: usize, cols: usize, ld: usize, dtype: DType) -> Result<usize> {
     if ld < cols {
         return Err(Error::shape(format!("{what}: ld {ld} < cols {cols}")));
@@ -110,7 +121,7 @@ impl<'a> MatRef<'a> {
             dtype,
             rows,
             cols,
-            ld,
+            ld: canonical_ld(rows, cols, ld),
             _life: PhantomData,
         }
     }
@@ -210,7 +221,7 @@ impl<'a> MatMut<'a> {
             dtype,
             rows,
             cols,
-            ld,
+            ld: canonical_ld(rows, cols, ld),
             _life: PhantomData,
         }
     }

@@ -46,10 +46,7 @@ pub unsafe fn read_matrix(p: *const rf_matrix, name: &str) -> Result<Desc> {
         return Err(Error::shape(format!("{name}: ld {ld} < cols {cols}")));
     }
     let (rows, cols, ld) = (rows as usize, cols as usize, ld as usize);
-    // An empty matrix, or a single row, spans no memory past its first row whatever its ld;
-    // canonicalise ld so no kernel ever forms a row stride `ld * size` that overflows (found by
-    // fuzz/linear_args: 5 x 0 with ld = 2^62, and 1 x n with ld = 2^62).
-    let ld = if rows <= 1 || cols == 0 { cols } else { ld };
+    // (MatRef/MatMut::from_raw canonicalise ld for empty and single-row matrices.)
     let bytes = crate::matrix::span_elems(rows, cols, ld)
         .and_then(|e| e.checked_mul(dtype.size()))
         .filter(|&b| b <= isize::MAX as usize)
