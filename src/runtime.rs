@@ -153,7 +153,18 @@ impl Runtime {
             "arch": std::env::consts::ARCH,
             "cpu_features": cpu::detect::features(),
             "isa": self.kernels.isa.name(),
-            "kernels": { "linear": self.kernels.linear_name },
+            "kernels": {
+                "linear": self.kernels.linear_name,
+                "self_check": match cpu::self_check_result(self.kernels.isa) {
+                    None => "not run".to_string(),
+                    Some(Ok(())) => "passed".to_string(),
+                    Some(Err(e)) => format!("failed: {e}"),
+                },
+                "rejected": self.kernels.rejected.iter().map(|r| serde_json::json!({
+                    "isa": r.isa.name(),
+                    "reason": r.reason,
+                })).collect::<Vec<_>>(),
+            },
             "threads": self.threads,
             "gpu": gpu,
         });

@@ -11,10 +11,12 @@ pub mod detect;
 pub mod driver;
 pub mod portable;
 pub mod reference;
+pub mod selfcheck;
 
 use crate::backend::LinearProblem;
 use crate::error::{Error, Result};
 use crate::matrix::MatMut;
+use std::sync::OnceLock;
 
 /// Instruction-set variants, from slowest to fastest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -66,6 +68,17 @@ pub struct KernelTable {
     /// Names of the kernels in use, for `rf_runtime_info`.
     pub linear_name: &'static str,
     pub linear: LinearFn,
+    /// Variants that were better for this CPU but failed the start-up self-check (empty when
+    /// the table was not chosen by `select` or nothing was rejected).
+    pub rejected: &'static [Rejected],
+}
+
+/// A variant `select` did not use because it disagreed with the reference.
+#[derive(Clone, Debug)]
+pub struct Rejected {
+    pub isa: Isa,
+    /// The first mismatch (case, element, values, tolerance).
+    pub reason: String,
 }
 
 impl std::fmt::Debug for KernelTable {
@@ -120,12 +133,14 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
         isa: Isa::Reference,
         linear_name: "fused_linear_reference",
         linear: reference::linear,
+        rejected: &[],
     };
     if isa >= Isa::Portable {
         t = KernelTable {
             isa: Isa::Portable,
             linear_name: "fused_linear_portable",
             linear: driver::linear::<portable::Portable>,
+            rejected: &[],
         };
     }
     #[cfg(target_arch = "x86_64")]
@@ -135,6 +150,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 isa: Isa::Avx2,
                 linear_name: "fused_linear_avx2_6x16",
                 linear: driver::linear::<avx2::Avx2>,
+                rejected: &[],
             };
         }
         if isa >= Isa::Avx512 {
@@ -142,6 +158,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 isa: Isa::Avx512,
                 linear_name: "fused_linear_avx512_12x32",
                 linear: driver::linear::<avx512::Avx512>,
+                rejected: &[],
             };
         }
         if isa >= Isa::Amx {
@@ -149,13 +166,56 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 isa: Isa::Amx,
                 linear_name: "fused_linear_amx_bf16_32x32+avx512_12x32",
                 linear: amx::linear,
+                rejected: &[],
             };
         }
     }
     Ok(t)
 }
 
-/// The best table for this CPU, or the one `RANKFUSE_ISA` forces.
+/// The self-check result of `isa` on this CPU, computed once per process.
+fn verified(t: &KernelTable) -> std::result::Result<(), String> {
+    if t.isa == Isa::Reference {
+        return Ok(());
+    }
+    self_check_cell(t.isa)
+        .get_or_init(|| selfcheck::verify(t))
+        .clone()
+}
+
+/// The self-check result of `isa` if it has run in this process (None: not run).
+pub fn self_check_result(isa: Isa) -> Option<std::result::Result<(), String>> {
+    if isa == Isa::Reference {
+        return Some(Ok(()));
+    }
+    self_check_cell(isa).get().cloned()
+}
+
+fn self_check_cell(isa: Isa) -> &'static OnceLock<std::result::Result<(), String>> {
+    static DONE: [OnceLock<std::result::Result<(), String>>; 5] = [const { OnceLock::new() }; 5];
+    &DONE[isa as usize]
+}
+
+/// The first candidate (best first) that passes `check`, with the ones that failed; the
+/// reference when none passes.
+fn choose(
+    candidates: &[KernelTable],
+    check: impl Fn(&KernelTable) -> std::result::Result<(), String>,
+) -> (KernelTable, Vec<Rejected>) {
+    let mut rejected = Vec::new();
+    for t in candidates {
+        match check(t) {
+            Ok(()) => return (*t, rejected),
+            Err(reason) => rejected.push(Rejected { isa: t.isa, reason }),
+        }
+    }
+    let reference = table(Isa::Reference).expect("the reference runs everywhere");
+    (reference, rejected)
+}
+
+/// The best table for this CPU that passes the start-up self-check (`selfcheck`), or the one
+/// `RANKFUSE_ISA` forces (which must pass it too: a forced variant that fails is an INTERNAL
+/// error rather than a silent fallback).
 pub fn select() -> Result<KernelTable> {
     if let Ok(v) = std::env::var("RANKFUSE_ISA") {
         if !v.is_empty() {
@@ -164,14 +224,73 @@ pub fn select() -> Result<KernelTable> {
                     "RANKFUSE_ISA='{v}': expected reference, portable, avx2, avx512 or amx"
                 ))
             })?;
-            return table(isa);
+            let t = table(isa)?;
+            verified(&t).map_err(|e| {
+                Error::internal(format!(
+                    "RANKFUSE_ISA={}: the kernels failed the start-up self-check against the \
+                     reference ({e}); unset RANKFUSE_ISA to let rankfuse pick a variant that passes",
+                    isa.name()
+                ))
+            })?;
+            return Ok(t);
         }
     }
-    let best = Isa::ALL
-        .iter()
-        .rev()
-        .copied()
-        .find(|&i| supported(i))
-        .unwrap_or(Isa::Portable);
-    table(best)
+    static AUTO: OnceLock<KernelTable> = OnceLock::new();
+    Ok(*AUTO.get_or_init(|| {
+        let candidates: Vec<KernelTable> = Isa::ALL
+            .iter()
+            .rev()
+            .filter(|&&i| i != Isa::Reference)
+            .filter_map(|&i| table(i).ok())
+            .collect();
+        let (mut t, rejected) = choose(&candidates, verified);
+        t.rejected = Box::leak(rejected.into_boxed_slice());
+        t
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wrong(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+        reference::linear(p, y);
+        if y.rows > 0 && y.cols > 0 {
+            y.set(0, 0, 1e3);
+        }
+    }
+
+    #[test]
+    fn a_variant_that_fails_the_self_check_is_skipped_and_reported() {
+        let broken = KernelTable {
+            isa: Isa::Amx,
+            linear_name: "broken",
+            linear: wrong,
+            rejected: &[],
+        };
+        let portable = table(Isa::Portable).unwrap();
+        let (t, rejected) = choose(&[broken, portable], selfcheck::verify);
+        assert_eq!(t.isa, Isa::Portable);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].isa, Isa::Amx);
+        assert!(
+            rejected[0].reason.contains("reference"),
+            "{}",
+            rejected[0].reason
+        );
+        // Nothing passes: the reference.
+        let (t, rejected) = choose(&[broken], selfcheck::verify);
+        assert_eq!((t.isa, rejected.len()), (Isa::Reference, 1));
+    }
+
+    #[test]
+    fn select_picks_a_variant_that_passes() {
+        if std::env::var_os("RANKFUSE_ISA").is_some() {
+            println!("skipped: RANKFUSE_ISA is set");
+            return;
+        }
+        let t = select().unwrap();
+        assert!(t.isa >= Isa::Portable);
+        assert!(selfcheck::verify(&t).is_ok());
+    }
 }

@@ -1,0 +1,338 @@
+//! The start-up self-check of an optimized kernel table.
+//!
+//! Before a runtime uses an optimized variant it chose by itself, the variant computes a fixed
+//! set of small fused linears that walk every code path of the driver and the ISA kernels
+//! (decode for m = 1, 3, 7; the GEMM path across MR/NR tails, a KC block boundary and the AMX
+//! native bf16 x bf16 path; stacked and mixed slots with -1 rows, NULL slots, gains, ranks above
+//! NR; every dtype of x / W / A-B / y / bias; `ld > cols` everywhere) and compares them with the
+//! f64 `reference`. A variant that disagrees is not used: selection falls back to the next
+//! variant and `rf_runtime_info` names the rejected one with the first mismatch.
+//!
+//! Why: the AVX-512 and AMX kernels can only be executed on CPUs that have them, and the machines
+//! this project is developed and tested on lack them. The check turns "wrong numbers on a CPU we
+//! never ran on" into "a slower, correct variant plus a report". It costs about a millisecond
+//! once per process and variant (the reference dominates).
+
+use super::{reference, KernelTable};
+use crate::backend::{LinearProblem, Slot};
+use crate::dtype::{self, DType};
+use crate::matrix::{MatMut, MatRef, Matrix};
+use crate::rng::SplitMix64;
+
+/// One problem of the check.
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    /// x, W, A-B, y, bias
+    dtypes: [DType; 5],
+    bias: bool,
+    /// Ranks of the slots (0 = a NULL slot); odd slots get per-component gains.
+    ranks: &'static [usize],
+    /// Mixed batch: row i uses `pattern[i % len]` (-1 = base only). Empty = stacked.
+    pattern: &'static [i32],
+}
+
+use DType::{BF16, F16, F32};
+
+const CASES: &[Case] = &[
+    // The AMX native path (bf16 x, bf16 W, m > 8) with tails in every dimension, mixed slots.
+    Case {
+        m: 37,
+        n: 45,
+        k: 70,
+        dtypes: [BF16, BF16, F32, F32, BF16],
+        bias: true,
+        ranks: &[5, 0, 17],
+        pattern: &[0, 2, -1, 1],
+    },
+    // A KC block boundary (k > 256), ranks above NR (33 > 32), y rounded to bf16.
+    Case {
+        m: 20,
+        n: 70,
+        k: 300,
+        dtypes: [F32, F16, BF16, BF16, F32],
+        bias: false,
+        ranks: &[33, 1],
+        pattern: &[],
+    },
+    // Base only, f16 x against f32 W, f16 y; m a multiple of several MRs.
+    Case {
+        m: 48,
+        n: 33,
+        k: 17,
+        dtypes: [F16, F32, F16, F16, F32],
+        bias: true,
+        ranks: &[],
+        pattern: &[],
+    },
+    // Just above the decode threshold; n and k one past a tile.
+    Case {
+        m: 9,
+        n: 33,
+        k: 33,
+        dtypes: [BF16, BF16, BF16, F32, F16],
+        bias: true,
+        ranks: &[2, 7],
+        pattern: &[1, 0, 0, -1],
+    },
+    // Decode: one row, bf16 W, stacked adapters with gains.
+    Case {
+        m: 1,
+        n: 67,
+        k: 129,
+        dtypes: [F32, BF16, F32, F32, BF16],
+        bias: true,
+        ranks: &[8, 3],
+        pattern: &[],
+    },
+    // Decode: three rows over f16 W, mixed with a base-only row.
+    Case {
+        m: 3,
+        n: 31,
+        k: 40,
+        dtypes: [BF16, F16, F16, F32, F32],
+        bias: false,
+        ranks: &[4],
+        pattern: &[0, -1, 0],
+    },
+    // Decode: seven rows (split into 4 + 3 by the wide kernels), f32 W, bf16 y.
+    Case {
+        m: 7,
+        n: 19,
+        k: 257,
+        dtypes: [F16, F32, BF16, BF16, F32],
+        bias: true,
+        ranks: &[3],
+        pattern: &[],
+    },
+];
+
+/// Extra elements per row (ld - cols) of x, W, A, B, y: different per matrix so a kernel that
+/// mixes up two strides is caught.
+const LD_EXTRA: [usize; 5] = [3, 5, 1, 2, 7];
+
+/// Bit pattern written in y's row padding; the kernel must leave it alone.
+const PAD_BYTE: u8 = 0xA5;
+
+fn strided(rng: &mut SplitMix64, dt: DType, rows: usize, cols: usize, extra: usize) -> Matrix {
+    let ld = cols + extra;
+    let vals: Vec<f32> = (0..rows * ld).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    Matrix::from_f32(dt, rows, ld, &vals).expect("self-check matrices are small")
+}
+
+/// The same matrix with every element replaced by its absolute value (exact in every dtype).
+fn abs(m: &Matrix) -> Matrix {
+    let vals: Vec<f32> = m.to_f32_vec().iter().map(|v| v.abs()).collect();
+    Matrix::from_f32(m.dtype, m.rows, m.cols, &vals).expect("same shape")
+}
+
+fn view(m: &Matrix, cols: usize) -> MatRef<'_> {
+    m.view().top_left(m.rows, cols)
+}
+
+/// Runs `linear` on `case`; Err(mismatch description) when it disagrees with the reference.
+fn run_case(linear: super::LinearFn, case: &Case, seed: u64) -> Result<(), String> {
+    let [dx, dw, dab, dy, db] = case.dtypes;
+    let (m, n, k) = (case.m, case.n, case.k);
+    let mut rng = SplitMix64::new(seed);
+    let x = strided(&mut rng, dx, m, k, LD_EXTRA[0]);
+    let w = strided(&mut rng, dw, n, k, LD_EXTRA[1]);
+    let bias = strided(&mut rng, db, 1, n, 0);
+    let mut adapters: Vec<Adapter> = Vec::new();
+    for (s, &r) in case.ranks.iter().enumerate() {
+        if r == 0 {
+            adapters.push(None);
+            continue;
+        }
+        let a = strided(&mut rng, dab, r, k, LD_EXTRA[2]);
+        let b = strided(&mut rng, dab, n, r, LD_EXTRA[3]);
+        // Gains with a zero, as ElaLoRA's pruned components have.
+        let g = (s % 2 == 1).then(|| {
+            let mut v = rng.fill_uniform(r, 0.25, 2.0);
+            v[r / 2] = 0.0;
+            Matrix::from_f32(F32, 1, r, &v).expect("small")
+        });
+        let scale = [0.5f32, 2.0, 1.25][s % 3];
+        adapters.push(Some((a, b, g, scale)));
+    }
+    let row_slot: Option<Vec<i32>> = (!case.pattern.is_empty()).then(|| {
+        (0..m)
+            .map(|i| case.pattern[i % case.pattern.len()])
+            .collect()
+    });
+
+    // The problem over the given matrices, and over their absolute values (for the error bound).
+    let absd: Vec<Adapter> = adapters
+        .iter()
+        .map(|s| {
+            s.as_ref()
+                .map(|(a, b, g, sc)| (abs(a), abs(b), g.clone(), sc.abs()))
+        })
+        .collect();
+    let (xa, wa, ba) = (abs(&x), abs(&w), abs(&bias));
+    let (slots, slots_abs) = (make_slots(&adapters, k), make_slots(&absd, k));
+    let rs = row_slot.as_deref();
+    let p = problem(case, &x, &w, &bias, &slots, rs);
+    let pa = problem(case, &xa, &wa, &ba, &slots_abs, rs);
+
+    let mut want = vec![0f32; m * n];
+    let mut bound = vec![0f32; m * n];
+    reference::linear(
+        &p,
+        &mut MatMut::from_slice(&mut want, m, n, n).expect("shape"),
+    );
+    reference::linear(
+        &pa,
+        &mut MatMut::from_slice(&mut bound, m, n, n).expect("shape"),
+    );
+
+    let ldy = n + LD_EXTRA[4];
+    let mut ybuf = vec![PAD_BYTE; m * ldy * dy.size()];
+    {
+        // SAFETY: ybuf holds m rows of ldy elements of dy, exclusively borrowed here.
+        let mut y = unsafe { MatMut::from_raw(ybuf.as_mut_ptr(), dy, m, n, ldy) };
+        p.check(&y)
+            .map_err(|e| format!("self-check problem rejected: {e}"))?;
+        linear(&p, &mut y);
+    }
+    let rtol = match dy {
+        F32 => 1e-5,
+        F16 => 2e-3,
+        BF16 => 1.6e-2,
+    };
+    for i in 0..m {
+        for j in 0..ldy {
+            let at = (i * ldy + j) * dy.size();
+            if j >= n {
+                if ybuf[at..at + dy.size()].iter().any(|&b| b != PAD_BYTE) {
+                    return Err(format!(
+                        "wrote y's row padding at ({i}, {j}) (m={m} n={n} k={k})"
+                    ));
+                }
+                continue;
+            }
+            // SAFETY: (i, j) is inside the buffer (at + size <= len).
+            let got = unsafe { dtype::load_f32(ybuf.as_ptr(), dy, i * ldy + j) };
+            let (r, b) = (want[i * n + j], bound[i * n + j]);
+            let tol = 2e-5 * b + rtol * r.abs() + 1e-30;
+            if (got - r).abs() > tol || got.is_nan() {
+                return Err(format!(
+                    "y[{i},{j}] = {got}, reference {r} (tolerance {tol:.3e}); m={m} n={n} k={k}, \
+                     dtypes x/W/AB/y/bias = {}/{}/{}/{}/{}",
+                    dx.name(),
+                    dw.name(),
+                    dab.name(),
+                    dy.name(),
+                    db.name()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A: r x k, B: n x r (both stored with ld > cols), gains, scale.
+type Adapter = Option<(Matrix, Matrix, Option<Matrix>, f32)>;
+
+fn make_slots(ads: &[Adapter], k: usize) -> Vec<Option<Slot<'_>>> {
+    ads.iter()
+        .map(|s| {
+            s.as_ref().map(|(a, b, g, scale)| Slot {
+                a: view(a, k),
+                b: view(b, a.rows),
+                scale: *scale,
+                gains: g.as_ref().map(|g| g.view()),
+                module: "self-check",
+            })
+        })
+        .collect()
+}
+
+fn problem<'a>(
+    case: &Case,
+    x: &'a Matrix,
+    w: &'a Matrix,
+    bias: &'a Matrix,
+    slots: &'a [Option<Slot<'a>>],
+    row_slot: Option<&'a [i32]>,
+) -> LinearProblem<'a> {
+    LinearProblem {
+        x: view(x, case.k),
+        w: view(w, case.k),
+        bias: case.bias.then(|| view(bias, case.n)),
+        slots,
+        row_slot,
+    }
+}
+
+/// Checks `table` on every case. Err names the first case that disagreed with the reference.
+pub fn verify(table: &KernelTable) -> Result<(), String> {
+    for (i, case) in CASES.iter().enumerate() {
+        run_case(table.linear, case, 0x5e1f_c4ec_0000 + i as u64)
+            .map_err(|e| format!("self-check case {i}: {e}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::{self, Isa};
+
+    #[test]
+    fn every_variant_this_cpu_runs_passes() {
+        for isa in Isa::ALL {
+            match cpu::table(isa) {
+                Ok(t) => verify(&t).unwrap_or_else(|e| panic!("{}: {e}", isa.name())),
+                Err(e) => println!("skipping the '{}' kernels: {e}", isa.name()),
+            }
+        }
+    }
+
+    fn drops_last_slot(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+        let mut slots: Vec<_> = p.slots.to_vec();
+        if let Some(s) = slots.iter_mut().rev().find(|s| s.is_some()) {
+            *s = None;
+        }
+        let q = LinearProblem {
+            slots: &slots,
+            ..*p
+        };
+        reference::linear(&q, y)
+    }
+
+    fn off_by_one_ulp_scale(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+        reference::linear(p, y);
+        if y.rows > 0 && y.cols > 0 {
+            let v = y.as_ref().get(0, 0);
+            y.set(0, 0, v + 0.05 * v.abs().max(1.0));
+        }
+    }
+
+    fn writes_padding(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+        reference::linear(p, y);
+        if y.rows > 0 && y.ld > y.cols {
+            // SAFETY: ld > cols, so the element after the last column of row 0 is in the buffer.
+            unsafe { dtype::store_f32(y.as_mut_ptr(), y.dtype, y.cols, 0.0) }
+        }
+    }
+
+    #[test]
+    fn broken_kernels_are_caught() {
+        for (name, f) in [
+            ("drops a slot", drops_last_slot as super::super::LinearFn),
+            ("perturbs one element", off_by_one_ulp_scale),
+            ("writes padding", writes_padding),
+        ] {
+            let t = KernelTable {
+                isa: Isa::Portable,
+                linear_name: "broken",
+                linear: f,
+                rejected: &[],
+            };
+            let e = verify(&t).expect_err(name);
+            assert!(e.starts_with("self-check case"), "{name}: {e}");
+        }
+    }
+}
