@@ -74,6 +74,110 @@ impl TileConfig {
     }
 }
 
+/// The tile instructions the AMX base GEMM uses, behind a trait so the packing, padding and
+/// driver integration can be tested with a scalar model of them (`Emulated`) on CPUs without
+/// AMX; `Hardware` is the real thing.
+pub trait TileUnit: Sync + Send + 'static {
+    /// Configures 8 tiles of 16 rows x 64 bytes on this thread (`ldtilecfg`).
+    ///
+    /// # Safety
+    /// AMX is supported and permitted (`permitted()`), or this is the emulation.
+    unsafe fn begin();
+    /// 32 x 32 block of C (f32, row stride ldc floats) from A (32 rows of bf16 at stride lda
+    /// bytes, k values each) and two VNNI B tiles (each `k/2` rows of 64 bytes, contiguous):
+    /// C = A[0..16] B0 | A[0..16] B1 over A[16..32] B0 | A[16..32] B1.
+    ///
+    /// # Safety
+    /// `begin` ran on this thread; k a multiple of 32; A has 32 readable rows of k bf16; b0/b1
+    /// hold k/2 x 64 bytes; c has 32 rows of 32 writable floats.
+    unsafe fn block_32x32(
+        a: *const u16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+    );
+    /// Releases the tile state (`tilerelease`).
+    ///
+    /// # Safety
+    /// `begin` ran on this thread.
+    unsafe fn end();
+}
+
+/// The AMX instructions (`asm!`: stable Rust has no AMX intrinsics).
+pub struct Hardware;
+
+impl TileUnit for Hardware {
+    unsafe fn begin() {
+        let cfg = TileConfig::all_16x64();
+        std::arch::asm!(
+            "ldtilecfg [{0}]",
+            in(reg) &cfg as *const TileConfig,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    unsafe fn block_32x32(
+        a: *const u16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        hw_block_32x32(a, lda, b0, b1, k, c, ldc)
+    }
+    unsafe fn end() {
+        std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags));
+    }
+}
+
+/// A scalar model of `tdpbf16ps` on the same memory layouts: per output element, pairs of bf16
+/// products accumulated in f32 in the instruction's order. Used by tests on CPUs without AMX.
+pub struct Emulated;
+
+impl TileUnit for Emulated {
+    unsafe fn begin() {}
+    unsafe fn block_32x32(
+        a: *const u16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let bf = |v: u16| f32::from_bits((v as u32) << 16);
+        let lda = lda / 2; // bytes -> u16
+        let mut acc = [[0f32; 32]; 32];
+        let mut kk = 0;
+        while kk < k {
+            for (half, b) in [b0, b1].into_iter().enumerate() {
+                // One 16 x 64-byte B tile: 16 VNNI rows (pairs of k) of 16 columns.
+                let bt = b.add(kk * 16);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ar = a.add(i * lda + kk);
+                    for j in 0..16 {
+                        let mut t = row[half * 16 + j];
+                        for kp in 0..16 {
+                            t += bf(*ar.add(2 * kp)) * bf(*bt.add(kp * 32 + 2 * j));
+                            t += bf(*ar.add(2 * kp + 1)) * bf(*bt.add(kp * 32 + 2 * j + 1));
+                        }
+                        row[half * 16 + j] = t;
+                    }
+                }
+            }
+            kk += 32;
+        }
+        for (i, row) in acc.iter().enumerate() {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), c.add(i * ldc), 32);
+        }
+    }
+    unsafe fn end() {}
+}
+
 /// 32 x 32 block of C (f32, row stride ldc floats) from A (32 rows of bf16 at stride lda
 /// bytes, k values each) and two VNNI B tiles (each `k/2` rows of 64 bytes, contiguous).
 ///
@@ -81,7 +185,7 @@ impl TileConfig {
 /// Tiles configured as 16 x 64 (ldtilecfg done by the caller on this thread); k a multiple of
 /// 32; A has 32 readable rows of k bf16; b0/b1 hold k/2 x 64 bytes; c has 32 rows of 32 floats.
 #[target_feature(enable = "avx512f")]
-unsafe fn block_32x32(
+unsafe fn hw_block_32x32(
     a: *const u16,
     lda: usize,
     b0: *const u16,
@@ -142,13 +246,31 @@ thread_local! {
 }
 
 /// The AMX base GEMM state for one call: x rows as padded bf16.
-struct AmxBase {
+pub struct AmxBase<U: TileUnit> {
     xb: Vec<u16>,
     rows_pad: usize,
     kpad: usize,
+    unit: std::marker::PhantomData<U>,
 }
 
-impl NativeGemm for AmxBase {
+impl<U: TileUnit> AmxBase<U> {
+    pub fn new() -> Self {
+        AmxBase {
+            xb: Vec::new(),
+            rows_pad: 0,
+            kpad: 0,
+            unit: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<U: TileUnit> Default for AmxBase<U> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<U: TileUnit> NativeGemm for AmxBase<U> {
     fn prepare(&mut self, x: &MatRef<'_>, rows: &[usize]) -> usize {
         let k = x.cols;
         self.kpad = k.div_ceil(32) * 32;
@@ -207,12 +329,7 @@ impl NativeGemm for AmxBase {
                     }
                 }
             }
-            let cfg = TileConfig::all_16x64();
-            std::arch::asm!(
-                "ldtilecfg [{0}]",
-                in(reg) &cfg as *const TileConfig,
-                options(nostack, readonly, preserves_flags)
-            );
+            U::begin();
             let mut scratch = [0f32; 32 * 32];
             for tp in 0..ntiles / 2 {
                 let b0 = v[2 * tp * tile_len..].as_ptr();
@@ -221,10 +338,10 @@ impl NativeGemm for AmxBase {
                 for ib in 0..self.rows_pad / 32 {
                     let a = self.xb[ib * 32 * kpad..].as_ptr();
                     if col0 + 32 <= ntp {
-                        block_32x32(a, kpad * 2, b0, b1, kpad, c.add(ib * 32 * ldc + col0), ldc);
+                        U::block_32x32(a, kpad * 2, b0, b1, kpad, c.add(ib * 32 * ldc + col0), ldc);
                     } else {
                         // The last pair covers columns past ntp: compute into scratch.
-                        block_32x32(a, kpad * 2, b0, b1, kpad, scratch.as_mut_ptr(), 32);
+                        U::block_32x32(a, kpad * 2, b0, b1, kpad, scratch.as_mut_ptr(), 32);
                         for i in 0..32 {
                             for j in 0..ntp - col0 {
                                 *c.add((ib * 32 + i) * ldc + col0 + j) = scratch[i * 32 + j];
@@ -233,13 +350,13 @@ impl NativeGemm for AmxBase {
                     }
                 }
             }
-            std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags));
+            U::end();
         });
     }
 }
 
 thread_local! {
-    static BASE: RefCell<Option<AmxBase>> = const { RefCell::new(None) };
+    static BASE: RefCell<Option<AmxBase<Hardware>>> = const { RefCell::new(None) };
 }
 
 /// The AMX table's linear: bf16 x bf16 GEMM-path calls use AMX for the base part; everything
@@ -254,11 +371,88 @@ pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
     }
     // The per-call state is taken out of the thread-local for the call (nested calls on this
     // thread then simply build their own).
-    let mut base = BASE.with(|b| b.borrow_mut().take()).unwrap_or(AmxBase {
-        xb: Vec::new(),
-        rows_pad: 0,
-        kpad: 0,
-    });
+    let mut base = BASE.with(|b| b.borrow_mut().take()).unwrap_or_default();
     driver::linear_with::<Avx512>(p, y, Some(&mut base));
     BASE.with(|b| *b.borrow_mut() = Some(base));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::portable::PortableTile;
+    use crate::backend::cpu::selfcheck;
+
+    /// The AMX table's GEMM path with the tile instructions emulated: VNNI packing, padding of
+    /// rows/columns/k to tiles, the scratch path for the last column pair, and the driver's
+    /// native-base integration (shrink/expand/epilogue around it). Only the ten instructions
+    /// in `Hardware` stay unexecuted on CPUs without AMX (the start-up self-check covers them
+    /// where AMX exists).
+    fn emulated_linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+        if p.x.dtype == DType::BF16 && p.w.dtype == DType::BF16 && p.m() > driver::DECODE_MAX_M {
+            let mut base = AmxBase::<Emulated>::new();
+            driver::linear_with::<PortableTile<12, 32>>(p, y, Some(&mut base));
+        } else {
+            driver::linear::<PortableTile<12, 32>>(p, y);
+        }
+    }
+
+    #[test]
+    fn amx_gemm_path_matches_the_reference_with_emulated_tiles() {
+        let t = crate::backend::cpu::KernelTable {
+            isa: crate::backend::cpu::Isa::Amx,
+            linear_name: "amx-emulated",
+            linear: emulated_linear,
+            rejected: &[],
+        };
+        selfcheck::verify(&t).unwrap();
+        selfcheck::verify_random(
+            emulated_linear,
+            11,
+            40,
+            (Some(DType::BF16), Some(DType::BF16)),
+            (9, 100),
+            130,
+        )
+        .unwrap();
+    }
+
+    /// The emulated instruction itself on a hand-checked layout: A row i = i+1 at every k,
+    /// B column j = j at every k (VNNI), k = 32: C[i][j] = 32 (i+1) j.
+    #[test]
+    fn emulated_tile_product_uses_the_vnni_layout() {
+        let bf = |v: f32| (v.to_bits() >> 16) as u16;
+        let k = 32;
+        let a: Vec<u16> = (0..32).flat_map(|i| vec![bf(i as f32 + 1.0); k]).collect();
+        let tile = |col0: usize| -> Vec<u16> {
+            let mut t = vec![0u16; k / 2 * 32];
+            for kp in 0..k / 2 {
+                for j in 0..16 {
+                    t[kp * 32 + 2 * j] = bf((col0 + j) as f32);
+                    t[kp * 32 + 2 * j + 1] = bf((col0 + j) as f32);
+                }
+            }
+            t
+        };
+        let (b0, b1) = (tile(0), tile(16));
+        let mut c = vec![0f32; 32 * 40];
+        // SAFETY: buffers sized for one 32 x 32 block with k = 32, ldc = 40.
+        unsafe {
+            Emulated::begin();
+            Emulated::block_32x32(
+                a.as_ptr(),
+                k * 2,
+                b0.as_ptr(),
+                b1.as_ptr(),
+                k,
+                c.as_mut_ptr(),
+                40,
+            );
+            Emulated::end();
+        }
+        for i in 0..32 {
+            for j in 0..32 {
+                assert_eq!(c[i * 40 + j], (32 * (i + 1) * j) as f32, "({i}, {j})");
+            }
+        }
+    }
 }

@@ -20,7 +20,7 @@ use crate::matrix::{MatMut, MatRef, Matrix};
 use crate::rng::SplitMix64;
 
 /// One problem of the check.
-struct Case {
+pub(crate) struct Case<'a> {
     m: usize,
     n: usize,
     k: usize,
@@ -28,14 +28,14 @@ struct Case {
     dtypes: [DType; 5],
     bias: bool,
     /// Ranks of the slots (0 = a NULL slot); odd slots get per-component gains.
-    ranks: &'static [usize],
+    ranks: &'a [usize],
     /// Mixed batch: row i uses `pattern[i % len]` (-1 = base only). Empty = stacked.
-    pattern: &'static [i32],
+    pattern: &'a [i32],
 }
 
 use DType::{BF16, F16, F32};
 
-const CASES: &[Case] = &[
+const CASES: &[Case<'static>] = &[
     // The AMX native path (bf16 x, bf16 W, m > 8) with tails in every dimension, mixed slots.
     Case {
         m: 37,
@@ -132,7 +132,7 @@ fn view(m: &Matrix, cols: usize) -> MatRef<'_> {
 }
 
 /// Runs `linear` on `case`; Err(mismatch description) when it disagrees with the reference.
-fn run_case(linear: super::LinearFn, case: &Case, seed: u64) -> Result<(), String> {
+fn run_case(linear: super::LinearFn, case: &Case<'_>, seed: u64) -> Result<(), String> {
     let [dx, dw, dab, dy, db] = case.dtypes;
     let (m, n, k) = (case.m, case.n, case.k);
     let mut rng = SplitMix64::new(seed);
@@ -250,7 +250,7 @@ fn make_slots(ads: &[Adapter], k: usize) -> Vec<Option<Slot<'_>>> {
 }
 
 fn problem<'a>(
-    case: &Case,
+    case: &Case<'_>,
     x: &'a Matrix,
     w: &'a Matrix,
     bias: &'a Matrix,
@@ -275,10 +275,93 @@ pub fn verify(table: &KernelTable) -> Result<(), String> {
     Ok(())
 }
 
+/// `cases` random problems with x and W of `dtypes.0` / `dtypes.1` (others random), m in
+/// `m_range`, n and k in 1..=max_nk, 0-3 slots (some NULL) of ranks 1..=40, stacked or mixed.
+/// For tests of kernels that cannot be reached through a table on this CPU.
+#[cfg(test)]
+pub(crate) fn verify_random(
+    linear: super::LinearFn,
+    seed: u64,
+    cases: usize,
+    dtypes: (Option<DType>, Option<DType>),
+    m_range: (usize, usize),
+    max_nk: usize,
+) -> Result<(), String> {
+    let mut rng = SplitMix64::new(seed);
+    let all = [F32, F16, BF16];
+    for c in 0..cases {
+        let mut dt = || all[rng.range(0, 2)];
+        let d = [
+            dtypes.0.unwrap_or_else(&mut dt),
+            dtypes.1.unwrap_or_else(&mut dt),
+            dt(),
+            dt(),
+            dt(),
+        ];
+        let m = rng.range(m_range.0, m_range.1);
+        let n = rng.range(1, max_nk);
+        let k = rng.range(1, max_nk);
+        let ns = rng.range(0, 3);
+        let ranks: Vec<usize> = (0..ns)
+            .map(|_| {
+                if rng.range(0, 5) == 0 {
+                    0
+                } else {
+                    rng.range(1, 41)
+                }
+            })
+            .collect();
+        let pattern: Vec<i32> = if ns > 0 && rng.range(0, 1) == 0 {
+            (0..rng.range(1, 6))
+                .map(|_| rng.range(0, ns) as i32 - 1)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let case = Case {
+            m,
+            n,
+            k,
+            dtypes: d,
+            bias: rng.range(0, 1) == 0,
+            ranks: &ranks,
+            pattern: &pattern,
+        };
+        run_case(linear, &case, seed ^ (c as u64 * 0x9e37))
+            .map_err(|e| format!("random case {c} (ranks {ranks:?}, pattern {pattern:?}): {e}"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::{self, Isa};
+    use crate::backend::cpu::portable::PortableTile;
+    use crate::backend::cpu::{self, driver, Isa};
+
+    /// The driver with the register-tile shapes of the SIMD variants (AVX-512: 12 x 32, AVX2:
+    /// 6 x 16) in portable code: blocking, packing, tails and the expand-in-tile logic for tile
+    /// shapes this CPU may not be able to run natively.
+    #[test]
+    fn the_driver_is_right_for_every_tile_shape() {
+        let shapes: [(&str, super::super::LinearFn); 4] = [
+            ("12x32", driver::linear::<PortableTile<12, 32>>),
+            ("6x16", driver::linear::<PortableTile<6, 16>>),
+            ("8x8", driver::linear::<PortableTile<8, 8>>),
+            ("1x4", driver::linear::<PortableTile<1, 4>>),
+        ];
+        for (name, f) in shapes {
+            let t = KernelTable {
+                isa: Isa::Portable,
+                linear_name: name,
+                linear: f,
+                rejected: &[],
+            };
+            verify(&t).unwrap_or_else(|e| panic!("{name}: {e}"));
+            verify_random(f, 7, 12, (None, None), (1, 80), 90)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
 
     #[test]
     fn every_variant_this_cpu_runs_passes() {
