@@ -386,6 +386,11 @@ fn avx512_matches_reference() {
 }
 
 #[test]
+fn avx512bf16_matches_reference() {
+    run_isa(Isa::Avx512Bf16);
+}
+
+#[test]
 fn amx_matches_reference() {
     run_isa(Isa::Amx);
 }
@@ -393,7 +398,7 @@ fn amx_matches_reference() {
 /// More rows than one GEMM chunk (the packed x is bounded per chunk), with mixed slots.
 #[test]
 fn chunked_rows_match_reference() {
-    let rts: Vec<_> = [Isa::Avx2, Isa::Avx512, Isa::Amx, Isa::Portable]
+    let rts: Vec<_> = [Isa::Amx, Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable]
         .into_iter()
         .filter_map(|i| runtime_for(i).map(|rt| (i, rt)))
         .take(1)

@@ -7,6 +7,8 @@ pub mod amx;
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512bf16;
 pub mod detect;
 pub mod driver;
 pub mod portable;
@@ -26,6 +28,8 @@ pub enum Isa {
     Portable,
     Avx2,
     Avx512,
+    /// AVX-512 plus `vdpbf16ps` (AVX512-BF16) for bf16 x bf16 GEMMs.
+    Avx512Bf16,
     /// AVX-512 plus AMX-BF16 tiles for bf16 x bf16 GEMMs.
     Amx,
 }
@@ -37,6 +41,7 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
             Isa::Amx => "amx",
         }
     }
@@ -46,15 +51,17 @@ impl Isa {
             "portable" => Some(Isa::Portable),
             "avx2" => Some(Isa::Avx2),
             "avx512" => Some(Isa::Avx512),
+            "avx512bf16" => Some(Isa::Avx512Bf16),
             "amx" => Some(Isa::Amx),
             _ => None,
         }
     }
-    pub const ALL: [Isa; 5] = [
+    pub const ALL: [Isa; 6] = [
         Isa::Reference,
         Isa::Portable,
         Isa::Avx2,
         Isa::Avx512,
+        Isa::Avx512Bf16,
         Isa::Amx,
     ];
 }
@@ -94,6 +101,7 @@ pub fn supported(isa: Isa) -> bool {
         Isa::Reference | Isa::Portable => true,
         Isa::Avx2 => f.avx2 && f.fma && f.f16c,
         Isa::Avx512 => f.avx512f && f.avx2 && f.fma && f.f16c,
+        Isa::Avx512Bf16 => supported(Isa::Avx512) && f.avx512_bf16,
         Isa::Amx => supported(Isa::Avx512) && f.amx_tile && f.amx_bf16 && amx_permitted(),
     }
 }
@@ -113,6 +121,7 @@ pub fn requirement(isa: Isa) -> &'static str {
         Isa::Reference | Isa::Portable => "nothing",
         Isa::Avx2 => "x86_64 with AVX2, FMA and F16C",
         Isa::Avx512 => "x86_64 with AVX-512F, AVX2, FMA and F16C",
+        Isa::Avx512Bf16 => "x86_64 with AVX-512F, AVX512-BF16, AVX2, FMA and F16C",
         Isa::Amx => {
             "x86_64 with AVX-512F, AMX-TILE and AMX-BF16 enabled in XCR0, and Linux granting \
              tile data (arch_prctl ARCH_REQ_XCOMP_PERM)"
@@ -161,6 +170,14 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 rejected: &[],
             };
         }
+        if isa == Isa::Avx512Bf16 {
+            t = KernelTable {
+                isa: Isa::Avx512Bf16,
+                linear_name: "fused_linear_avx512bf16_dpbf16ps_32x32+avx512_12x32",
+                linear: avx512bf16::linear,
+                rejected: &[],
+            };
+        }
         if isa >= Isa::Amx {
             t = KernelTable {
                 isa: Isa::Amx,
@@ -192,7 +209,8 @@ pub fn self_check_result(isa: Isa) -> Option<std::result::Result<(), String>> {
 }
 
 fn self_check_cell(isa: Isa) -> &'static OnceLock<std::result::Result<(), String>> {
-    static DONE: [OnceLock<std::result::Result<(), String>>; 5] = [const { OnceLock::new() }; 5];
+    static DONE: [OnceLock<std::result::Result<(), String>>; Isa::ALL.len()] =
+        [const { OnceLock::new() }; Isa::ALL.len()];
     &DONE[isa as usize]
 }
 
@@ -221,7 +239,7 @@ pub fn select() -> Result<KernelTable> {
         if !v.is_empty() {
             let isa = Isa::parse(&v).ok_or_else(|| {
                 Error::invalid(format!(
-                    "RANKFUSE_ISA='{v}': expected reference, portable, avx2, avx512 or amx"
+                    "RANKFUSE_ISA='{v}': expected reference, portable, avx2, avx512, avx512bf16 or amx"
                 ))
             })?;
             let t = table(isa)?;
