@@ -25,6 +25,11 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 /// What the block needs from 16 f32 lanes.
+///
+/// # Safety
+/// Every method needs the implementation's instructions (Hw: AVX-512F + AVX512-BF16); pointers
+/// must be readable (writable for `store`) for the bytes each method names.
+#[allow(clippy::missing_safety_doc)]
 pub trait Lanes {
     type Acc: Copy;
     type Pairs: Copy;
