@@ -162,6 +162,19 @@ pub struct BenchResult {
     pub fused_read_gbs: f64,
     /// fused_read_gbs as % of the measured streaming bandwidth (the decode goal: >= 85% at m=1).
     pub fused_pct_of_bandwidth: Option<f64>,
+    /// Decode cases (m <= 8, bandwidth measured): W and the adapter rotated over `cold_copies`
+    /// copies that together exceed the bandwidth buffer, as a model's layers are during a decode
+    /// step, so every call reads them from DRAM; per-call medians. Null otherwise.
+    pub cold_copies: Option<usize>,
+    pub cold_base_ms: Option<f64>,
+    pub cold_fused_ms: Option<f64>,
+    /// cold fused / cold base-only (the adapter's cost when its bytes also come from DRAM)
+    pub cold_fused_over_base: Option<f64>,
+    /// Bytes a cold fused call reads per second, GB/s, and as % of the streaming bandwidth
+    /// (the decode goal, >= 85%, is judged on this: warm figures can exceed 100% when W stays
+    /// in a large last-level cache).
+    pub cold_fused_read_gbs: Option<f64>,
+    pub cold_pct_of_bandwidth: Option<f64>,
     /// Heap allocation calls per fused call after warm-up (goal 0); null without CountingAlloc.
     pub fused_allocs_per_call: Option<f64>,
     /// Peak heap bytes a fused call added above what was live before it (after warm-up).
@@ -519,6 +532,12 @@ pub fn run_case_with_bandwidth(
         tn.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     let iters = tb.len();
+    let cold = match bandwidth {
+        Some(bw) if m <= crate::backend::cpu::driver::DECODE_MAX_M => {
+            Some(cold_decode(rt, dtype, &x, k, n, r, bw, opts, &mut rng)?)
+        }
+        _ => None,
+    };
     let (base_ms, fused_ms, naive_ms) = (median(&mut tb), median(&mut tf), median(&mut tn));
     let fused_cpu_ms = median(&mut cpu_f);
     let base_cpu_ms = median(&mut cpu_b);
@@ -546,10 +565,69 @@ pub fn run_case_with_bandwidth(
         fused_over_base_cpu: fused_cpu_ms / base_cpu_ms.max(1e-9),
         fused_read_gbs: read_gbs,
         fused_pct_of_bandwidth: bandwidth.map(|b| 100.0 * read_gbs / b.read_gbs),
+        cold_copies: cold.map(|c| c.0),
+        cold_base_ms: cold.map(|c| c.1),
+        cold_fused_ms: cold.map(|c| c.2),
+        cold_fused_over_base: cold.map(|c| c.2 / c.1),
+        cold_fused_read_gbs: cold.map(|c| bytes / (c.2 * 1e6)),
+        cold_pct_of_bandwidth: cold.and_then(|c| {
+            bandwidth.map(|b| 100.0 * bytes / (c.2 * 1e6) / b.read_gbs)
+        }),
         fused_allocs_per_call: heap().is_some().then(|| fused_allocs as f64 / iters as f64),
         fused_extra_peak_bytes: extra_peak,
         workspace_bytes: crate::backend::cpu::driver::workspace_bytes(),
     })
+}
+
+/// Decode with every call's W and adapter cold: copies of (W, adapter) totalling more than the
+/// bandwidth buffer, walked in order like a model's layers. Alternates a fused pass and a
+/// base-only pass over all copies; returns (copies, base ms per call, fused ms per call), medians
+/// over passes.
+#[allow(clippy::too_many_arguments)]
+fn cold_decode(
+    rt: &Runtime,
+    dtype: DType,
+    x: &Matrix,
+    k: usize,
+    n: usize,
+    r: usize,
+    bw: &Bandwidth,
+    opts: &BenchOptions,
+    rng: &mut SplitMix64,
+) -> Result<(usize, f64, f64)> {
+    let m = x.rows;
+    let layer_bytes = dtype.size() * (n * k + r * (n + k));
+    let copies = ((bw.mib << 20) / layer_bytes.max(1) + 1).clamp(2, 4096);
+    let mut layers = Vec::with_capacity(copies);
+    for _ in 0..copies {
+        let w = random(rng, dtype, n, k, 0.02)?;
+        let lora = new_lora(rng, dtype, k, n, r)?;
+        layers.push((w, lora));
+    }
+    let mut y = Matrix::zeros(dtype, m, n)?;
+    let mut pass = |with_adapter: bool| -> Result<f64> {
+        let t0 = Instant::now();
+        for (w, lora) in &layers {
+            let slots = [Some(slot(lora, 0, 1.0)?)];
+            let p = LinearProblem {
+                x: x.view(),
+                w: w.view(),
+                bias: None,
+                slots: if with_adapter { &slots } else { &[] },
+                row_slot: None,
+            };
+            rt.linear(&p, &mut y.view_mut())?;
+        }
+        Ok(t0.elapsed().as_secs_f64() * 1e3 / copies as f64)
+    };
+    pass(true)?; // page faults and first touch
+    let (mut tb, mut tf) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while tb.len() < 3 || (start.elapsed() < opts.min_time * 2 && tb.len() < 50) {
+        tf.push(pass(true)?);
+        tb.push(pass(false)?);
+    }
+    Ok((copies, median(&mut tb), median(&mut tf)))
 }
 
 /// A mixed batch: `m` rows spread round-robin over `ranks.len()` adapters (ranks as given),

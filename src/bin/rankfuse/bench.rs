@@ -115,7 +115,17 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
                 r.fused_allocs_per_call
                     .map_or("-".to_string(), |c| format!("{c:.1}")),
                 r.workspace_bytes as f64 / (1 << 20) as f64,
-            )
+            );
+            if let (Some(c), Some(b), Some(f), Some(gbs)) =
+                (r.cold_copies, r.cold_base_ms, r.cold_fused_ms, r.cold_fused_read_gbs)
+            {
+                eprintln!(
+                    "      cold (W and adapter from DRAM, {c} layers rotated): base {b:.3} ms, fused {f:.3} ms, f/base {:.3}, {gbs:.1} GB/s = {} of the streaming bandwidth",
+                    f / b,
+                    r.cold_pct_of_bandwidth
+                        .map_or("-".to_string(), |p| format!("{p:.0}%")),
+                );
+            }
         },
         |x| {
             eprintln!(
