@@ -15,6 +15,8 @@ use crate::weights::{TensorEntry, Weights};
 /// Alignment of every tensor placed in device memory (bytes). 256 is what `cudaMalloc`
 /// guarantees for an allocation's start; it keeps 16-byte vector loads and the tensor-core path
 /// (rows aligned to 16 bytes when the row length allows it) available for every tensor.
+///
+/// cbindgen:ignore
 pub const DEVICE_ALIGN: usize = 256;
 
 /// Does this tensor get a device copy? Exactly the tensors `Weights::get` turns into a matrix.
