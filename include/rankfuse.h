@@ -608,13 +608,16 @@ rf_error *rf_lora_get_mask(const rf_lora *l, uint8_t *mask_out, size_t n);
 
 /*
  Views of the module's A (capacity x in) and B (out x capacity) as the forward reads them
- (compute dtype). Borrowed: valid until the next call that changes the module.
+ (compute dtype). Borrowed: valid until the next call that changes the module. Host memory on
+ every runtime (an adapter loaded on a CUDA runtime keeps its host copy as the reference).
  */
 rf_error *rf_lora_weights(const rf_lora *l, rf_matrix *a_out, rf_matrix *b_out);
 
 /*
  Replaces the module's A (capacity x in) and B (out x capacity) with copies of `a` and `b`
- (any dtype, any ld); resets its optimizer state. Needs exclusive access.
+ (any dtype, any ld; host memory, also for an adapter on a CUDA runtime); resets its optimizer
+ state. A module with a device copy (adapter loaded on a CUDA runtime) is re-uploaded before
+ this returns. Needs exclusive access.
  */
 rf_error *rf_lora_set_weights(rf_lora *l, const rf_matrix *a, const rf_matrix *b);
 

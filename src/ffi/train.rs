@@ -276,7 +276,8 @@ pub unsafe extern "C" fn rf_lora_get_mask(
 }
 
 /// Views of the module's A (capacity x in) and B (out x capacity) as the forward reads them
-/// (compute dtype). Borrowed: valid until the next call that changes the module.
+/// (compute dtype). Borrowed: valid until the next call that changes the module. Host memory on
+/// every runtime (an adapter loaded on a CUDA runtime keeps its host copy as the reference).
 #[no_mangle]
 pub unsafe extern "C" fn rf_lora_weights(
     l: *const rf_lora,
@@ -301,7 +302,9 @@ pub unsafe extern "C" fn rf_lora_weights(
 }
 
 /// Replaces the module's A (capacity x in) and B (out x capacity) with copies of `a` and `b`
-/// (any dtype, any ld); resets its optimizer state. Needs exclusive access.
+/// (any dtype, any ld; host memory, also for an adapter on a CUDA runtime); resets its optimizer
+/// state. A module with a device copy (adapter loaded on a CUDA runtime) is re-uploaded before
+/// this returns. Needs exclusive access.
 #[no_mangle]
 pub unsafe extern "C" fn rf_lora_set_weights(
     l: *mut rf_lora,
