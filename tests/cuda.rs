@@ -1256,6 +1256,32 @@ mod gpu {
             }
             let (g, c) = both(gpu, cpu, wg, wc, lg, lc, m, 0);
             close("after gains, mask, set_rank", &g, &c);
+            // A module added to the adapter loaded on the GPU is uploaded there too (same shape
+            // as the layer, so it can stand in its slot).
+            let extra = CString::new("extra").unwrap();
+            let mut added = [std::ptr::null_mut::<rf_lora>(); 2];
+            for (a, out) in [kept, ac].into_iter().zip(added.iter_mut()) {
+                let e = take(rf_adapter_add_lora(
+                    a,
+                    extra.as_ptr(),
+                    k as i64,
+                    n as i64,
+                    4,
+                    8.0,
+                    0,
+                    0,
+                    11,
+                    out,
+                ));
+                assert!(e.is_none(), "{e:?}");
+            }
+            let av = rng.fill_uniform(4 * k, -0.1, 0.1);
+            let bv = rng.fill_uniform(n * 4, -0.1, 0.1);
+            for l in added {
+                assert!(take(rf_lora_set_weights(l, &mat(&av, 4, k), &mat(&bv, n, 4))).is_none());
+            }
+            let (g, c) = both(gpu, cpu, wg, wc, added[0], added[1], m, 0);
+            close("added module", &g, &c);
             // The adapter and the weights outlive the runtime; freeing them afterwards is fine.
             rf_runtime_free(gpu);
             rf_adapter_free(kept);
