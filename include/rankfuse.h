@@ -31,6 +31,22 @@
 #define RF_WEIGHTS_READ 1
 
 /*
+ `rf_weights_open_options.flags`, CUDA runtimes: upload each tensor on its first
+ `rf_weights_get` (into an allocation of its own) instead of all of them at open. For a
+ process that uses a subset of a checkpoint (one pipeline stage, a few layers); the first
+ `rf_weights_get` of a tensor then waits for its upload. No effect on a CPU runtime.
+ */
+#define RF_WEIGHTS_LAZY 2
+
+/*
+ `rf_weights_open_options.flags`, CUDA runtimes: no device copy; `rf_weights_get` gives host
+ views into the file, as on a CPU runtime (for host-side work: inspection, `rf_lora_merge`
+ into a host buffer). Such views cannot be passed to `rf_linear` on a CUDA runtime. No effect
+ on a CPU runtime; together with `RF_WEIGHTS_LAZY` it is RF_STATUS_INVALID_ARGUMENT.
+ */
+#define RF_WEIGHTS_HOST 4
+
+/*
  How a LoRA's scale follows the rank in use.
  */
 typedef enum {
@@ -335,7 +351,12 @@ extern "C" {
 
 /*
  Loads a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`). Tensors are
- used in place from the file's mapping. The caller owns `*out` (free with `rf_adapter_free`).
+ used in place from the file's mapping (the host copy). On a CUDA runtime every module's A and
+ B are also uploaded to device memory once, here (one allocation per adapter, through pinned
+ staging), and `rf_linear` on that device reads them there instead of copying them per call;
+ the device memory is freed by `rf_adapter_free` (which may come before or after
+ `rf_runtime_free`). An upload failure is an error (RF_STATUS_OUT_OF_MEMORY / RF_STATUS_DEVICE)
+ and `*out` is not written. The caller owns `*out` (free with `rf_adapter_free`).
  */
 rf_error *rf_adapter_load_peft(rf_runtime *rt, const char *dir, rf_adapter **out);
 
@@ -347,7 +368,8 @@ rf_error *rf_adapter_load_peft(rf_runtime *rt, const char *dir, rf_adapter **out
 rf_error *rf_adapter_save_peft(const rf_adapter *a, const char *dir);
 
 /*
- Frees an adapter and every `rf_lora` borrowed from it; NULL is accepted.
+ Frees an adapter and every `rf_lora` borrowed from it; NULL is accepted. An adapter loaded on
+ a CUDA runtime frees its device memory here after waiting for the device's queued work.
  */
 void rf_adapter_free(rf_adapter *a);
 
@@ -506,6 +528,9 @@ void rf_error_free(rf_error *e);
  scale(slot) = scale_mult * (alpha / r | alpha / sqrt(r) | fixed), r = the rank used.
  dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32.
  Thread-safe: many threads may call it at once on shared weights and adapters.
+ On a CUDA runtime x, w, bias and y are device pointers; a module of an adapter loaded on a
+ CUDA runtime of the same device is read from its device copy, any other module is copied
+ into the call's scratch (correct, slower).
  */
 rf_error *rf_linear(rf_runtime *rt, const rf_matrix *x, const rf_matrix *w, const rf_matrix *bias, const rf_lora_slot *slots, size_t n_slots, const int32_t *row_slot, rf_matrix *y);
 
@@ -550,8 +575,9 @@ rf_error *rf_adapter_new(const char *name, rf_adapter **out);
  `rf_scaling` value (FIXED uses alpha / capacity, as AdaLoRA's alpha / r_init), `dtype` an
  `rf_dtype` value: the compute dtype the forward reads; masters and optimizer state are f32.
  The module is appended to the adapter's module list (`rf_adapter_module_name` index
- `count - 1`). `*lora_out` (may be NULL) is borrowed from the adapter. Needs exclusive access
- to `a`.
+ `count - 1`). `*lora_out` (may be NULL) is borrowed from the adapter. When `a` was loaded on
+ a CUDA runtime that still exists, the new module is uploaded to its device too. Needs
+ exclusive access to `a`.
  */
 rf_error *rf_adapter_add_lora(rf_adapter *a, const char *module, int64_t in_features, int64_t out_features, uint32_t capacity, float alpha, uint32_t scaling, uint32_t dtype, uint64_t seed, rf_lora **lora_out);
 
@@ -582,13 +608,16 @@ rf_error *rf_lora_get_mask(const rf_lora *l, uint8_t *mask_out, size_t n);
 
 /*
  Views of the module's A (capacity x in) and B (out x capacity) as the forward reads them
- (compute dtype). Borrowed: valid until the next call that changes the module.
+ (compute dtype). Borrowed: valid until the next call that changes the module. Host memory on
+ every runtime (an adapter loaded on a CUDA runtime keeps its host copy as the reference).
  */
 rf_error *rf_lora_weights(const rf_lora *l, rf_matrix *a_out, rf_matrix *b_out);
 
 /*
  Replaces the module's A (capacity x in) and B (out x capacity) with copies of `a` and `b`
- (any dtype, any ld); resets its optimizer state. Needs exclusive access.
+ (any dtype, any ld; host memory, also for an adapter on a CUDA runtime); resets its optimizer
+ state. A module with a device copy (adapter loaded on a CUDA runtime) is re-uploaded before
+ this returns. Needs exclusive access.
  */
 rf_error *rf_lora_set_weights(rf_lora *l, const rf_matrix *a, const rf_matrix *b);
 
@@ -676,6 +705,13 @@ void rf_elalora_free(rf_elalora *e);
  (read into memory instead when the environment variable `RANKFUSE_NO_MMAP=1` is set; see
  `rf_weights_open_ex`). A mapped file that another process truncates while open makes later
  reads of it fault (SIGBUS): open files that may change with `RF_WEIGHTS_READ`.
+ On a CUDA runtime every tensor `rf_weights_get` can return (F32/F16/BF16, at most 2-D) is
+ uploaded to device memory here, before this returns (one allocation per file, tensors at
+ 256-byte aligned offsets, streamed through pinned staging), so `rf_weights_get` gives device
+ pointers and an RF_STATUS_OUT_OF_MEMORY shows at open, not while serving; see
+ `rf_weights_open_ex` for uploading on first use or keeping host views. The device memory
+ belongs to the weights (not to the runtime): it is freed by `rf_weights_free`, which may come
+ before or after `rf_runtime_free`.
  The caller owns `*out` (free with `rf_weights_free`); views from `rf_weights_get` stay valid
  until then. Immutable after opening: safe to share across threads.
  */
@@ -684,13 +720,15 @@ rf_error *rf_weights_open(rf_runtime *rt, const char *path, rf_weights **out);
 /*
  `rf_weights_open` with options: `opts` NULL behaves like `rf_weights_open` (mapped unless the
  environment variable `RANKFUSE_NO_MMAP=1` is set); `flags & RF_WEIGHTS_READ` reads the
- file(s) into memory instead of mapping them. Ownership and thread safety as
- `rf_weights_open`.
+ file(s) into memory instead of mapping them; on a CUDA runtime `RF_WEIGHTS_LAZY` uploads each
+ tensor on its first `rf_weights_get` and `RF_WEIGHTS_HOST` keeps host views (default: every
+ tensor uploaded at open). Ownership and thread safety as `rf_weights_open`.
  */
 rf_error *rf_weights_open_ex(rf_runtime *rt, const char *path, const rf_weights_open_options *opts, rf_weights **out);
 
 /*
- Frees weights; NULL is accepted. Views obtained from them become invalid.
+ Frees weights; NULL is accepted. Views obtained from them become invalid. Device copies
+ (weights opened on a CUDA runtime) are freed here, after the device's queued work.
  */
 void rf_weights_free(rf_weights *w);
 
@@ -705,9 +743,14 @@ size_t rf_weights_count(const rf_weights *w);
 rf_error *rf_weights_name(const rf_weights *w, size_t i, const char **name_out);
 
 /*
- A zero-copy view of a tensor: 1-D as 1 x n; more than 2 dims is RF_STATUS_FORMAT; a dtype
- other than F32/F16/BF16 is RF_STATUS_UNSUPPORTED. `out->data` points into the mapping
- (read-only memory: do not write through it).
+ A view of a tensor: 1-D as 1 x n; more than 2 dims is RF_STATUS_FORMAT; a dtype other than
+ F32/F16/BF16 is RF_STATUS_UNSUPPORTED. On a CPU runtime (and with `RF_WEIGHTS_HOST`)
+ `out->data` points into the mapping (zero-copy, read-only memory: do not write through it).
+ On a CUDA runtime it is a device pointer into the weights' device copy (do not write through
+ it either; NULL for a tensor with no elements); with `RF_WEIGHTS_LAZY` the first call for a
+ tensor uploads it (concurrent first calls wait for one upload) and may fail with
+ RF_STATUS_OUT_OF_MEMORY / RF_STATUS_DEVICE, or RF_STATUS_DEVICE when the runtime has been
+ freed. Thread-safe.
  */
 rf_error *rf_weights_get(const rf_weights *w, const char *name, rf_matrix *out);
 

@@ -27,7 +27,8 @@ pub struct RuntimeOptions {
 enum Backend {
     Cpu,
     #[cfg(feature = "cuda")]
-    Cuda(Box<crate::backend::cuda::CudaBackend>),
+    // Shared: weights and adapters opened on the runtime keep a weak reference for uploads.
+    Cuda(std::sync::Arc<crate::backend::cuda::CudaBackend>),
 }
 
 /// A runtime. Compute calls may run from many threads at once.
@@ -57,7 +58,7 @@ impl Runtime {
                     },
                     kernels,
                 )?;
-                rt.backend = Backend::Cuda(Box::new(cuda));
+                rt.backend = Backend::Cuda(std::sync::Arc::new(cuda));
                 Ok(rt)
             }
             #[cfg(not(feature = "cuda"))]
@@ -117,6 +118,30 @@ impl Runtime {
             Backend::Cuda(c) => Some(c),
             Backend::Cpu => None,
         }
+    }
+
+    /// The CUDA backend of a CUDA runtime, shared (device copies of weights and adapters keep a
+    /// weak reference to it for later uploads).
+    #[cfg(feature = "cuda")]
+    pub fn cuda_shared(&self) -> Option<std::sync::Arc<crate::backend::cuda::CudaBackend>> {
+        match &self.backend {
+            Backend::Cuda(c) => Some(c.clone()),
+            Backend::Cpu => None,
+        }
+    }
+
+    /// Resolves a slot for this runtime's `linear`: as [`slot`], but on a CUDA runtime a module
+    /// with an up-to-date device copy on this runtime's device (uploaded when its adapter was
+    /// loaded on a CUDA runtime) is read from device memory instead of being copied per call.
+    pub fn lora_slot<'a>(&self, lora: &'a Lora, rank: usize, scale_mult: f32) -> Result<Slot<'a>> {
+        let host = slot(lora, rank, scale_mult)?;
+        #[cfg(feature = "cuda")]
+        if let (Backend::Cuda(c), Some(d)) = (&self.backend, lora.device.as_ref()) {
+            if let Some(s) = d.slot(c, lora, &host) {
+                return Ok(s);
+            }
+        }
+        Ok(host)
     }
 
     /// Runs `f` on the runtime's thread pool (training kernels use this).

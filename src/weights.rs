@@ -77,6 +77,18 @@ pub struct TensorEntry {
     end: usize,
 }
 
+impl TensorEntry {
+    /// The shard (file) holding the tensor: 0 for a single file, else its index in the sharded
+    /// model's files (see [`Weights::shard_path`]).
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+    /// Bytes of the tensor's data.
+    pub fn byte_len(&self) -> usize {
+        self.end - self.start
+    }
+}
+
 /// Opened weights. Views returned by [`Weights::get`] borrow from it.
 pub struct Weights {
     path: PathBuf,
@@ -523,8 +535,20 @@ impl Weights {
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
+    /// The position of a tensor in [`Weights::entries`].
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
+    }
+    /// Number of files (1 unless opened through a sharded model's index).
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+    /// The path of shard `i` (as opened; for messages).
+    pub fn shard_path(&self, i: usize) -> Option<&Path> {
+        self.shards.get(i).map(|s| s.path.as_path())
     }
     /// The `__metadata__` of the (first) file.
     pub fn metadata(&self) -> &HashMap<String, String> {

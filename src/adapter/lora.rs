@@ -79,6 +79,11 @@ pub struct Lora {
     pub b: TensorData,
     /// Training state (f32 masters, gradients, optimizer, gains, mask); None = inference only.
     pub train: Option<Box<crate::train::TrainState>>,
+    /// A copy of A, B and the gains in device memory (adapters loaded on a CUDA runtime); the
+    /// host tensors above stay the reference. Kept in step by [`Lora::refresh_device`], which
+    /// every method that changes A, B, the gains or the capacity calls.
+    #[cfg(feature = "cuda")]
+    pub device: Option<crate::backend::cuda::resident::ResidentLora>,
 }
 
 impl Lora {
@@ -128,7 +133,36 @@ impl Lora {
             a,
             b,
             train: None,
+            #[cfg(feature = "cuda")]
+            device: None,
         })
+    }
+
+    /// Re-uploads A, B and the gains to the module's device copy after they changed (a no-op
+    /// without one). Rust code that changes `a`, `b` or the training state directly must call
+    /// it; the methods of `Lora` and the training functions do. Waits for the device copy's
+    /// runtime stream (earlier calls reading the copy finish first). If the upload fails, the
+    /// device copy is dropped (later calls copy the host tensors per call, still correct) and
+    /// the error says so; if the runtime the adapter was loaded on has been freed, the device
+    /// copy is dropped silently.
+    pub fn refresh_device(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(mut d) = self.device.take() {
+            let cap = self.capacity;
+            let gains = self.gains_view(cap);
+            match d.refresh(self.a.view(), self.b.view(), gains) {
+                Ok(true) => self.device = Some(d),
+                Ok(false) => {}
+                Err(e) => {
+                    return Err(e.context(format!(
+                        "module '{}': the host copy changed but its device copy could not be \
+                         updated; the device copy was dropped (later calls copy the module per call)",
+                        self.name
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The default rank of later calls.

@@ -4,6 +4,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod placement;
 
 use crate::error::{Error, Result};
 use crate::matrix::{MatMut, MatRef};

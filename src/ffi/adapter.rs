@@ -10,7 +10,12 @@ use std::ffi::c_char;
 use std::path::Path;
 
 /// Loads a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`). Tensors are
-/// used in place from the file's mapping. The caller owns `*out` (free with `rf_adapter_free`).
+/// used in place from the file's mapping (the host copy). On a CUDA runtime every module's A and
+/// B are also uploaded to device memory once, here (one allocation per adapter, through pinned
+/// staging), and `rf_linear` on that device reads them there instead of copying them per call;
+/// the device memory is freed by `rf_adapter_free` (which may come before or after
+/// `rf_runtime_free`). An upload failure is an error (RF_STATUS_OUT_OF_MEMORY / RF_STATUS_DEVICE)
+/// and `*out` is not written. The caller owns `*out` (free with `rf_adapter_free`).
 #[no_mangle]
 pub unsafe extern "C" fn rf_adapter_load_peft(
     rt: *mut rf_runtime,
@@ -18,11 +23,11 @@ pub unsafe extern "C" fn rf_adapter_load_peft(
     out: *mut *mut rf_adapter,
 ) -> *mut rf_error {
     boundary!({
-        let _rt = arg_ref(rt, "rt")?;
+        let rt = arg_ref(rt, "rt")?;
         let dir = arg_str(dir, "dir")?;
         let out = arg_out(out, "out")?;
         let a = peft::load(Path::new(dir))?;
-        *out = Box::into_raw(Box::new(rf_adapter::new(a)?));
+        *out = Box::into_raw(Box::new(rf_adapter::on_runtime(a, &rt.inner)?));
         Ok(())
     })
 }
@@ -42,7 +47,8 @@ pub unsafe extern "C" fn rf_adapter_save_peft(
     })
 }
 
-/// Frees an adapter and every `rf_lora` borrowed from it; NULL is accepted.
+/// Frees an adapter and every `rf_lora` borrowed from it; NULL is accepted. An adapter loaded on
+/// a CUDA runtime frees its device memory here after waiting for the device's queued work.
 #[no_mangle]
 pub unsafe extern "C" fn rf_adapter_free(a: *mut rf_adapter) {
     boundary_value!((), {

@@ -17,6 +17,9 @@ pub struct rf_runtime {
 pub struct rf_weights {
     pub(crate) inner: Arc<Weights>,
     pub(crate) names: Vec<CString>,
+    /// Device copies when opened on a CUDA runtime (None = `rf_weights_get` gives host views).
+    #[cfg(feature = "cuda")]
+    pub(crate) device: Option<crate::backend::cuda::resident::DeviceWeights>,
 }
 
 /// An adapter: a named set of LoRA modules. Compute calls may share it across threads; calls
@@ -24,6 +27,9 @@ pub struct rf_weights {
 pub struct rf_adapter {
     pub(crate) inner: Adapter,
     pub(crate) names: Vec<CString>,
+    /// The CUDA runtime the adapter was loaded on (modules added later are uploaded there too).
+    #[cfg(feature = "cuda")]
+    pub(crate) cuda: Option<std::sync::Weak<crate::backend::cuda::CudaBackend>>,
 }
 
 /// One LoRA module, borrowed from its adapter (lives as long as the adapter).
@@ -42,7 +48,46 @@ impl rf_adapter {
             .modules()
             .map(|l| c_name(&l.name, "module name"))
             .collect::<Result<_>>()?;
-        Ok(rf_adapter { inner, names })
+        Ok(rf_adapter {
+            inner,
+            names,
+            #[cfg(feature = "cuda")]
+            cuda: None,
+        })
+    }
+
+    /// An adapter handle for `rt`: on a CUDA runtime every module's A, B and gains are uploaded
+    /// to device memory now (one allocation), and `rf_linear` on that device reads them there.
+    pub fn on_runtime(inner: Adapter, rt: &crate::runtime::Runtime) -> Result<rf_adapter> {
+        #[allow(unused_mut)]
+        let mut h = rf_adapter::new(inner)?;
+        #[cfg(feature = "cuda")]
+        if let Some(c) = rt.cuda_shared() {
+            let mut mods: Vec<&mut Lora> = h.inner.modules_mut().collect();
+            crate::backend::cuda::resident::upload_modules(&c, &mut mods)
+                .map_err(|e| e.context(format!("adapter '{}'", h.inner.name)))?;
+            h.cuda = Some(std::sync::Arc::downgrade(&c));
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = rt;
+        Ok(h)
+    }
+
+    /// Uploads a module about to be added when the adapter lives on a CUDA runtime that still
+    /// exists; a no-op otherwise.
+    pub fn upload_module(&self, l: &mut Lora) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(c) = self.cuda.as_ref().and_then(|w| w.upgrade()) {
+            crate::backend::cuda::resident::upload_modules(&c, &mut [&mut *l]).map_err(|e| {
+                e.context(format!(
+                    "adapter '{}': module '{}'",
+                    self.inner.name, l.name
+                ))
+            })?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = l;
+        Ok(())
     }
 }
 

@@ -109,6 +109,9 @@ impl Desc {
 /// scale(slot) = scale_mult * (alpha / r | alpha / sqrt(r) | fixed), r = the rank used.
 /// dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32.
 /// Thread-safe: many threads may call it at once on shared weights and adapters.
+/// On a CUDA runtime x, w, bias and y are device pointers; a module of an adapter loaded on a
+/// CUDA runtime of the same device is read from its device copy, any other module is copied
+/// into the call's scratch (correct, slower).
 #[no_mangle]
 pub unsafe extern "C" fn rf_linear(
     rt: *mut rf_runtime,
@@ -134,7 +137,9 @@ pub unsafe extern "C" fn rf_linear(
                 continue;
             }
             let l = lora_ref(s.lora, "slots[].lora")?;
-            let slot = crate::runtime::slot(l, s.rank as usize, s.scale_mult)
+            let slot = rt
+                .inner
+                .lora_slot(l, s.rank as usize, s.scale_mult)
                 .map_err(|e| e.context(format!("slot {i}")))?;
             resolved.push(Some(slot));
         }

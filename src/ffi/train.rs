@@ -147,8 +147,9 @@ pub unsafe extern "C" fn rf_adapter_new(
 /// `rf_scaling` value (FIXED uses alpha / capacity, as AdaLoRA's alpha / r_init), `dtype` an
 /// `rf_dtype` value: the compute dtype the forward reads; masters and optimizer state are f32.
 /// The module is appended to the adapter's module list (`rf_adapter_module_name` index
-/// `count - 1`). `*lora_out` (may be NULL) is borrowed from the adapter. Needs exclusive access
-/// to `a`.
+/// `count - 1`). `*lora_out` (may be NULL) is borrowed from the adapter. When `a` was loaded on
+/// a CUDA runtime that still exists, the new module is uploaded to its device too. Needs
+/// exclusive access to `a`.
 #[no_mangle]
 pub unsafe extern "C" fn rf_adapter_add_lora(
     a: *mut rf_adapter,
@@ -173,7 +174,7 @@ pub unsafe extern "C" fn rf_adapter_add_lora(
             )));
         }
         let cname = c_name(module, "module name")?;
-        let l = Lora::new_trainable(
+        let mut l = Lora::new_trainable(
             module,
             in_features as usize,
             out_features as usize,
@@ -183,6 +184,7 @@ pub unsafe extern "C" fn rf_adapter_add_lora(
             dtype,
             seed,
         )?;
+        a.upload_module(&mut l)?;
         a.inner.add(l)?;
         let p = a.inner.module_ptr(module)? as *mut rf_lora;
         a.names.push(cname);
@@ -274,7 +276,8 @@ pub unsafe extern "C" fn rf_lora_get_mask(
 }
 
 /// Views of the module's A (capacity x in) and B (out x capacity) as the forward reads them
-/// (compute dtype). Borrowed: valid until the next call that changes the module.
+/// (compute dtype). Borrowed: valid until the next call that changes the module. Host memory on
+/// every runtime (an adapter loaded on a CUDA runtime keeps its host copy as the reference).
 #[no_mangle]
 pub unsafe extern "C" fn rf_lora_weights(
     l: *const rf_lora,
@@ -299,7 +302,9 @@ pub unsafe extern "C" fn rf_lora_weights(
 }
 
 /// Replaces the module's A (capacity x in) and B (out x capacity) with copies of `a` and `b`
-/// (any dtype, any ld); resets its optimizer state. Needs exclusive access.
+/// (any dtype, any ld; host memory, also for an adapter on a CUDA runtime); resets its optimizer
+/// state. A module with a device copy (adapter loaded on a CUDA runtime) is re-uploaded before
+/// this returns. Needs exclusive access.
 #[no_mangle]
 pub unsafe extern "C" fn rf_lora_set_weights(
     l: *mut rf_lora,

@@ -14,6 +14,13 @@ use std::sync::Arc;
 /// (read into memory instead when the environment variable `RANKFUSE_NO_MMAP=1` is set; see
 /// `rf_weights_open_ex`). A mapped file that another process truncates while open makes later
 /// reads of it fault (SIGBUS): open files that may change with `RF_WEIGHTS_READ`.
+/// On a CUDA runtime every tensor `rf_weights_get` can return (F32/F16/BF16, at most 2-D) is
+/// uploaded to device memory here, before this returns (one allocation per file, tensors at
+/// 256-byte aligned offsets, streamed through pinned staging), so `rf_weights_get` gives device
+/// pointers and an RF_STATUS_OUT_OF_MEMORY shows at open, not while serving; see
+/// `rf_weights_open_ex` for uploading on first use or keeping host views. The device memory
+/// belongs to the weights (not to the runtime): it is freed by `rf_weights_free`, which may come
+/// before or after `rf_runtime_free`.
 /// The caller owns `*out` (free with `rf_weights_free`); views from `rf_weights_get` stay valid
 /// until then. Immutable after opening: safe to share across threads.
 #[no_mangle]
@@ -23,10 +30,10 @@ pub unsafe extern "C" fn rf_weights_open(
     out: *mut *mut rf_weights,
 ) -> *mut rf_error {
     boundary!({
-        let _rt = arg_ref(rt, "rt")?;
+        let rt = arg_ref(rt, "rt")?;
         let path = arg_str(path, "path")?;
         let out = arg_out(out, "out")?;
-        *out = open_handle(path, OpenMode::from_env())?;
+        *out = open_handle(&rt.inner, path, OpenMode::from_env(), Upload::AtOpen)?;
         Ok(())
     })
 }
@@ -35,6 +42,26 @@ pub unsafe extern "C" fn rf_weights_open(
 /// copy; in exchange a file truncated or rewritten by another process while open cannot fault
 /// the host (a mapped file that shrinks makes later reads die with SIGBUS).
 pub const RF_WEIGHTS_READ: u32 = 1;
+
+/// `rf_weights_open_options.flags`, CUDA runtimes: upload each tensor on its first
+/// `rf_weights_get` (into an allocation of its own) instead of all of them at open. For a
+/// process that uses a subset of a checkpoint (one pipeline stage, a few layers); the first
+/// `rf_weights_get` of a tensor then waits for its upload. No effect on a CPU runtime.
+pub const RF_WEIGHTS_LAZY: u32 = 2;
+
+/// `rf_weights_open_options.flags`, CUDA runtimes: no device copy; `rf_weights_get` gives host
+/// views into the file, as on a CPU runtime (for host-side work: inspection, `rf_lora_merge`
+/// into a host buffer). Such views cannot be passed to `rf_linear` on a CUDA runtime. No effect
+/// on a CPU runtime; together with `RF_WEIGHTS_LAZY` it is RF_STATUS_INVALID_ARGUMENT.
+pub const RF_WEIGHTS_HOST: u32 = 4;
+
+/// What happens to the tensors on a CUDA runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Upload {
+    AtOpen,
+    OnFirstGet,
+    Never,
+}
 
 /// Options of `rf_weights_open_ex`. Set `struct_size = sizeof(rf_weights_open_options)`.
 #[repr(C)]
@@ -46,9 +73,9 @@ pub struct rf_weights_open_options {
 }
 
 /// Reads options field by field; unknown flag bits are an error (they may mean something later).
-unsafe fn read_open_options(p: *const rf_weights_open_options) -> Result<OpenMode> {
+unsafe fn read_open_options(p: *const rf_weights_open_options) -> Result<(OpenMode, Upload)> {
     if p.is_null() {
-        return Ok(OpenMode::from_env());
+        return Ok((OpenMode::from_env(), Upload::AtOpen));
     }
     let size = addr_of!((*p).struct_size).read_unaligned() as usize;
     let want = std::mem::size_of::<rf_weights_open_options>();
@@ -58,22 +85,37 @@ unsafe fn read_open_options(p: *const rf_weights_open_options) -> Result<OpenMod
         )));
     }
     let flags = addr_of!((*p).flags).read_unaligned();
-    if flags & !RF_WEIGHTS_READ != 0 {
+    let known = RF_WEIGHTS_READ | RF_WEIGHTS_LAZY | RF_WEIGHTS_HOST;
+    if flags & !known != 0 {
         return Err(Error::invalid(format!(
-            "opts->flags = {flags:#x} has unknown bits (known: RF_WEIGHTS_READ = {RF_WEIGHTS_READ})"
+            "opts->flags = {flags:#x} has unknown bits (known: RF_WEIGHTS_READ = \
+             {RF_WEIGHTS_READ}, RF_WEIGHTS_LAZY = {RF_WEIGHTS_LAZY}, RF_WEIGHTS_HOST = \
+             {RF_WEIGHTS_HOST})"
         )));
     }
-    Ok(if flags & RF_WEIGHTS_READ != 0 {
+    let upload = match (flags & RF_WEIGHTS_LAZY != 0, flags & RF_WEIGHTS_HOST != 0) {
+        (true, true) => {
+            return Err(Error::invalid(format!(
+                "opts->flags = {flags:#x}: RF_WEIGHTS_LAZY and RF_WEIGHTS_HOST exclude each other"
+            )))
+        }
+        (true, false) => Upload::OnFirstGet,
+        (false, true) => Upload::Never,
+        (false, false) => Upload::AtOpen,
+    };
+    let mode = if flags & RF_WEIGHTS_READ != 0 {
         OpenMode::Read
     } else {
         OpenMode::Map
-    })
+    };
+    Ok((mode, upload))
 }
 
 /// `rf_weights_open` with options: `opts` NULL behaves like `rf_weights_open` (mapped unless the
 /// environment variable `RANKFUSE_NO_MMAP=1` is set); `flags & RF_WEIGHTS_READ` reads the
-/// file(s) into memory instead of mapping them. Ownership and thread safety as
-/// `rf_weights_open`.
+/// file(s) into memory instead of mapping them; on a CUDA runtime `RF_WEIGHTS_LAZY` uploads each
+/// tensor on its first `rf_weights_get` and `RF_WEIGHTS_HOST` keeps host views (default: every
+/// tensor uploaded at open). Ownership and thread safety as `rf_weights_open`.
 #[no_mangle]
 pub unsafe extern "C" fn rf_weights_open_ex(
     rt: *mut rf_runtime,
@@ -82,16 +124,21 @@ pub unsafe extern "C" fn rf_weights_open_ex(
     out: *mut *mut rf_weights,
 ) -> *mut rf_error {
     boundary!({
-        let _rt = arg_ref(rt, "rt")?;
+        let rt = arg_ref(rt, "rt")?;
         let path = arg_str(path, "path")?;
-        let mode = read_open_options(opts)?;
+        let (mode, upload) = read_open_options(opts)?;
         let out = arg_out(out, "out")?;
-        *out = open_handle(path, mode)?;
+        *out = open_handle(&rt.inner, path, mode, upload)?;
         Ok(())
     })
 }
 
-fn open_handle(path: &str, mode: OpenMode) -> Result<*mut rf_weights> {
+fn open_handle(
+    rt: &crate::runtime::Runtime,
+    path: &str,
+    mode: OpenMode,
+    upload: Upload,
+) -> Result<*mut rf_weights> {
     let w = Weights::open_with(path, mode)?;
     let names = w
         .entries()
@@ -99,13 +146,27 @@ fn open_handle(path: &str, mode: OpenMode) -> Result<*mut rf_weights> {
         .map(|t| c_name(&t.name, "tensor name"))
         .collect::<Result<Vec<_>>>()
         .map_err(|e| e.context(format!("file '{path}'")))?;
+    #[cfg(feature = "cuda")]
+    let device = {
+        use crate::backend::cuda::resident::DeviceWeights;
+        match (rt.cuda_shared(), upload) {
+            (Some(c), Upload::AtOpen) => Some(DeviceWeights::upload_all(&c, &w)?),
+            (Some(c), Upload::OnFirstGet) => Some(DeviceWeights::lazy(&c, &w)?),
+            _ => None,
+        }
+    };
+    #[cfg(not(feature = "cuda"))]
+    let _ = (rt, upload);
     Ok(Box::into_raw(Box::new(rf_weights {
         inner: Arc::new(w),
         names,
+        #[cfg(feature = "cuda")]
+        device,
     })))
 }
 
-/// Frees weights; NULL is accepted. Views obtained from them become invalid.
+/// Frees weights; NULL is accepted. Views obtained from them become invalid. Device copies
+/// (weights opened on a CUDA runtime) are freed here, after the device's queued work.
 #[no_mangle]
 pub unsafe extern "C" fn rf_weights_free(w: *mut rf_weights) {
     boundary_value!((), {
@@ -143,9 +204,14 @@ pub unsafe extern "C" fn rf_weights_name(
     })
 }
 
-/// A zero-copy view of a tensor: 1-D as 1 x n; more than 2 dims is RF_STATUS_FORMAT; a dtype
-/// other than F32/F16/BF16 is RF_STATUS_UNSUPPORTED. `out->data` points into the mapping
-/// (read-only memory: do not write through it).
+/// A view of a tensor: 1-D as 1 x n; more than 2 dims is RF_STATUS_FORMAT; a dtype other than
+/// F32/F16/BF16 is RF_STATUS_UNSUPPORTED. On a CPU runtime (and with `RF_WEIGHTS_HOST`)
+/// `out->data` points into the mapping (zero-copy, read-only memory: do not write through it).
+/// On a CUDA runtime it is a device pointer into the weights' device copy (do not write through
+/// it either; NULL for a tensor with no elements); with `RF_WEIGHTS_LAZY` the first call for a
+/// tensor uploads it (concurrent first calls wait for one upload) and may fail with
+/// RF_STATUS_OUT_OF_MEMORY / RF_STATUS_DEVICE, or RF_STATUS_DEVICE when the runtime has been
+/// freed. Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn rf_weights_get(
     w: *const rf_weights,
@@ -157,8 +223,18 @@ pub unsafe extern "C" fn rf_weights_get(
         let name = arg_str(name, "name")?;
         let out = arg_out(out, "out")?;
         let v = w.inner.get(name)?;
+        #[allow(unused_mut)]
+        let mut data = v.as_ptr() as *mut std::ffi::c_void;
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &w.device {
+            let i = w
+                .inner
+                .index_of(name)
+                .ok_or_else(|| Error::internal(format!("tensor '{name}' has no index")))?;
+            data = d.tensor_ptr(&w.inner, i)?;
+        }
         *out = rf_matrix {
-            data: v.as_ptr() as *mut std::ffi::c_void,
+            data,
             dtype: v.dtype.into(),
             rows: v.rows as i64,
             cols: v.cols as i64,

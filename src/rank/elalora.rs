@@ -193,6 +193,7 @@ impl ElaLora {
             t.mask[c] = false;
             t.reset_optimizer();
             t.refresh_gains();
+            l.refresh_device()?;
             changed += 1;
         }
         for &mi in &grow {

@@ -234,7 +234,7 @@ impl Lora {
         t.e = Some(vec![init; cap]);
         t.mom_e = Moments::zeros(cap);
         t.refresh_gains();
-        Ok(())
+        self.refresh_device()
     }
 
     /// Sets the component mask (true = active); its length must be the capacity.
@@ -250,10 +250,11 @@ impl Lora {
         }
         t.mask.copy_from_slice(mask);
         t.refresh_gains();
-        Ok(())
+        self.refresh_device()
     }
 
-    /// Copies the f32 masters into the forward's compute-dtype tensors (rounding to nearest-even).
+    /// Copies the f32 masters into the forward's compute-dtype tensors (rounding to nearest-even),
+    /// and to the device copy when the module has one.
     pub fn sync_from_master(&mut self) -> Result<()> {
         let Some(t) = self.train.as_deref() else {
             return Ok(());
@@ -275,7 +276,7 @@ impl Lora {
                 }
             }
         }
-        Ok(())
+        self.refresh_device()
     }
 
     /// Re-draws PEFT's default init (A kaiming-uniform from `seed`, B = 0), as `new_trainable`

@@ -8,6 +8,7 @@
 
 pub mod launch;
 pub mod modules;
+pub mod resident;
 
 use crate::backend::{LinearProblem, Slot};
 use crate::dtype::DType;
@@ -734,17 +735,30 @@ impl CudaBackend {
     }
 
     fn upload_into(&self, dst: *mut c_void, src: &[u8]) -> Result<()> {
+        self.upload_pieces(&[(dst as sys::CUdeviceptr, src)])
+    }
+
+    /// Copies each `(dst, src)` host range to device memory at `dst` through two pinned staging
+    /// buffers, double-buffered so reading the source (e.g. a memory-mapped file) overlaps the
+    /// DMA; the buffers are shared by all pieces (one pinned allocation per call, not per
+    /// piece). Ordered on the stream after earlier work; returns when the data is on the device.
+    pub(crate) fn upload_pieces(&self, pieces: &[(sys::CUdeviceptr, &[u8])]) -> Result<()> {
         const CHUNK: usize = 8 << 20;
-        if src.is_empty() {
+        let lens: Vec<usize> = pieces.iter().map(|p| p.1.len()).collect();
+        let largest = lens.iter().copied().max().unwrap_or(0);
+        if largest == 0 {
             return Ok(());
         }
-        let chunk = CHUNK.min(src.len());
+        self.bind()?;
+        let chunk = CHUNK.min(largest);
+        let plan = crate::backend::placement::staging_chunks(&lens, chunk);
         let mut staging = [std::ptr::null_mut::<c_void>(); 2];
         let mut events = [std::ptr::null_mut(); 2];
         let result = (|| -> Result<()> {
             // SAFETY: pinned buffers and events are created here and destroyed below, after the
             // stream has drained; each copy reads a staging buffer only after the event of its
-            // previous use has completed.
+            // previous use has completed. Every piece's `dst` is device memory of at least its
+            // source's length (the caller's contract).
             unsafe {
                 for i in 0..2 {
                     check(
@@ -759,17 +773,22 @@ impl CudaBackend {
                         "cuEventCreate",
                     )?;
                 }
-                for (i, part) in src.chunks(chunk).enumerate() {
+                for (i, &(piece, off, len)) in plan.iter().enumerate() {
                     let b = i % 2;
                     if i >= 2 {
                         check(sys::cuEventSynchronize(events[b]), "cuEventSynchronize")?;
                     }
-                    std::ptr::copy_nonoverlapping(part.as_ptr(), staging[b] as *mut u8, part.len());
+                    let (dst, src) = pieces[piece];
+                    std::ptr::copy_nonoverlapping(
+                        src.as_ptr().add(off),
+                        staging[b] as *mut u8,
+                        len,
+                    );
                     check(
                         sys::cuMemcpyHtoDAsync_v2(
-                            dst as sys::CUdeviceptr + (i * chunk) as sys::CUdeviceptr,
+                            dst + off as sys::CUdeviceptr,
                             staging[b],
-                            part.len(),
+                            len,
                             self.stream,
                         ),
                         "copy to device",
