@@ -570,9 +570,8 @@ pub fn run_case_with_bandwidth(
         cold_fused_ms: cold.map(|c| c.2),
         cold_fused_over_base: cold.map(|c| c.2 / c.1),
         cold_fused_read_gbs: cold.map(|c| bytes / (c.2 * 1e6)),
-        cold_pct_of_bandwidth: cold.and_then(|c| {
-            bandwidth.map(|b| 100.0 * bytes / (c.2 * 1e6) / b.read_gbs)
-        }),
+        cold_pct_of_bandwidth: cold
+            .and_then(|c| bandwidth.map(|b| 100.0 * bytes / (c.2 * 1e6) / b.read_gbs)),
         fused_allocs_per_call: heap().is_some().then(|| fused_allocs as f64 / iters as f64),
         fused_extra_peak_bytes: extra_peak,
         workspace_bytes: crate::backend::cpu::driver::workspace_bytes(),

@@ -16,12 +16,13 @@
 //! can run. Treat it as unverified until that test has passed on an AMX machine.
 
 use super::avx512::Avx512;
-use super::driver::{self, NativeGemm};
+use super::driver::{self, MicroKernel, NativeGemm};
 use crate::backend::LinearProblem;
 use crate::dtype::DType;
 use crate::matrix::{MatMut, MatRef};
 use std::cell::RefCell;
 use std::sync::OnceLock;
+use std::thread::LocalKey;
 
 const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
 const XFEATURE_XTILEDATA: libc::c_ulong = 18;
@@ -359,27 +360,50 @@ thread_local! {
     static BASE: RefCell<Option<AmxBase<Hardware>>> = const { RefCell::new(None) };
 }
 
+/// Whether a call takes a pair-packed bf16 base GEMM: bf16 x and W on the GEMM path.
+pub(crate) fn takes_bf16_pairs(p: &LinearProblem<'_>) -> bool {
+    p.x.dtype == DType::BF16 && p.w.dtype == DType::BF16 && p.m() > driver::DECODE_MAX_M
+}
+
+/// The driver on `K` with the base part of bf16 x bf16 GEMM tiles on `U`, reusing the packing
+/// state cached in `cache` on this thread. The state is taken out of the thread-local for the
+/// call (a nested call on this thread then simply builds its own).
+pub(crate) fn linear_on_pairs<U: TileUnit, K: MicroKernel>(
+    p: &LinearProblem<'_>,
+    y: &mut MatMut<'_>,
+    cache: &'static LocalKey<RefCell<Option<AmxBase<U>>>>,
+) {
+    let mut base = cache.with(|b| b.borrow_mut().take()).unwrap_or_default();
+    driver::linear_with::<K>(p, y, Some(&mut base));
+    cache.with(|b| *b.borrow_mut() = Some(base));
+}
+
 /// The AMX table's linear: bf16 x bf16 GEMM-path calls use AMX for the base part; everything
 /// else is the AVX-512 path.
 pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
-    let native = p.x.dtype == DType::BF16
-        && p.w.dtype == DType::BF16
-        && p.m() > driver::DECODE_MAX_M
-        && permitted();
-    if !native {
-        return driver::linear::<Avx512>(p, y);
+    if takes_bf16_pairs(p) && permitted() {
+        linear_on_pairs::<Hardware, Avx512>(p, y, &BASE)
+    } else {
+        driver::linear::<Avx512>(p, y)
     }
-    // The per-call state is taken out of the thread-local for the call (nested calls on this
-    // thread then simply build their own).
-    let mut base = BASE.with(|b| b.borrow_mut().take()).unwrap_or_default();
-    driver::linear_with::<Avx512>(p, y, Some(&mut base));
-    BASE.with(|b| *b.borrow_mut() = Some(base));
+}
+
+/// A table entry for tests: `linear` with tile unit `U` and portable 12 x 32 micro-kernels in
+/// place of AVX-512, so the whole variant except `U`'s instructions runs on any CPU.
+#[cfg(test)]
+pub(crate) fn linear_for_tests<U: TileUnit>(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+    use super::portable::PortableTile;
+    if takes_bf16_pairs(p) {
+        let mut base = AmxBase::<U>::new();
+        driver::linear_with::<PortableTile<12, 32>>(p, y, Some(&mut base));
+    } else {
+        driver::linear::<PortableTile<12, 32>>(p, y);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::portable::PortableTile;
     use crate::backend::cpu::selfcheck;
 
     /// The AMX table's GEMM path with the tile instructions emulated: VNNI packing, padding of
@@ -387,33 +411,11 @@ mod tests {
     /// native-base integration (shrink/expand/epilogue around it). Only the ten instructions
     /// in `Hardware` stay unexecuted on CPUs without AMX (the start-up self-check covers them
     /// where AMX exists).
-    fn emulated_linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
-        if p.x.dtype == DType::BF16 && p.w.dtype == DType::BF16 && p.m() > driver::DECODE_MAX_M {
-            let mut base = AmxBase::<Emulated>::new();
-            driver::linear_with::<PortableTile<12, 32>>(p, y, Some(&mut base));
-        } else {
-            driver::linear::<PortableTile<12, 32>>(p, y);
-        }
-    }
+    const EMULATED: crate::backend::cpu::LinearFn = linear_for_tests::<Emulated>;
 
     #[test]
     fn amx_gemm_path_matches_the_reference_with_emulated_tiles() {
-        let t = crate::backend::cpu::KernelTable {
-            isa: crate::backend::cpu::Isa::Amx,
-            linear_name: "amx-emulated",
-            linear: emulated_linear,
-            rejected: &[],
-        };
-        selfcheck::verify(&t).unwrap();
-        selfcheck::verify_random(
-            emulated_linear,
-            11,
-            40,
-            (Some(DType::BF16), Some(DType::BF16)),
-            (9, 100),
-            130,
-        )
-        .unwrap();
+        selfcheck::verify_bf16_gemm(EMULATED, 11).unwrap();
     }
 
     /// The emulated instruction itself on a hand-checked layout: A row i = i+1 at every k,

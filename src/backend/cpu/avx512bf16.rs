@@ -15,11 +15,10 @@
 //!
 //! NOT RUN on the development machine (AMD EPYC without AVX-512).
 
-use super::amx::{AmxBase, TileUnit};
+use super::amx::{self, AmxBase, TileUnit};
 use super::avx512::Avx512;
 use super::driver;
 use crate::backend::LinearProblem;
-use crate::dtype::DType;
 use crate::matrix::MatMut;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -42,6 +41,21 @@ pub trait Lanes {
     /// `acc[j] += x0 * w[j][0] + x1 * w[j][1]` (`vdpbf16ps`).
     unsafe fn dot(acc: Self::Acc, x: Self::Bcast, w: Self::Pairs) -> Self::Acc;
     unsafe fn store(p: *mut f32, v: Self::Acc);
+    /// `TileUnit::block_32x32` on these lanes (`Hw` overrides it to enable its instructions).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_32x32(
+        a: *const u16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) where
+        Self: Sized,
+    {
+        block::<Self>(a, lda, b0, b1, k, c, ldc)
+    }
 }
 
 /// The instructions.
@@ -77,6 +91,18 @@ impl Lanes for Hw {
     #[target_feature(enable = "avx512f")]
     unsafe fn store(p: *mut f32, v: __m512) {
         _mm512_storeu_ps(p, v)
+    }
+    unsafe fn block_32x32(
+        a: *const u16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: `Pairs<Hw>` is only installed when AVX512-BF16 was detected (mod.rs).
+        hw_block(a, lda, b0, b1, k, c, ldc)
     }
 }
 
@@ -160,10 +186,11 @@ unsafe fn hw_block(
     block::<Hw>(a, lda, b0, b1, k, c, ldc)
 }
 
-/// `vdpbf16ps` as the AMX packing's tile unit.
-pub struct Dpbf16;
+/// Pair dot products on lanes `L` as the AMX packing's tile unit: `Pairs<Hw>` is `vdpbf16ps`,
+/// `Pairs<Emulated>` its scalar model.
+pub struct Pairs<L>(std::marker::PhantomData<L>);
 
-impl TileUnit for Dpbf16 {
+impl<L: Lanes + Sync + Send + 'static> TileUnit for Pairs<L> {
     unsafe fn begin() {}
     unsafe fn block_32x32(
         a: *const u16,
@@ -174,80 +201,36 @@ impl TileUnit for Dpbf16 {
         c: *mut f32,
         ldc: usize,
     ) {
-        // SAFETY: this unit is only installed when AVX512-BF16 was detected (mod.rs).
-        hw_block(a, lda, b0, b1, k, c, ldc)
-    }
-    unsafe fn end() {}
-}
-
-/// The scalar model as a tile unit (tests).
-pub struct Dpbf16Emulated;
-
-impl TileUnit for Dpbf16Emulated {
-    unsafe fn begin() {}
-    unsafe fn block_32x32(
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        block::<Emulated>(a, lda, b0, b1, k, c, ldc)
+        L::block_32x32(a, lda, b0, b1, k, c, ldc)
     }
     unsafe fn end() {}
 }
 
 thread_local! {
-    static BASE: RefCell<Option<AmxBase<Dpbf16>>> = const { RefCell::new(None) };
+    static BASE: RefCell<Option<AmxBase<Pairs<Hw>>>> = const { RefCell::new(None) };
 }
 
 /// The avx512bf16 table's linear: bf16 x bf16 GEMM-path calls use `vdpbf16ps` for the base part;
 /// everything else is the AVX-512 path.
 pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
-    if !(p.x.dtype == DType::BF16 && p.w.dtype == DType::BF16 && p.m() > driver::DECODE_MAX_M) {
-        return driver::linear::<Avx512>(p, y);
+    if amx::takes_bf16_pairs(p) {
+        amx::linear_on_pairs::<Pairs<Hw>, Avx512>(p, y, &BASE)
+    } else {
+        driver::linear::<Avx512>(p, y)
     }
-    let mut base = BASE.with(|b| b.borrow_mut().take()).unwrap_or_default();
-    driver::linear_with::<Avx512>(p, y, Some(&mut base));
-    BASE.with(|b| *b.borrow_mut() = Some(base));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::portable::PortableTile;
-    use crate::backend::cpu::{amx, selfcheck, Isa, KernelTable};
+    use crate::backend::cpu::selfcheck;
     use crate::rng::SplitMix64;
 
-    fn emulated_linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
-        if p.x.dtype == DType::BF16 && p.w.dtype == DType::BF16 && p.m() > driver::DECODE_MAX_M {
-            let mut base = AmxBase::<Dpbf16Emulated>::new();
-            driver::linear_with::<PortableTile<12, 32>>(p, y, Some(&mut base));
-        } else {
-            driver::linear::<PortableTile<12, 32>>(p, y);
-        }
-    }
+    const EMULATED: crate::backend::cpu::LinearFn = amx::linear_for_tests::<Pairs<Emulated>>;
 
     #[test]
     fn dpbf16_gemm_path_matches_the_reference_with_emulated_lanes() {
-        let t = KernelTable {
-            isa: Isa::Avx512Bf16,
-            linear_name: "avx512bf16-emulated",
-            linear: emulated_linear,
-            rejected: &[],
-        };
-        selfcheck::verify(&t).unwrap();
-        selfcheck::verify_random(
-            emulated_linear,
-            23,
-            40,
-            (Some(DType::BF16), Some(DType::BF16)),
-            (9, 100),
-            130,
-        )
-        .unwrap();
+        selfcheck::verify_bf16_gemm(EMULATED, 23).unwrap();
     }
 
     /// The 8-row-group block equals the AMX tile model on the same packed data.
@@ -262,7 +245,7 @@ mod tests {
             let (mut c1, mut c2) = (vec![0f32; 32 * 33], vec![0f32; 32 * 33]);
             // SAFETY: buffers sized for one 32 x 32 block with this k and ldc = 33.
             unsafe {
-                Dpbf16Emulated::block_32x32(
+                Pairs::<Emulated>::block_32x32(
                     a.as_ptr(),
                     2 * k,
                     b0.as_ptr(),

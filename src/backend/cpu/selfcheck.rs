@@ -333,6 +333,20 @@ pub(crate) fn verify_random(
     Ok(())
 }
 
+/// For tests of a bf16 x bf16 base-GEMM variant run through stand-ins: the fixed cases plus 40
+/// random problems with bf16 x and W on the GEMM path (m 9..100, n and k up to 130).
+#[cfg(test)]
+pub(crate) fn verify_bf16_gemm(linear: super::LinearFn, seed: u64) -> Result<(), String> {
+    let t = KernelTable {
+        isa: super::Isa::Portable,
+        linear_name: "stand-in",
+        linear,
+        rejected: &[],
+    };
+    verify(&t)?;
+    verify_random(linear, seed, 40, (Some(BF16), Some(BF16)), (9, 100), 130)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

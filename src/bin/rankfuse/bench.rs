@@ -116,9 +116,12 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
                     .map_or("-".to_string(), |c| format!("{c:.1}")),
                 r.workspace_bytes as f64 / (1 << 20) as f64,
             );
-            if let (Some(c), Some(b), Some(f), Some(gbs)) =
-                (r.cold_copies, r.cold_base_ms, r.cold_fused_ms, r.cold_fused_read_gbs)
-            {
+            if let (Some(c), Some(b), Some(f), Some(gbs)) = (
+                r.cold_copies,
+                r.cold_base_ms,
+                r.cold_fused_ms,
+                r.cold_fused_read_gbs,
+            ) {
                 eprintln!(
                     "      cold (W and adapter from DRAM, {c} layers rotated): base {b:.3} ms, fused {f:.3} ms, f/base {:.3}, {gbs:.1} GB/s = {} of the streaming bandwidth",
                     f / b,
