@@ -216,6 +216,8 @@ struct CallWs {
     toff: Vec<usize>,
     /// Per slot: offset of its packed T panels.
     tpoff: Vec<usize>,
+    /// Shrink tasks of the current chunk: (slot, first panel, end panel, rank panel).
+    shrink_tasks: Vec<(usize, usize, usize, usize)>,
 }
 
 static POOL: Mutex<Vec<CallWs>> = Mutex::new(Vec::new());
@@ -422,6 +424,7 @@ fn gemm_chunk<K: MicroKernel>(
         cranges,
         toff,
         tpoff,
+        shrink_tasks,
         ..
     } = ws;
     let perm = &perm[m0..m1];
@@ -483,85 +486,79 @@ fn gemm_chunk<K: MicroKernel>(
     if rpad > 0 {
         let tp = SharedPtr(grow(t, mtp * rpad).as_mut_ptr());
         let tpk = SharedPtr(grow(tpack, tplen).as_mut_ptr());
+        // One task per (MC group, slot, NR-wide panel of the slot's rank): each packs only its
+        // own rows of A, so a single adapter's shrink spreads over threads (rank/NR tasks) and a
+        // mixed batch's over its slots, without packing any of A twice within a group.
         let groups = mpan.div_ceil(mcp);
-        (0..groups).into_par_iter().for_each(|g| {
+        let tasks = shrink_tasks;
+        tasks.clear();
+        for g in 0..groups {
             let (g0, g1) = (g * mcp, ((g + 1) * mcp).min(mpan));
+            for (s, &(lo, hi)) in cranges.iter().enumerate() {
+                if hi <= lo {
+                    continue;
+                }
+                let (a0, a1) = (g0.max(lo / mr), g1.min(hi.div_ceil(mr)));
+                if a0 >= a1 {
+                    continue;
+                }
+                let r = slot_at(p, s).map_or(0, |sl| sl.rank());
+                tasks.extend((0..r.div_ceil(nr)).map(|jp| (s, a0, a1, jp)));
+            }
+        }
+        tasks.par_iter().for_each(|&(s, a0, a1, jp)| {
             WS.with(|tw| {
                 let tw = &mut *tw.borrow_mut();
-                for (s, &(lo, hi)) in cranges.iter().enumerate() {
-                    if hi <= lo {
-                        continue;
-                    }
-                    let slot = slot_at(p, s).expect("used slot");
-                    let r = slot.rank();
-                    let (ps0, ps1) = (lo / mr, hi.div_ceil(mr));
-                    let (a0, a1) = (g0.max(ps0), g1.min(ps1));
-                    if a0 >= a1 {
-                        continue;
-                    }
-                    let rpan = r.div_ceil(nr);
-                    let bpack = grow(&mut tw.bpack, rpan * nr * kcb);
-                    for b in 0..nkb {
-                        let kc = kcb.min(k - b * kcb);
-                        for jp in 0..rpan {
-                            let rows = nr.min(r - jp * nr);
-                            // SAFETY: rows/cols inside A; bpack holds rpan*nr*kc floats.
-                            unsafe {
-                                K::pack_b(
-                                    &slot.a,
-                                    jp * nr,
-                                    rows,
-                                    b * kcb,
-                                    kc,
-                                    bpack.as_mut_ptr().add(jp * nr * kc),
-                                )
-                            };
-                        }
-                        for jp in 0..rpan {
-                            for ip in a0..a1 {
-                                // SAFETY: group g owns T rows of its panels; the column range
-                                // toff[s] + jp*nr .. + nr is inside rpad.
-                                unsafe {
-                                    K::micro(
-                                        kc,
-                                        xpanel(b, ip),
-                                        bpack[jp * nr * kc..].as_ptr(),
-                                        tp.get().add(ip * mr * rpad + toff[s] + jp * nr),
-                                        rpad,
-                                        b > 0,
-                                    )
-                                };
-                            }
-                        }
-                    }
-                    if nkb == 0 {
-                        for ip in a0..a1 {
-                            for i in 0..mr {
-                                for c in 0..r {
-                                    // SAFETY: as above.
-                                    unsafe {
-                                        *tp.get().add((ip * mr + i) * rpad + toff[s] + c) = 0.0
-                                    };
-                                }
-                            }
-                        }
-                    }
-                    // Pack T_s panels a0..a1 with scale * gains, zero outside the slot's rows.
+                let (lo, hi) = cranges[s];
+                let slot = slot_at(p, s).expect("used slot");
+                let r = slot.rank();
+                let ps0 = lo / mr;
+                let (c0, c1) = (jp * nr, (jp * nr + nr).min(r));
+                let bpack = grow(&mut tw.bpack, nr * kcb);
+                for b in 0..nkb {
+                    let kc = kcb.min(k - b * kcb);
+                    // SAFETY: rows c0..c1 and columns b*kcb..+kc lie inside A; bpack holds
+                    // nr*kcb floats.
+                    unsafe { K::pack_b(&slot.a, c0, c1 - c0, b * kcb, kc, bpack.as_mut_ptr()) };
                     for ip in a0..a1 {
-                        let base = tpoff[s] + (ip - ps0) * r * mr;
-                        for c in 0..r {
-                            let g = slot.scale * slot.gains.map_or(1.0, |gm| gm.get(0, c));
-                            for i in 0..mr {
-                                let row = ip * mr + i;
-                                // SAFETY: group g owns these packed panels; T row is in range.
-                                unsafe {
-                                    let v = if row >= lo && row < hi {
-                                        g * *tp.get().add(row * rpad + toff[s] + c)
-                                    } else {
-                                        0.0
-                                    };
-                                    *tpk.get().add(base + c * mr + i) = v;
-                                }
+                        // SAFETY: this task owns T rows of panels a0..a1 in the columns
+                        // toff[s] + c0 .. + nr (inside rpad: ranks are padded to NR).
+                        unsafe {
+                            K::micro(
+                                kc,
+                                xpanel(b, ip),
+                                bpack.as_ptr(),
+                                tp.get().add(ip * mr * rpad + toff[s] + c0),
+                                rpad,
+                                b > 0,
+                            )
+                        };
+                    }
+                }
+                if nkb == 0 {
+                    for row in a0 * mr..a1 * mr {
+                        for c in c0..c1 {
+                            // SAFETY: as above.
+                            unsafe { *tp.get().add(row * rpad + toff[s] + c) = 0.0 };
+                        }
+                    }
+                }
+                // Pack T_s panels a0..a1, columns c0..c1, with scale * gains, zero outside the
+                // slot's rows.
+                for ip in a0..a1 {
+                    let base = tpoff[s] + (ip - ps0) * r * mr;
+                    for c in c0..c1 {
+                        let g = slot.scale * slot.gains.map_or(1.0, |gm| gm.get(0, c));
+                        for i in 0..mr {
+                            let row = ip * mr + i;
+                            // SAFETY: this task owns these packed elements; T row in range.
+                            unsafe {
+                                let v = if row >= lo && row < hi {
+                                    g * *tp.get().add(row * rpad + toff[s] + c)
+                                } else {
+                                    0.0
+                                };
+                                *tpk.get().add(base + c * mr + i) = v;
                             }
                         }
                     }
