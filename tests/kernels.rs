@@ -376,6 +376,11 @@ fn portable_matches_reference() {
 }
 
 #[test]
+fn neon_matches_reference() {
+    run_isa(Isa::Neon);
+}
+
+#[test]
 fn avx2_matches_reference() {
     run_isa(Isa::Avx2);
 }

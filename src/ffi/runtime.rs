@@ -97,7 +97,7 @@ pub unsafe extern "C" fn rf_runtime_info(
                     json.len() + 1
                 )));
             }
-            std::ptr::copy_nonoverlapping(json.as_ptr(), buf as *mut u8, json.len());
+            std::ptr::copy_nonoverlapping(json.as_ptr(), buf.cast::<u8>(), json.len());
             *buf.add(json.len()) = 0;
         }
         *len_out = json.len();

@@ -394,11 +394,14 @@ const KC: usize = 256;
 /// Reduction rows per packed panel.
 const JB: usize = 256;
 
+// The hardware path exists on x86_64 only (elsewhere the portable one runs).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 trait Fma {
     /// True on the path that checked AVX2+FMA at runtime.
     const HW: bool;
     fn fma(a: f32, b: f32, c: f32) -> f32;
 }
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct HwFma;
 struct NoFma;
 impl Fma for HwFma {

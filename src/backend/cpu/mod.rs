@@ -11,6 +11,8 @@ pub mod avx512;
 pub mod avx512bf16;
 pub mod detect;
 pub mod driver;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod portable;
 pub mod reference;
 pub mod selfcheck;
@@ -26,6 +28,8 @@ pub enum Isa {
     /// Scalar, f64 accumulation: the ground truth (selectable for debugging, never chosen).
     Reference,
     Portable,
+    /// AArch64 AdvSIMD (every ARMv8-A core).
+    Neon,
     Avx2,
     Avx512,
     /// AVX-512 plus `vdpbf16ps` (AVX512-BF16) for bf16 x bf16 GEMMs.
@@ -39,6 +43,7 @@ impl Isa {
         match self {
             Isa::Reference => "reference",
             Isa::Portable => "portable",
+            Isa::Neon => "neon",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
@@ -49,6 +54,7 @@ impl Isa {
         match s.trim().to_ascii_lowercase().as_str() {
             "reference" => Some(Isa::Reference),
             "portable" => Some(Isa::Portable),
+            "neon" => Some(Isa::Neon),
             "avx2" => Some(Isa::Avx2),
             "avx512" => Some(Isa::Avx512),
             "avx512bf16" => Some(Isa::Avx512Bf16),
@@ -56,9 +62,10 @@ impl Isa {
             _ => None,
         }
     }
-    pub const ALL: [Isa; 6] = [
+    pub const ALL: [Isa; 7] = [
         Isa::Reference,
         Isa::Portable,
+        Isa::Neon,
         Isa::Avx2,
         Isa::Avx512,
         Isa::Avx512Bf16,
@@ -99,6 +106,7 @@ pub fn supported(isa: Isa) -> bool {
     let f = detect::features();
     match isa {
         Isa::Reference | Isa::Portable => true,
+        Isa::Neon => cfg!(target_arch = "aarch64") && f.neon,
         Isa::Avx2 => f.avx2 && f.fma && f.f16c,
         Isa::Avx512 => f.avx512f && f.avx2 && f.fma && f.f16c,
         Isa::Avx512Bf16 => supported(Isa::Avx512) && f.avx512_bf16,
@@ -119,6 +127,7 @@ fn amx_permitted() -> bool {
 pub fn requirement(isa: Isa) -> &'static str {
     match isa {
         Isa::Reference | Isa::Portable => "nothing",
+        Isa::Neon => "aarch64 with AdvSIMD (NEON)",
         Isa::Avx2 => "x86_64 with AVX2, FMA and F16C",
         Isa::Avx512 => "x86_64 with AVX-512F, AVX2, FMA and F16C",
         Isa::Avx512Bf16 => "x86_64 with AVX-512F, AVX512-BF16, AVX2, FMA and F16C",
@@ -149,6 +158,15 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
             isa: Isa::Portable,
             linear_name: "fused_linear_portable",
             linear: driver::linear::<portable::Portable>,
+            rejected: &[],
+        };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        t = KernelTable {
+            isa: Isa::Neon,
+            linear_name: "fused_linear_neon_8x12",
+            linear: driver::linear::<neon::Neon>,
             rejected: &[],
         };
     }
@@ -239,7 +257,7 @@ pub fn select() -> Result<KernelTable> {
         if !v.is_empty() {
             let isa = Isa::parse(&v).ok_or_else(|| {
                 Error::invalid(format!(
-                    "RANKFUSE_ISA='{v}': expected reference, portable, avx2, avx512, avx512bf16 or amx"
+                    "RANKFUSE_ISA='{v}': expected reference, portable, neon, avx2, avx512, avx512bf16 or amx"
                 ))
             })?;
             let t = table(isa)?;

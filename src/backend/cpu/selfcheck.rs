@@ -335,7 +335,7 @@ pub(crate) fn verify_random(
 
 /// For tests of a bf16 x bf16 base-GEMM variant run through stand-ins: the fixed cases plus 40
 /// random problems with bf16 x and W on the GEMM path (m 9..100, n and k up to 130).
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 pub(crate) fn verify_bf16_gemm(linear: super::LinearFn, seed: u64) -> Result<(), String> {
     let t = KernelTable {
         isa: super::Isa::Portable,
