@@ -191,7 +191,17 @@ unsafe fn gemv_dispatch<L: Load4>(
         4 => gemv_rows::<L, 4, 4>(x, ldx, w, c0, k, out, ldo, acc),
         _ => {
             gemv_rows::<L, 4, 4>(x, ldx, w, c0, k, out, ldo, acc);
-            gemv_dispatch::<L>(x.add(4 * ldx), ldx, m - 4, w, c0, k, out.add(4 * ldo), ldo, acc)
+            gemv_dispatch::<L>(
+                x.add(4 * ldx),
+                ldx,
+                m - 4,
+                w,
+                c0,
+                k,
+                out.add(4 * ldo),
+                ldo,
+                acc,
+            )
         }
     }
 }
