@@ -37,6 +37,7 @@ fi
 echo "ptxas report is current, no spills ($(( $(date +%s) - start ))s)"
 
 cargo test --features cuda --test cuda 2>&1
+cargo test --features cuda --test cuda_train 2>&1
 cargo test --features cuda --lib backend::cuda 2>&1
 cargo clippy --features cuda --all-targets -- -D warnings
 echo "cuda step done in $(( $(date +%s) - start ))s"
