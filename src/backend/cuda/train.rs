@@ -1423,7 +1423,7 @@ mod tests {
 
     /// Chunks of a split cover [0, k) exactly, none empty, each a multiple of 16 long.
     fn split_covers(s: KSplit, k: usize) -> bool {
-        if s.chunk % TILE_K != 0 || s.splits == 0 {
+        if !s.chunk.is_multiple_of(TILE_K) || s.splits == 0 {
             return false;
         }
         if k == 0 {
