@@ -456,6 +456,84 @@ mod gpu {
         }
     }
 
+    /// `train::backward` (what `rf_lora_backward` calls) on a CUDA runtime: device x, w, dy, dx,
+    /// the module's state in host memory; the gradients and dx match the CPU runtime's.
+    #[test]
+    fn train_backward_on_a_cuda_runtime_matches_the_cpu_runtime() {
+        let Some(rt) = runtime() else { return };
+        let cuda = rt.cuda().expect("CUDA runtime");
+        let cpu_rt = cpu();
+        for (i, dtype) in [DType::F32, DType::F16, DType::BF16]
+            .into_iter()
+            .enumerate()
+        {
+            for (rank, mode) in [(0, Mode::Nested), (4, Mode::Frozen), (3, Mode::Nested)] {
+                let gains = i % 2 == 0;
+                let mut lg = module(11, dtype, gains);
+                let mut lc = module(11, dtype, gains);
+                let (m, k, n) = (13, 37, 29);
+                let mut rng = SplitMix64::new(5 + i as u64);
+                let x = random(&mut rng, dtype, m, k, 0);
+                let w = random(&mut rng, dtype, n, k, 0);
+                let dy = random(&mut rng, dtype, m, n, 0);
+                let mut dxc = Matrix::zeros(dtype, m, k).unwrap();
+                train::backward(
+                    &cpu_rt,
+                    &mut lc,
+                    x.view(),
+                    w.view(),
+                    dy.view(),
+                    rank,
+                    mode,
+                    Some(&mut dxc.view_mut()),
+                )
+                .unwrap();
+                let (xd, wd, dyd) = (
+                    cuda.upload_matrix(x.view()).unwrap(),
+                    cuda.upload_matrix(w.view()).unwrap(),
+                    cuda.upload_matrix(dy.view()).unwrap(),
+                );
+                let dxd = cuda
+                    .upload_matrix(Matrix::zeros(dtype, m, k).unwrap().view())
+                    .unwrap();
+                // SAFETY: a view over dxd's device memory, only handed to kernels.
+                let mut dxv =
+                    unsafe { MatMut::from_raw(dxd.buf.as_ptr() as *mut u8, dtype, m, k, k) };
+                train::backward(
+                    &rt,
+                    &mut lg,
+                    xd.view(),
+                    wd.view(),
+                    dyd.view(),
+                    rank,
+                    mode,
+                    Some(&mut dxv),
+                )
+                .unwrap();
+                let what = format!("{dtype:?} rank {rank} {mode:?}");
+                let (tg, tc) = (lg.train_state().unwrap(), lc.train_state().unwrap());
+                let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+                close(&tg.ga, &f64s(&tc.ga), 1e-5, &format!("dA {what}"));
+                close(&tg.gb, &f64s(&tc.gb), 1e-5, &format!("dB {what}"));
+                close(&tg.ge, &f64s(&tc.ge), 1e-5, &format!("dE {what}"));
+                assert_eq!(tg.touched, tc.touched, "{what}");
+                // Components without a gradient are exactly zero on both.
+                for c in 0..tg.touched.len() {
+                    if !tc.touched[c] {
+                        assert!(tg.ga[c * k..(c + 1) * k].iter().all(|v| v.to_bits() == 0));
+                    }
+                }
+                let got = download(cuda, &dxd).to_f32_vec();
+                close(
+                    &got,
+                    &f64s(&dxc.to_f32_vec()),
+                    rtol(dtype).max(1e-5),
+                    &format!("dx {what}"),
+                );
+            }
+        }
+    }
+
     /// A NaN gradient makes the device step a no-op returning NUMERIC with the CPU's message.
     #[test]
     fn nan_gradient_is_numeric_like_the_cpu() {
@@ -668,6 +746,24 @@ mod gpu {
                     )
                     .unwrap();
                     let got = download(cuda, &yd).to_f32_vec();
+                    // The same through `eigen::eigen_linear` on the CUDA runtime (what
+                    // rf_eigen_linear calls): basis and cores copied for the call.
+                    let y2 = cuda.upload_matrix(y0.view()).unwrap();
+                    // SAFETY: a view over y2's device memory, only handed to kernels.
+                    let mut y2v =
+                        unsafe { MatMut::from_raw(y2.buf.as_ptr() as *mut u8, ydt, m, out, out) };
+                    eigen::eigen_linear(
+                        &rt,
+                        xd.view().top_left(m, inp),
+                        wd.view(),
+                        Some(bd.view()),
+                        &basis,
+                        &slots,
+                        rs,
+                        &mut y2v,
+                    )
+                    .unwrap();
+                    assert_eq!(download(cuda, &y2).to_f32_vec(), got, "runtime path {case}");
                     let want: Vec<f64> = want.to_f32_vec().iter().map(|&v| v as f64).collect();
                     // The base product runs in a different kernel order on each side: tolerance
                     // of y's dtype (one rounding may differ) and of f32 accumulation.
