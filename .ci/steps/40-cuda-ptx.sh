@@ -3,7 +3,8 @@
 # kernels/ptx/, assemble every PTX with ptxas for sm_70/72/75/80/86/87/89/90 and require
 # kernels/REPORT.md (registers, shared memory, spills) to match, fail on any ptxas error or spill.
 # Then kernels/emu/run.sh (the training / algebra kernels on a CPU emulator), the CUDA backend's
-# host tests (launch geometry, PTX symbol table, no-device path) and clippy with feature cuda. Installs the pinned wheels itself (kernels/build-ptx.sh).
+# host tests (launch geometry, PTX symbol table, no-device path) and clippy with feature cuda.
+# Installs the pinned wheels itself (kernels/build-ptx.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 start=$(date +%s)
