@@ -74,15 +74,28 @@ static_assert(sizeof(LinearParams) == 152 + 72 * RF_MAX_SLOTS, "LinearParams lay
 // Conversions
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
+#ifdef RF_CPU_EMULATION  // kernels/emu: the host compiler's _Float16 (same IEEE conversion)
+  _Float16 v;
+  __builtin_memcpy(&v, &h, 2);
+  return (float)v;
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
+#endif
 }
 
 __device__ __forceinline__ u16 f32_to_f16(float f) {
+#ifdef RF_CPU_EMULATION
+  _Float16 v = (_Float16)f;
+  u16 h;
+  __builtin_memcpy(&h, &v, 2);
+  return h;
+#else
   u16 h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
+#endif
 }
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) {

@@ -3,9 +3,9 @@
 // Each block runs as blockDim.x std::threads sharing one std::barrier (__syncthreads); exited
 // threads drop out of the barrier; `__shared__` variables are function statics (blocks run one
 // after another); atomics take a global mutex; the _rn intrinsics are plain IEEE operations
-// (compiled with -ffp-contract=off). Not emulated: warps (shuffles), the memory model, f16
-// conversions (inline PTX) — the emulated tests use f32 and bf16 only. Nothing here says anything
-// about performance or about what ptxas/the driver do.
+// (compiled with -ffp-contract=off); f16 conversions use the host's _Float16 (common.cuh under
+// RF_CPU_EMULATION). Not emulated: warps (shuffles), the memory model, inline PTX. Nothing here
+// says anything about performance or about what ptxas / the driver do.
 #pragma once
 #include <algorithm>
 #include <barrier>
@@ -29,8 +29,8 @@ inline std::mutex emu_atomic_lock;
 #define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(...)
-// f16 conversions are inline PTX; the emulator does not run f16 paths.
-#define asm(...) (void)0
+// f16 conversions use _Float16 under RF_CPU_EMULATION (common.cuh); no other inline PTX runs here.
+#define RF_CPU_EMULATION 1
 
 inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
 inline unsigned __float_as_uint(float f) {

@@ -1,7 +1,7 @@
 // Executes the training / algebra kernels (lora_backward.cu, adamw.cu, kron.cu, eigen.cu) on the
 // CPU emulator (cuda_emu.h) against double-precision references written here from the CPU code's
 // formulas (src/train/backward.rs, src/train/mod.rs adam_one, src/adapter/kron.rs,
-// src/algebra/eigen.rs). f32 and bf16 data; odd shapes, ld > cols, K / m splits, masks, gains,
+// src/algebra/eigen.rs). f32, f16 and bf16 data; odd shapes, ld > cols, K / m splits, masks, gains,
 // nested and frozen modes. Run: kernels/emu/run.sh (exit status 0 = every check passed).
 #include "cuda_emu.h"
 
@@ -40,7 +40,7 @@ struct Rng {
   float uni(float lo, float hi) { return lo + (hi - lo) * (float)((next() >> 40) * (1.0 / (1ull << 24))); }
 };
 
-// A rows x ld buffer of dtype dt (f32 or bf16) holding random values, with an f32 mirror of the
+// A rows x ld buffer of dtype dt (f32, f16 or bf16) holding random values, with an f32 mirror of the
 // stored (rounded) values.
 struct Buf {
   int dt;
@@ -55,10 +55,10 @@ struct Buf {
     vals.resize(n);
     for (size_t i = 0; i < n; ++i) {
       float v = g.uni(lo, hi);
-      if (dt == RF_BF16) {
-        u16 h = f32_to_bf16(v);
+      if (dt != RF_F32) {
+        u16 h = dt == RF_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
         std::memcpy(&bytes[2 * i], &h, 2);
-        vals[i] = bf16_to_f32(h);
+        vals[i] = dt == RF_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
       } else {
         std::memcpy(&bytes[4 * i], &v, 4);
         vals[i] = v;
@@ -69,6 +69,12 @@ struct Buf {
   float at(int r, int c) const { return vals[(size_t)r * ld + c]; }
   float stored(size_t i) const { return load_as_f32(bytes.data(), (i64)i, dt); }
 };
+
+template <class K>
+static K pick(int dt, K f32, K f16, K bf16) {
+  return dt == RF_F32 ? f32 : dt == RF_F16 ? f16 : bf16;
+}
+static double rtol_of(int dt) { return dt == RF_F32 ? 1e-5 : dt == RF_F16 ? 2e-3 : 1.6e-2; }
 
 static unsigned cdiv(long a, long b) { return (unsigned)((a + b - 1) / b); }
 static int round16(long v) { return (int)std::max<long>(16, (v + 15) / 16 * 16); }
@@ -125,7 +131,7 @@ static void backward_case(const BwCase &c, uint64_t seed) {
   p.ug_chunk_k = round16(cdiv(k, c.ug_splits));
   p.ug_chunk_n = round16(cdiv(n, c.ug_splits));
   p.scale = scale;
-  auto ug = c.x_dt == RF_F32 ? lora_backward_ug_f32 : lora_backward_ug_bf16;
+  auto ug = pick(c.x_dt, lora_backward_ug_f32, lora_backward_ug_f16, lora_backward_ug_bf16);
   emu_launch(ug, dim3{cdiv(r, 64), cdiv(m, 64), (unsigned)(2 * c.ug_splits)}, p);
   bool any = false;
   for (auto v : grad) any |= v != 0;
@@ -136,13 +142,13 @@ static void backward_case(const BwCase &c, uint64_t seed) {
     p.ab_chunk_m = round16(cdiv(m, c.ab_splits));
     unsigned sp = cdiv(m, p.ab_chunk_m);
     p.ab_splits = (int)sp;
-    auto dbk = c.dy_dt == RF_F32 ? lora_backward_db_f32 : lora_backward_db_bf16;
-    auto dak = c.x_dt == RF_F32 ? lora_backward_da_f32 : lora_backward_da_bf16;
+    auto dbk = pick(c.dy_dt, lora_backward_db_f32, lora_backward_db_f16, lora_backward_db_bf16);
+    auto dak = pick(c.x_dt, lora_backward_da_f32, lora_backward_da_f16, lora_backward_da_bf16);
     if (n > 0) emu_launch(dbk, dim3{cdiv(r, 64), cdiv(n, 64), sp}, p);
     if (k > 0) emu_launch(dak, dim3{cdiv(k, 64), cdiv(r, 64), sp}, p);
   }
   if (c.dx_dt >= 0 && k > 0) {
-    auto dxk = c.w_dt == RF_F32 ? lora_backward_dx_f32 : lora_backward_dx_bf16;
+    auto dxk = pick(c.w_dt, lora_backward_dx_f32, lora_backward_dx_f16, lora_backward_dx_bf16);
     emu_launch(dxk, dim3{cdiv(k, 64), cdiv(m, 64), 1}, p);
   }
 
@@ -204,7 +210,7 @@ static void backward_case(const BwCase &c, uint64_t seed) {
         want[(size_t)i * k + kk] = s;
         maxabs = std::max(maxabs, std::fabs(s));
       }
-    double rt = c.dx_dt == RF_F32 ? 1e-5 : 1.6e-2;
+    double rt = rtol_of(c.dx_dt);
     for (int i = 0; i < m; ++i)
       for (int kk = 0; kk < k + c.pad; ++kk) {
         i64 idx = (i64)i * (k + c.pad) + kk;
@@ -256,7 +262,7 @@ static void adamw_case(int rows, int cols, int axis, int copy_dt, float clip, ui
   q.p = p.data(); q.g = gr.data(); q.m = m.data(); q.v = v.data(); q.copy = copy.data(); q.update = upd.data();
   q.bc = bc.data(); q.ld = cols; q.ld_copy = cols; q.rows = rows; q.cols = cols; q.comp_axis = axis;
   q.copy_dtype = copy_dt; q.lr = lr; q.beta1 = b1; q.beta2 = b2; q.eps = eps; q.weight_decay = wd; q.clip = clip;
-  auto kern = copy_dt == RF_F32 ? adamw_f32 : adamw_bf16;
+  auto kern = pick(copy_dt, adamw_f32, adamw_f16, adamw_bf16);
   emu_launch(kern, dim3{cdiv(cols, 256), (unsigned)std::min(rows, 65535), 1}, q);
   for (int rr = 0; rr < rows; ++rr)
     for (int cc = 0; cc < cols; ++cc) {
@@ -267,7 +273,7 @@ static void adamw_case(int rows, int cols, int axis, int copy_dt, float clip, ui
       CHECK(std::memcmp(&p[i], &pw, 4) == 0 && std::memcmp(&m[i], &mw, 4) == 0 && std::memcmp(&v[i], &vw, 4) == 0,
             "adamw %dx%d axis %d: element %zu differs (%g vs %g)", rows, cols, axis, i, p[i], pw);
       float cv = load_as_f32(copy.data(), (i64)i, copy_dt);
-      float cw = copy_dt == RF_F32 ? pw : bf16_to_f32(f32_to_bf16(pw));
+      float cw = copy_dt == RF_F32 ? pw : copy_dt == RF_F16 ? f16_to_f32(f32_to_f16(pw)) : bf16_to_f32(f32_to_bf16(pw));
       CHECK(std::memcmp(&cv, &cw, 4) == 0, "adamw copy %zu: %g vs %g", i, cv, cw);
     }
   // Stats: sum of squares over everything; non-finite among updated components only.
@@ -334,7 +340,7 @@ static void kron_case(int out, int in, int batch, int x_dt, int pad, uint64_t se
     p.x = x.ptr(); p.u = u.data(); p.v = v.data(); p.y = y.data(); p.ldx = x.ld; p.ldy = out;
     p.batch = batch; p.out = out; p.in = in; p.r = r; p.wv = wv; p.rows_are_slices = rows; p.x_dtype = x_dt;
     p.y_dtype = RF_F32; p.accumulate = acc; p.scale = s; p.sign = 1;
-    emu_launch(x_dt == RF_F32 ? kron_forward_f32 : kron_forward_bf16, dim3{cdiv(out, 64), cdiv(batch, 64), 1}, p);
+    emu_launch(pick(x_dt, kron_forward_f32, kron_forward_f16, kron_forward_bf16), dim3{cdiv(out, 64), cdiv(batch, 64), 1}, p);
     for (int bb = 0; bb < batch; ++bb)
       for (int o = 0; o < out; ++o) {
         double want = 0;
@@ -345,17 +351,22 @@ static void kron_case(int out, int in, int batch, int x_dt, int pad, uint64_t se
       }
   }
   for (int sign = -1; sign <= 1; sign += 2) {
-    Buf w(g, RF_F32, out, in, 2);
+    const int w_dt = (sign + 1 + out) % 3;  // f32, f16, bf16 across cases
+    Buf w(g, w_dt, out, in, 2);
     KronParams p{};
     p.u = u.data(); p.v = v.data(); p.w = w.ptr(); p.ldw = w.ld; p.out = out; p.in = in; p.r = r; p.wv = wv;
-    p.rows_are_slices = rows; p.w_dtype = RF_F32; p.scale = s; p.sign = (float)sign;
+    p.rows_are_slices = rows; p.w_dtype = w_dt; p.scale = s; p.sign = (float)sign;
     auto before = w.vals;
-    emu_launch(kron_merge_f32, dim3{cdiv(in, 256), (unsigned)std::min(out, 65535), 1}, p);
+    emu_launch(pick(w_dt, kron_merge_f32, kron_merge_f16, kron_merge_bf16), dim3{cdiv(in, 256), (unsigned)std::min(out, 65535), 1}, p);
     for (int o = 0; o < out; ++o)
       for (int n = 0; n < in + 2; ++n) {
         size_t i = (size_t)o * w.ld + n;
         float got = w.stored(i);
-        float want = n < in ? before[i] + (float)sign * (s * dw0(o, n)) : before[i];
+        float want = before[i];
+        if (n < in) {
+          const float sum = before[i] + (float)sign * (s * dw0(o, n));
+          want = w_dt == RF_F32 ? sum : w_dt == RF_F16 ? f16_to_f32(f32_to_f16(sum)) : bf16_to_f32(f32_to_bf16(sum));
+        }
         CHECK(std::memcmp(&got, &want, 4) == 0, "kron merge %dx%d [%d,%d]: %g vs %g", out, in, o, n, got, want);
       }
   }
@@ -379,10 +390,10 @@ static void eigen_case(int m, int n, int in, int kc, int ncores, bool mixed, int
   p.x = x.ptr(); p.c_a = ca.data(); p.c_b = cb.data(); p.cores = cores.data(); p.row_slot = mixed ? rs.data() : nullptr;
   p.z = z.data(); p.u = uu.data(); p.base = base.data(); p.y = y.data(); p.ldx = x.ld; p.ldca = kc; p.ldcb = kc;
   p.ldbase = n; p.ldy = n; p.m = m; p.n = n; p.in = in; p.kc = kc; p.n_cores = ncores; p.x_dtype = x_dt; p.y_dtype = y_dt;
-  emu_launch(x_dt == RF_F32 ? eigen_project_f32 : eigen_project_bf16, dim3{cdiv(kc, 64), cdiv(m, 64), 1}, p);
+  emu_launch(pick(x_dt, eigen_project_f32, eigen_project_f16, eigen_project_bf16), dim3{cdiv(kc, 64), cdiv(m, 64), 1}, p);
   emu_launch(eigen_core_f32, dim3{cdiv(kc, 256), (unsigned)std::min(m, 65535), 1}, p);
-  emu_launch(y_dt == RF_F32 ? eigen_expand_f32 : eigen_expand_bf16, dim3{cdiv(n, 64), cdiv(m, 64), 1}, p);
-  double rt = y_dt == RF_F32 ? 1e-5 : 1.6e-2;
+  emu_launch(pick(y_dt, eigen_expand_f32, eigen_expand_f16, eigen_expand_bf16), dim3{cdiv(n, 64), cdiv(m, 64), 1}, p);
+  double rt = rtol_of(y_dt);
   for (int i = 0; i < m; ++i) {
     int s = mixed ? rs[i] : 0;
     std::vector<double> zi(kc, 0), ui(kc, 0);
@@ -402,7 +413,8 @@ static void eigen_case(int m, int n, int in, int kc, int ncores, bool mixed, int
 
 int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);
-  const int F = RF_F32, B = RF_BF16;
+  const int F = RF_F32, H = RF_F16, B = RF_BF16;
+  const int dts[3] = {F, H, B};
   int seed = 1;
   // Backward: every rank of capacities 1, 5 and 17, both modes, masks, gains, dtype mixes, pads.
   for (int cap : {1, 5, 17})
@@ -414,8 +426,8 @@ int main() {
         c.n = (int[]){3, 17, 65}[i % 3];
         c.k = (int[]){5, 31, 129}[(i / 3) % 3];
         c.cap = cap; c.r = r;
-        c.x_dt = i % 2 ? B : F; c.w_dt = (i / 2) % 2 ? B : F; c.dy_dt = (i / 3) % 2 ? B : F; c.ab_dt = (i / 5) % 2 ? B : F;
-        c.dx_dt = (i / 7) % 2 ? B : F;
+        c.x_dt = dts[i % 3]; c.w_dt = dts[(i / 2) % 3]; c.dy_dt = dts[(i / 3) % 3]; c.ab_dt = dts[(i / 5) % 3];
+        c.dx_dt = dts[(i / 7) % 3];
         c.pad = i % 3; c.gains = i % 4 < 2; c.use_mask = cap > 2 && i % 2 == 0; c.frozen = frozen;
         c.ug_splits = 1 + i % 3; c.ab_splits = 1 + (i / 2) % 3;
         backward_case(c, seed++);
@@ -424,21 +436,23 @@ int main() {
   backward_case({130, 70, 200, 70, 66, F, F, F, F, F, 1, true, true, false, 4, 3}, seed++);
   backward_case({65, 129, 97, 20, 20, B, B, B, B, B, 0, false, false, false, 1, 1}, seed++);
   backward_case({9, 17, 33, 5, 4, F, B, F, B, -1, 2, true, false, true, 2, 2}, seed++);
+  backward_case({66, 65, 70, 9, 8, H, H, H, H, H, 1, true, true, false, 3, 2}, seed++);
   backward_case({9, 17, 0, 5, 4, F, F, F, F, F, 1, true, true, false, 2, 2}, seed++);
   std::printf("backward: %ld checks, %d failures\n", checks, failures);
   for (int axis = 0; axis < 2; ++axis)
     for (auto [rows, cols] : {std::pair{6, 37}, std::pair{29, 6}, std::pair{1, 6}, std::pair{3, 300}, std::pair{70, 5}})
-      for (int cdt : {F, B}) adamw_case(rows, cols, axis, cdt, cdt == F ? 1.0f : 0.5f, seed++);
+      for (int cdt : {F, H, B}) adamw_case(rows, cols, axis, cdt, cdt == F ? 1.0f : 0.5f, seed++);
   std::printf("+ adamw: %ld checks, %d failures\n", checks, failures);
   for (auto [o, in] : {std::pair{4, 6}, std::pair{6, 4}, std::pair{5, 7}, std::pair{7, 5}, std::pair{33, 100}, std::pair{100, 33},
                        std::pair{64, 64}, std::pair{130, 70}})
-    for (int xdt : {F, B}) kron_case(o, in, xdt == F ? 3 : 67, xdt, xdt == F ? 0 : 3, seed++);
+    for (int xdt : {F, H, B}) kron_case(o, in, xdt == F ? 3 : 67, xdt, xdt == F ? 0 : 3, seed++);
   std::printf("+ kron: %ld checks, %d failures\n", checks, failures);
   for (int mixed = 0; mixed < 2; ++mixed) {
     eigen_case(7, 40, 48, 6, 3, mixed, F, F, seed++);
     eigen_case(70, 129, 65, 17, 4, mixed, B, B, seed++);
     eigen_case(1, 33, 300, 64, 1, mixed, F, B, seed++);
     eigen_case(3, 5, 7, 0, 2, mixed, F, F, seed++);
+    eigen_case(9, 20, 30, 8, 2, mixed, H, H, seed++);
   }
   std::printf("+ eigen: %ld checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
