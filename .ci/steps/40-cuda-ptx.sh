@@ -38,7 +38,7 @@ fi
 echo "ptxas report is current, no spills ($(( $(date +%s) - start ))s)"
 
 # The training / algebra kernels executed on a CPU emulation of the CUDA execution model against
-# f64 references (logic only: indexing, tiles, splits, masks, AdamW bit-exactness); ~2 minutes.
+# f64 references (logic only: indexing, tiles, splits, masks, AdamW bit-exactness); ~1 minute.
 command -v g++ >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; }
 kernels/emu/run.sh
 echo "kernel emulation passed ($(( $(date +%s) - start ))s)"
