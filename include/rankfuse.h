@@ -469,6 +469,8 @@ rf_error *rf_eigen_adapter_to_adapter(const rf_eigen_basis *basis, const rf_eige
  adapters; C_B^T is applied once for all rows. `adapters[s]` (NULL = empty slot) are eigen
  adapters on `basis`; `row_slot` as in `rf_linear` (NULL = every adapter on every row; -1 = base
  only). Shapes as in `rf_linear`; y is written in its dtype after f32 accumulation.
+ On a CUDA runtime x, w, bias and y are device pointers (the basis and cores are copied for the
+ call; it returns after the GPU work is done).
  Thread-safe.
  */
 rf_error *rf_eigen_linear(rf_runtime *rt, const rf_eigen_basis *basis, const char *module, const rf_matrix *x, const rf_matrix *w, const rf_matrix *bias, const rf_eigen_adapter *const *adapters, size_t n_adapters, const int32_t *row_slot, rf_matrix *y);
@@ -628,6 +630,9 @@ rf_error *rf_lora_set_weights(rf_lora *l, const rf_matrix *a, const rf_matrix *b
  not NULL writes `dx = dy W + scale * ((dy B_r) ⊙ e) A_r` (m x k, any dtype, its own memory).
  Masked components get exactly zero gradient. x, w, dy may be f32/f16/bf16; accumulation is
  f32. Needs exclusive access to `l`; `rt`, `x`, `w`, `dy` are only read.
+ On a CUDA runtime x, w, dy and dx are device pointers and the backward runs on the GPU; the
+ module's gradients stay in host memory (A_r, B_r are copied for the call, the gradients are
+ read back and accumulated); the call returns after the GPU work is done.
  */
 rf_error *rf_lora_backward(rf_runtime *rt, rf_lora *l, const rf_matrix *x, const rf_matrix *w, const rf_matrix *dy, uint32_t rank_or_0, uint32_t mode, const rf_matrix *dx);
 

@@ -74,15 +74,28 @@ static_assert(sizeof(LinearParams) == 152 + 72 * RF_MAX_SLOTS, "LinearParams lay
 // Conversions
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
+#ifdef RF_CPU_EMULATION  // kernels/emu: the host compiler's _Float16 (same IEEE conversion)
+  _Float16 v;
+  __builtin_memcpy(&v, &h, 2);
+  return (float)v;
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
+#endif
 }
 
 __device__ __forceinline__ u16 f32_to_f16(float f) {
+#ifdef RF_CPU_EMULATION
+  _Float16 v = (_Float16)f;
+  u16 h;
+  __builtin_memcpy(&h, &v, 2);
+  return h;
+#else
   u16 h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
+#endif
 }
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) {
@@ -169,4 +182,28 @@ __device__ __forceinline__ u32 tile_slot_mask(const LinearParams &p, int r0, int
   u32 mask = *shared_word;
   __syncthreads();
   return mask;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers of the training / algebra kernels (lora_backward.cu, adamw.cu, kron.cu, eigen.cu).
+
+// Element `i` of a buffer as f32: compile-time dtype DT, or the runtime `dt` when DT is RF_NONE.
+template <int DT>
+__device__ __forceinline__ float load_elem(const void *p, i64 i, int dt) {
+  if (DT == RF_F32) return ((const float *)p)[i];
+  if (DT == RF_F16) return f16_to_f32(((const u16 *)p)[i]);
+  if (DT == RF_BF16) return bf16_to_f32(((const u16 *)p)[i]);
+  return load_as_f32(p, i, dt);
+}
+
+// Sum of one double per thread over the block (blockDim.x a power of two <= 256); the result is
+// valid in thread 0. Called by all threads of the block.
+__device__ __forceinline__ double block_sum_f64(double v, double *shared256) {
+  shared256[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = blockDim.x >> 1; s > 0; s >>= 1) {
+    if ((int)threadIdx.x < s) shared256[threadIdx.x] += shared256[threadIdx.x + s];
+    __syncthreads();
+  }
+  return shared256[0];
 }

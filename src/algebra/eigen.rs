@@ -616,6 +616,16 @@ pub fn eigen_linear(
             }
         }
     }
+    #[cfg(feature = "cuda")]
+    if let Some(cuda) = rt.cuda() {
+        // Device pointers on a CUDA runtime: the basis and cores are copied for the call and
+        // kernels/eigen.cu serves it (same math); waits for the GPU before the copies are freed.
+        let db = cuda.upload_eigen_basis(basis)?;
+        let cores = cuda.upload_eigen_cores(&db, slots, row_slot.is_none())?;
+        let r = cuda.eigen_linear(x, w, bias, &db, &cores, row_slot, y);
+        let synced = cuda.synchronize();
+        return r.and(synced);
+    }
     // Base (+ bias) in f32 through the runtime; the problem check covers x / w / bias / y shapes.
     let mut base = Matrix::zeros(DType::F32, m, n)?;
     let p = LinearProblem {

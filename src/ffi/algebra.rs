@@ -339,6 +339,8 @@ pub unsafe extern "C" fn rf_eigen_adapter_to_adapter(
 /// adapters; C_B^T is applied once for all rows. `adapters[s]` (NULL = empty slot) are eigen
 /// adapters on `basis`; `row_slot` as in `rf_linear` (NULL = every adapter on every row; -1 = base
 /// only). Shapes as in `rf_linear`; y is written in its dtype after f32 accumulation.
+/// On a CUDA runtime x, w, bias and y are device pointers (the basis and cores are copied for the
+/// call; it returns after the GPU work is done).
 /// Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn rf_eigen_linear(

@@ -338,6 +338,9 @@ pub unsafe extern "C" fn rf_lora_set_weights(
 /// not NULL writes `dx = dy W + scale * ((dy B_r) ⊙ e) A_r` (m x k, any dtype, its own memory).
 /// Masked components get exactly zero gradient. x, w, dy may be f32/f16/bf16; accumulation is
 /// f32. Needs exclusive access to `l`; `rt`, `x`, `w`, `dy` are only read.
+/// On a CUDA runtime x, w, dy and dx are device pointers and the backward runs on the GPU; the
+/// module's gradients stay in host memory (A_r, B_r are copied for the call, the gradients are
+/// read back and accumulated); the call returns after the GPU work is done.
 #[no_mangle]
 pub unsafe extern "C" fn rf_lora_backward(
     rt: *mut rf_runtime,

@@ -39,6 +39,13 @@ pub fn backward(
     mode: Mode,
     dx: Option<&mut MatMut<'_>>,
 ) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(cuda) = rt.cuda() {
+        // x, w, dy and dx are device memory on a CUDA runtime: the GPU kernels run the backward.
+        return crate::backend::cuda::train::backward_host_state(
+            cuda, lora, x, w, dy, rank, mode, dx,
+        );
+    }
     let r = lora.resolve_rank(rank)?;
     if r == 0 {
         return Err(Error::invalid(format!("module '{}': rank 0", lora.name)));

@@ -6,9 +6,11 @@
 //! a machine without the driver `CudaBackend::new` returns RF_STATUS_DEVICE — the library is
 //! probed with `is_culib_present()` before any cudarc call (cudarc panics when it is missing).
 
+pub mod algebra_ops;
 pub mod launch;
 pub mod modules;
 pub mod resident;
+pub mod train;
 
 use crate::backend::{LinearProblem, Slot};
 use crate::dtype::DType;

@@ -43,6 +43,18 @@ pub static PTX: &[PtxModule] = &[
     ptx!("lora_shrink", 70),
     ptx!("lora_shrink", 80),
     ptx!("lora_shrink", 90),
+    ptx!("lora_backward", 70),
+    ptx!("lora_backward", 80),
+    ptx!("lora_backward", 90),
+    ptx!("adamw", 70),
+    ptx!("adamw", 80),
+    ptx!("adamw", 90),
+    ptx!("kron", 70),
+    ptx!("kron", 80),
+    ptx!("kron", 90),
+    ptx!("eigen", 70),
+    ptx!("eigen", 80),
+    ptx!("eigen", 90),
 ];
 
 /// The PTX build a device of compute capability `sm` (major * 10 + minor) loads: the newest
@@ -67,6 +79,14 @@ pub fn stem_of(kernel: &str) -> Option<&'static str> {
         Some("lora_shrink")
     } else if kernel.starts_with("decode_") {
         Some("decode")
+    } else if kernel.starts_with("lora_backward_") {
+        Some("lora_backward")
+    } else if kernel.starts_with("adamw_") {
+        Some("adamw")
+    } else if kernel.starts_with("kron_") {
+        Some("kron")
+    } else if kernel.starts_with("eigen_") {
+        Some("eigen")
     } else {
         None
     }
@@ -141,7 +161,26 @@ pub fn ptx_target(ptx: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cuda::launch::kernels_for_sm;
+    use crate::backend::cuda::{algebra_ops, launch, train};
+
+    /// Every kernel the host can ask for on `sm`: the linear path, training, algebra.
+    fn kernels_for_sm(sm: u32) -> Vec<String> {
+        let mut v = launch::kernels_for_sm(sm);
+        v.extend(train::kernels_for_sm(sm));
+        v.extend(algebra_ops::kernels_for_sm(sm));
+        v
+    }
+
+    /// The parameter block size of every kernel of a module (one struct per .cu file).
+    fn param_block_size(stem: &str) -> usize {
+        match stem {
+            "lora_backward" => std::mem::size_of::<train::BackwardParams>(),
+            "adamw" => std::mem::size_of::<train::AdamwParams>(),
+            "kron" => std::mem::size_of::<algebra_ops::KronParams>(),
+            "eigen" => std::mem::size_of::<algebra_ops::EigenParams>(),
+            _ => std::mem::size_of::<launch::LinearParams>(),
+        }
+    }
 
     const TARGETS: [u32; 8] = [70, 72, 75, 80, 86, 87, 89, 90];
 
@@ -161,11 +200,30 @@ mod tests {
         }
     }
 
+    /// The other direction: every entry of a module a device loads is a kernel the host knows.
+    #[test]
+    fn every_ptx_entry_is_a_kernel_the_host_knows() {
+        for sm in TARGETS {
+            let known = kernels_for_sm(sm);
+            let arch = ptx_arch_for_sm(sm).unwrap();
+            for p in PTX.iter().filter(|p| p.arch == arch) {
+                for e in entries(p.text) {
+                    assert!(
+                        known.iter().any(|k| k == e),
+                        "{e} ({}.compute_{arch})",
+                        p.stem
+                    );
+                    assert_eq!(stem_of(e), Some(p.stem), "{e}");
+                }
+            }
+        }
+    }
+
     /// The compiled kernels take exactly one parameter of the size of the Rust mirror.
     #[test]
     fn kernel_parameter_block_matches_the_rust_layout() {
-        let size = std::mem::size_of::<crate::backend::cuda::launch::LinearParams>();
         for p in PTX {
+            let size = param_block_size(p.stem);
             for e in entries(p.text) {
                 assert_eq!(
                     entry_param_sizes(p.text, e),
