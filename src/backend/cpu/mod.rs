@@ -214,7 +214,14 @@ fn verified(t: &KernelTable) -> std::result::Result<(), String> {
         return Ok(());
     }
     self_check_cell(t.isa)
-        .get_or_init(|| selfcheck::verify(t))
+        .get_or_init(|| {
+            // A small pool of its own, dropped after the check: two threads exercise the
+            // parallel paths, and the process's global pool is never started on our account.
+            match rayon::ThreadPoolBuilder::new().num_threads(2).build() {
+                Ok(pool) => pool.install(|| selfcheck::verify(t)),
+                Err(_) => selfcheck::verify(t),
+            }
+        })
         .clone()
 }
 
