@@ -12,6 +12,9 @@ prefix=$(mktemp -d)
 trap 'rm -rf "$prefix"' EXIT
 bash scripts/install.sh "$prefix" >/dev/null
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+# A build cache of this run's own: a shared one can hold cgo link flags that name an earlier
+# run's (deleted) temporary prefix, and CI caches nothing outside the clone.
+export GOCACHE="$prefix/go-cache"
 export LD_LIBRARY_PATH="$prefix/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cd bindings/go
 unformatted=$(gofmt -l .)
