@@ -75,6 +75,19 @@ impl TileConfig {
     }
 }
 
+/// The operands of one 32 x 32 block: C (f32, row stride ldc floats) from A (32 rows of bf16 at
+/// stride lda bytes, k values each) and two VNNI B tiles b0/b1 (each `k/2` rows of 64 bytes).
+#[derive(Clone, Copy)]
+pub struct Block {
+    pub a: *const u16,
+    pub lda: usize,
+    pub b0: *const u16,
+    pub b1: *const u16,
+    pub k: usize,
+    pub c: *mut f32,
+    pub ldc: usize,
+}
+
 /// The tile instructions the AMX base GEMM uses, behind a trait so the packing, padding and
 /// driver integration can be tested with a scalar model of them (`Emulated`) on CPUs without
 /// AMX; `Hardware` is the real thing.
@@ -91,15 +104,7 @@ pub trait TileUnit: Sync + Send + 'static {
     /// # Safety
     /// `begin` ran on this thread; k a multiple of 32; A has 32 readable rows of k bf16; b0/b1
     /// hold k/2 x 64 bytes; c has 32 rows of 32 writable floats.
-    unsafe fn block_32x32(
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-    );
+    unsafe fn block_32x32(blk: Block);
     /// Releases the tile state (`tilerelease`).
     ///
     /// # Safety
@@ -119,16 +124,8 @@ impl TileUnit for Hardware {
             options(nostack, readonly, preserves_flags)
         );
     }
-    unsafe fn block_32x32(
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        hw_block_32x32(a, lda, b0, b1, k, c, ldc)
+    unsafe fn block_32x32(blk: Block) {
+        hw_block_32x32(blk)
     }
     unsafe fn end() {
         std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags));
@@ -141,15 +138,16 @@ pub struct Emulated;
 
 impl TileUnit for Emulated {
     unsafe fn begin() {}
-    unsafe fn block_32x32(
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
+    unsafe fn block_32x32(blk: Block) {
+        let Block {
+            a,
+            lda,
+            b0,
+            b1,
+            k,
+            c,
+            ldc,
+        } = blk;
         let bf = |v: u16| f32::from_bits((v as u32) << 16);
         let lda = lda / 2; // bytes -> u16
         let mut acc = [[0f32; 32]; 32];
@@ -186,15 +184,16 @@ impl TileUnit for Emulated {
 /// Tiles configured as 16 x 64 (ldtilecfg done by the caller on this thread); k a multiple of
 /// 32; A has 32 readable rows of k bf16; b0/b1 hold k/2 x 64 bytes; c has 32 rows of 32 floats.
 #[target_feature(enable = "avx512f")]
-unsafe fn hw_block_32x32(
-    a: *const u16,
-    lda: usize,
-    b0: *const u16,
-    b1: *const u16,
-    k: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
+unsafe fn hw_block_32x32(blk: Block) {
+    let Block {
+        a,
+        lda,
+        b0,
+        b1,
+        k,
+        c,
+        ldc,
+    } = blk;
     std::arch::asm!(
         "tilezero tmm0",
         "tilezero tmm1",
@@ -339,10 +338,26 @@ impl<U: TileUnit> NativeGemm for AmxBase<U> {
                 for ib in 0..self.rows_pad / 32 {
                     let a = self.xb[ib * 32 * kpad..].as_ptr();
                     if col0 + 32 <= ntp {
-                        U::block_32x32(a, kpad * 2, b0, b1, kpad, c.add(ib * 32 * ldc + col0), ldc);
+                        U::block_32x32(Block {
+                            a,
+                            lda: kpad * 2,
+                            b0,
+                            b1,
+                            k: kpad,
+                            c: c.add(ib * 32 * ldc + col0),
+                            ldc,
+                        });
                     } else {
                         // The last pair covers columns past ntp: compute into scratch.
-                        U::block_32x32(a, kpad * 2, b0, b1, kpad, scratch.as_mut_ptr(), 32);
+                        U::block_32x32(Block {
+                            a,
+                            lda: kpad * 2,
+                            b0,
+                            b1,
+                            k: kpad,
+                            c: scratch.as_mut_ptr(),
+                            ldc: 32,
+                        });
                         for i in 0..32 {
                             for j in 0..ntp - col0 {
                                 *c.add((ib * 32 + i) * ldc + col0 + j) = scratch[i * 32 + j];
@@ -440,15 +455,15 @@ mod tests {
         // SAFETY: buffers sized for one 32 x 32 block with k = 32, ldc = 40.
         unsafe {
             Emulated::begin();
-            Emulated::block_32x32(
-                a.as_ptr(),
-                k * 2,
-                b0.as_ptr(),
-                b1.as_ptr(),
+            Emulated::block_32x32(Block {
+                a: a.as_ptr(),
+                lda: k * 2,
+                b0: b0.as_ptr(),
+                b1: b1.as_ptr(),
                 k,
-                c.as_mut_ptr(),
-                40,
-            );
+                c: c.as_mut_ptr(),
+                ldc: 40,
+            });
             Emulated::end();
         }
         for i in 0..32 {

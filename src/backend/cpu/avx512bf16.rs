@@ -15,7 +15,7 @@
 //!
 //! NOT RUN on the development machine (AMD EPYC without AVX-512).
 
-use super::amx::{self, AmxBase, TileUnit};
+use super::amx::{self, AmxBase, Block, TileUnit};
 use super::avx512::Avx512;
 use super::driver;
 use crate::backend::LinearProblem;
@@ -42,19 +42,11 @@ pub trait Lanes {
     unsafe fn dot(acc: Self::Acc, x: Self::Bcast, w: Self::Pairs) -> Self::Acc;
     unsafe fn store(p: *mut f32, v: Self::Acc);
     /// `TileUnit::block_32x32` on these lanes (`Hw` overrides it to enable its instructions).
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block_32x32(
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) where
+    unsafe fn block_32x32(blk: Block)
+    where
         Self: Sized,
     {
-        block::<Self>(a, lda, b0, b1, k, c, ldc)
+        block::<Self>(blk)
     }
 }
 
@@ -92,17 +84,9 @@ impl Lanes for Hw {
     unsafe fn store(p: *mut f32, v: __m512) {
         _mm512_storeu_ps(p, v)
     }
-    unsafe fn block_32x32(
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
+    unsafe fn block_32x32(blk: Block) {
         // SAFETY: `Pairs<Hw>` is only installed when AVX512-BF16 was detected (mod.rs).
-        hw_block(a, lda, b0, b1, k, c, ldc)
+        hw_block(blk)
     }
 }
 
@@ -143,15 +127,16 @@ impl Lanes for Emulated {
 /// # Safety
 /// As `TileUnit::block_32x32`, plus: `L`'s instructions are available.
 #[inline(always)]
-unsafe fn block<L: Lanes>(
-    a: *const u16,
-    lda: usize,
-    b0: *const u16,
-    b1: *const u16,
-    k: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
+unsafe fn block<L: Lanes>(blk: Block) {
+    let Block {
+        a,
+        lda,
+        b0,
+        b1,
+        k,
+        c,
+        ldc,
+    } = blk;
     const G: usize = 8;
     let lda = lda / 2; // bytes -> bf16 elements
     for g in 0..32 / G {
@@ -174,16 +159,8 @@ unsafe fn block<L: Lanes>(
 }
 
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn hw_block(
-    a: *const u16,
-    lda: usize,
-    b0: *const u16,
-    b1: *const u16,
-    k: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
-    block::<Hw>(a, lda, b0, b1, k, c, ldc)
+unsafe fn hw_block(blk: Block) {
+    block::<Hw>(blk)
 }
 
 /// Pair dot products on lanes `L` as the AMX packing's tile unit: `Pairs<Hw>` is `vdpbf16ps`,
@@ -192,16 +169,8 @@ pub struct Pairs<L>(std::marker::PhantomData<L>);
 
 impl<L: Lanes + Sync + Send + 'static> TileUnit for Pairs<L> {
     unsafe fn begin() {}
-    unsafe fn block_32x32(
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        L::block_32x32(a, lda, b0, b1, k, c, ldc)
+    unsafe fn block_32x32(blk: Block) {
+        L::block_32x32(blk)
     }
     unsafe fn end() {}
 }
@@ -243,26 +212,19 @@ mod tests {
             let b0: Vec<u16> = (0..k * 16).map(|_| bf16(rng.uniform(-1.0, 1.0))).collect();
             let b1: Vec<u16> = (0..k * 16).map(|_| bf16(rng.uniform(-1.0, 1.0))).collect();
             let (mut c1, mut c2) = (vec![0f32; 32 * 33], vec![0f32; 32 * 33]);
+            let blk = |c: *mut f32| Block {
+                a: a.as_ptr(),
+                lda: 2 * k,
+                b0: b0.as_ptr(),
+                b1: b1.as_ptr(),
+                k,
+                c,
+                ldc: 33,
+            };
             // SAFETY: buffers sized for one 32 x 32 block with this k and ldc = 33.
             unsafe {
-                Pairs::<Emulated>::block_32x32(
-                    a.as_ptr(),
-                    2 * k,
-                    b0.as_ptr(),
-                    b1.as_ptr(),
-                    k,
-                    c1.as_mut_ptr(),
-                    33,
-                );
-                amx::Emulated::block_32x32(
-                    a.as_ptr(),
-                    2 * k,
-                    b0.as_ptr(),
-                    b1.as_ptr(),
-                    k,
-                    c2.as_mut_ptr(),
-                    33,
-                );
+                Pairs::<Emulated>::block_32x32(blk(c1.as_mut_ptr()));
+                amx::Emulated::block_32x32(blk(c2.as_mut_ptr()));
             }
             for (i, (x, y)) in c1.iter().zip(&c2).enumerate() {
                 assert!(
