@@ -25,5 +25,10 @@ pub use matrix::{MatMut, MatRef, Matrix};
 pub use runtime::{Device, Runtime, RuntimeOptions};
 pub use weights::Weights;
 
+/// The C ABI version this library implements (`RF_ABI_VERSION` in the header, which the `ffi`
+/// layer checks against this at compile time); bumped on any change to an existing signature or
+/// struct layout.
+pub const ABI_VERSION: u32 = 1;
+
 /// The crate version ("0.1.0").
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

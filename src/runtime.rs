@@ -172,7 +172,7 @@ impl Runtime {
         };
         let info = serde_json::json!({
             "version": crate::VERSION,
-            "abi_version": crate::ffi::types::RF_ABI_VERSION,
+            "abi_version": crate::ABI_VERSION,
             "backend": backend,
             "device": backend,
             "arch": std::env::consts::ARCH,

@@ -4,6 +4,8 @@ use std::ffi::c_void;
 
 /// ABI version; bumped on any change to an existing signature or struct layout.
 pub const RF_ABI_VERSION: u32 = 1;
+// The core owns the number (it reports it in rf_runtime_info); the header repeats it literally.
+const _: () = assert!(RF_ABI_VERSION == crate::ABI_VERSION);
 pub const RF_VERSION_MAJOR: u32 = 0;
 pub const RF_VERSION_MINOR: u32 = 1;
 pub const RF_VERSION_PATCH: u32 = 0;

@@ -17,6 +17,7 @@
 
 use super::avx512::Avx512;
 use super::driver::{self, MicroKernel, NativeGemm};
+use super::pack::PackedW;
 use crate::backend::LinearProblem;
 use crate::dtype::DType;
 use crate::matrix::{MatMut, MatRef};
@@ -76,13 +77,16 @@ impl TileConfig {
 }
 
 /// The operands of one 32 x 32 block: C (f32, row stride ldc floats) from A (32 rows of bf16 at
-/// stride lda bytes, k values each) and two VNNI B tiles b0/b1 (each `k/2` rows of 64 bytes).
+/// stride lda bytes, k values each) and two VNNI B tiles b0/b1 (each `k/2` rows of 64 bytes,
+/// consecutive rows `ldb` u16 apart: 32 for tiles packed per call, 64 for the 32-column panels
+/// of a prepacked W, where b1 = b0 + 32).
 #[derive(Clone, Copy)]
 pub struct Block {
     pub a: *const u16,
     pub lda: usize,
     pub b0: *const u16,
     pub b1: *const u16,
+    pub ldb: usize,
     pub k: usize,
     pub c: *mut f32,
     pub ldc: usize,
@@ -144,6 +148,7 @@ impl TileUnit for Emulated {
             lda,
             b0,
             b1,
+            ldb,
             k,
             c,
             ldc,
@@ -155,14 +160,14 @@ impl TileUnit for Emulated {
         while kk < k {
             for (half, b) in [b0, b1].into_iter().enumerate() {
                 // One 16 x 64-byte B tile: 16 VNNI rows (pairs of k) of 16 columns.
-                let bt = b.add(kk * 16);
+                let bt = b.add(kk / 2 * ldb);
                 for (i, row) in acc.iter_mut().enumerate() {
                     let ar = a.add(i * lda + kk);
                     for j in 0..16 {
                         let mut t = row[half * 16 + j];
                         for kp in 0..16 {
-                            t += bf(*ar.add(2 * kp)) * bf(*bt.add(kp * 32 + 2 * j));
-                            t += bf(*ar.add(2 * kp + 1)) * bf(*bt.add(kp * 32 + 2 * j + 1));
+                            t += bf(*ar.add(2 * kp)) * bf(*bt.add(kp * ldb + 2 * j));
+                            t += bf(*ar.add(2 * kp + 1)) * bf(*bt.add(kp * ldb + 2 * j + 1));
                         }
                         row[half * 16 + j] = t;
                     }
@@ -190,6 +195,7 @@ unsafe fn hw_block_32x32(blk: Block) {
         lda,
         b0,
         b1,
+        ldb,
         k,
         c,
         ldc,
@@ -206,7 +212,7 @@ unsafe fn hw_block_32x32(blk: Block) {
     while kk < k {
         let (pa0, pa1) = (a.add(kk), a1.add(kk));
         // 32 k = 16 VNNI rows of 64 bytes.
-        let (pb0, pb1) = (b0.add(kk * 16), b1.add(kk * 16));
+        let (pb0, pb1) = (b0.add(kk / 2 * ldb), b1.add(kk / 2 * ldb));
         std::arch::asm!(
             "tileloadd tmm4, [{a0} + {lda}*1]",
             "tileloadd tmm5, [{a1} + {lda}*1]",
@@ -221,7 +227,7 @@ unsafe fn hw_block_32x32(blk: Block) {
             b0 = in(reg) pb0,
             b1 = in(reg) pb1,
             lda = in(reg) lda,
-            ldb = in(reg) 64usize,
+            ldb = in(reg) ldb * 2,
             options(nostack, readonly, preserves_flags)
         );
         kk += 32;
@@ -291,6 +297,7 @@ impl<U: TileUnit> NativeGemm for AmxBase<U> {
     unsafe fn block(
         &self,
         w: &MatRef<'_>,
+        packed: Option<&PackedW>,
         j0: usize,
         nt: usize,
         ntp: usize,
@@ -298,6 +305,29 @@ impl<U: TileUnit> NativeGemm for AmxBase<U> {
         ldc: usize,
     ) {
         let (k, kpad) = (w.cols, self.kpad);
+        if let Some(pw) = packed {
+            // Prepacked: 32-column pair panels, k padded to kpad (PackSpec::kgran = 32), the
+            // two 16-column halves of a panel are b0 and b0 + 32 at 64 u16 per k pair.
+            debug_assert!(pw.nr() == 32 && j0 % 32 == 0 && ntp % 32 == 0);
+            U::begin();
+            for tp in 0..ntp / 32 {
+                let b0 = pw.panel(j0 / 32 + tp, 0) as *const u16;
+                for ib in 0..self.rows_pad / 32 {
+                    U::block_32x32(Block {
+                        a: self.xb[ib * 32 * kpad..].as_ptr(),
+                        lda: kpad * 2,
+                        b0,
+                        b1: b0.add(32),
+                        ldb: 64,
+                        k: kpad,
+                        c: c.add(ib * 32 * ldc + tp * 32),
+                        ldc,
+                    });
+                }
+            }
+            U::end();
+            return;
+        }
         let ntiles = ntp.div_ceil(16);
         let ntiles = ntiles + ntiles % 2; // pairs of 16-column tiles
         VNNI.with(|v| {
@@ -337,27 +367,21 @@ impl<U: TileUnit> NativeGemm for AmxBase<U> {
                 let col0 = tp * 32;
                 for ib in 0..self.rows_pad / 32 {
                     let a = self.xb[ib * 32 * kpad..].as_ptr();
+                    let blk = |c: *mut f32, ldc: usize| Block {
+                        a,
+                        lda: kpad * 2,
+                        b0,
+                        b1,
+                        ldb: 32,
+                        k: kpad,
+                        c,
+                        ldc,
+                    };
                     if col0 + 32 <= ntp {
-                        U::block_32x32(Block {
-                            a,
-                            lda: kpad * 2,
-                            b0,
-                            b1,
-                            k: kpad,
-                            c: c.add(ib * 32 * ldc + col0),
-                            ldc,
-                        });
+                        U::block_32x32(blk(c.add(ib * 32 * ldc + col0), ldc));
                     } else {
                         // The last pair covers columns past ntp: compute into scratch.
-                        U::block_32x32(Block {
-                            a,
-                            lda: kpad * 2,
-                            b0,
-                            b1,
-                            k: kpad,
-                            c: scratch.as_mut_ptr(),
-                            ldc: 32,
-                        });
+                        U::block_32x32(blk(scratch.as_mut_ptr(), 32));
                         for i in 0..32 {
                             for j in 0..ntp - col0 {
                                 *c.add((ib * 32 + i) * ldc + col0 + j) = scratch[i * 32 + j];
@@ -385,21 +409,31 @@ pub(crate) fn takes_bf16_pairs(p: &LinearProblem<'_>) -> bool {
 /// call (a nested call on this thread then simply builds its own).
 pub(crate) fn linear_on_pairs<U: TileUnit, K: MicroKernel>(
     p: &LinearProblem<'_>,
+    packed: Option<&PackedW>,
     y: &mut MatMut<'_>,
     cache: &'static LocalKey<RefCell<Option<AmxBase<U>>>>,
 ) {
     let mut base = cache.with(|b| b.borrow_mut().take()).unwrap_or_default();
-    driver::linear_with::<K>(p, y, Some(&mut base));
+    driver::linear_with::<K>(p, packed, y, Some(&mut base));
     cache.with(|b| *b.borrow_mut() = Some(base));
 }
 
 /// The AMX table's linear: bf16 x bf16 GEMM-path calls use AMX for the base part; everything
 /// else is the AVX-512 path.
 pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+    linear_any(p, None, y)
+}
+
+/// `linear` on W packed for this table (`PACK_SPEC`).
+pub fn linear_packed(p: &LinearProblem<'_>, packed: &PackedW, y: &mut MatMut<'_>) {
+    linear_any(p, Some(packed), y)
+}
+
+fn linear_any(p: &LinearProblem<'_>, packed: Option<&PackedW>, y: &mut MatMut<'_>) {
     if takes_bf16_pairs(p) && permitted() {
-        linear_on_pairs::<Hardware, Avx512>(p, y, &BASE)
+        linear_on_pairs::<Hardware, Avx512>(p, packed, y, &BASE)
     } else {
-        driver::linear::<Avx512>(p, y)
+        driver::linear_with::<Avx512>(p, packed, y, None)
     }
 }
 
@@ -407,12 +441,31 @@ pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
 /// place of AVX-512, so the whole variant except `U`'s instructions runs on any CPU.
 #[cfg(test)]
 pub(crate) fn linear_for_tests<U: TileUnit>(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+    linear_stand_in::<U>(p, None, y)
+}
+
+/// `linear_for_tests` on a W packed with `PACK_SPEC`'s layout (Some) or unpacked (None).
+#[cfg(test)]
+pub(crate) fn linear_packed_for_tests<U: TileUnit>(
+    p: &LinearProblem<'_>,
+    packed: &PackedW,
+    y: &mut MatMut<'_>,
+) {
+    linear_stand_in::<U>(p, Some(packed), y)
+}
+
+#[cfg(test)]
+fn linear_stand_in<U: TileUnit>(
+    p: &LinearProblem<'_>,
+    packed: Option<&PackedW>,
+    y: &mut MatMut<'_>,
+) {
     use super::portable::PortableTile;
     if takes_bf16_pairs(p) {
         let mut base = AmxBase::<U>::new();
-        driver::linear_with::<PortableTile<12, 32>>(p, y, Some(&mut base));
+        driver::linear_with::<PortableTile<12, 32>>(p, packed, y, Some(&mut base));
     } else {
-        driver::linear::<PortableTile<12, 32>>(p, y);
+        driver::linear_with::<PortableTile<12, 32>>(p, packed, y, None);
     }
 }
 
@@ -430,7 +483,7 @@ mod tests {
 
     #[test]
     fn amx_gemm_path_matches_the_reference_with_emulated_tiles() {
-        selfcheck::verify_bf16_gemm(EMULATED, 11).unwrap();
+        selfcheck::verify_bf16_gemm(EMULATED, linear_packed_for_tests::<Emulated>, 11).unwrap();
     }
 
     /// The emulated instruction itself on a hand-checked layout: A row i = i+1 at every k,
@@ -460,6 +513,7 @@ mod tests {
                 lda: k * 2,
                 b0: b0.as_ptr(),
                 b1: b1.as_ptr(),
+                ldb: 32,
                 k,
                 c: c.as_mut_ptr(),
                 ldc: 40,

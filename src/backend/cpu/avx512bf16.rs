@@ -18,6 +18,7 @@
 use super::amx::{self, AmxBase, Block, TileUnit};
 use super::avx512::Avx512;
 use super::driver;
+use super::pack::PackedW;
 use crate::backend::LinearProblem;
 use crate::matrix::MatMut;
 use std::arch::x86_64::*;
@@ -133,6 +134,7 @@ unsafe fn block<L: Lanes>(blk: Block) {
         lda,
         b0,
         b1,
+        ldb,
         k,
         c,
         ldc,
@@ -142,8 +144,8 @@ unsafe fn block<L: Lanes>(blk: Block) {
     for g in 0..32 / G {
         let mut acc = [[L::zero(); 2]; G];
         for kp in 0..k / 2 {
-            let w0 = L::load_pairs(b0.add(kp * 32));
-            let w1 = L::load_pairs(b1.add(kp * 32));
+            let w0 = L::load_pairs(b0.add(kp * ldb));
+            let w1 = L::load_pairs(b1.add(kp * ldb));
             for (i, ai) in acc.iter_mut().enumerate() {
                 let x = L::broadcast(a.add((g * G + i) * lda + 2 * kp));
                 ai[0] = L::dot(ai[0], x, w0);
@@ -182,10 +184,19 @@ thread_local! {
 /// The avx512bf16 table's linear: bf16 x bf16 GEMM-path calls use `vdpbf16ps` for the base part;
 /// everything else is the AVX-512 path.
 pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+    linear_any(p, None, y)
+}
+
+/// `linear` on W packed for this table.
+pub fn linear_packed(p: &LinearProblem<'_>, packed: &PackedW, y: &mut MatMut<'_>) {
+    linear_any(p, Some(packed), y)
+}
+
+fn linear_any(p: &LinearProblem<'_>, packed: Option<&PackedW>, y: &mut MatMut<'_>) {
     if amx::takes_bf16_pairs(p) {
-        amx::linear_on_pairs::<Pairs<Hw>, Avx512>(p, y, &BASE)
+        amx::linear_on_pairs::<Pairs<Hw>, Avx512>(p, packed, y, &BASE)
     } else {
-        driver::linear::<Avx512>(p, y)
+        driver::linear_with::<Avx512>(p, packed, y, None)
     }
 }
 
@@ -196,10 +207,12 @@ mod tests {
     use crate::rng::SplitMix64;
 
     const EMULATED: crate::backend::cpu::LinearFn = amx::linear_for_tests::<Pairs<Emulated>>;
+    const EMULATED_PACKED: crate::backend::cpu::PackedLinearFn =
+        amx::linear_packed_for_tests::<Pairs<Emulated>>;
 
     #[test]
     fn dpbf16_gemm_path_matches_the_reference_with_emulated_lanes() {
-        selfcheck::verify_bf16_gemm(EMULATED, 23).unwrap();
+        selfcheck::verify_bf16_gemm(EMULATED, EMULATED_PACKED, 23).unwrap();
     }
 
     /// The 8-row-group block equals the AMX tile model on the same packed data.
@@ -217,6 +230,7 @@ mod tests {
                 lda: 2 * k,
                 b0: b0.as_ptr(),
                 b1: b1.as_ptr(),
+                ldb: 32,
                 k,
                 c,
                 ldc: 33,

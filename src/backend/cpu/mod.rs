@@ -13,6 +13,7 @@ pub mod detect;
 pub mod driver;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
+pub mod pack;
 pub mod portable;
 pub mod reference;
 pub mod selfcheck;
@@ -20,6 +21,9 @@ pub mod selfcheck;
 use crate::backend::LinearProblem;
 use crate::error::{Error, Result};
 use crate::matrix::MatMut;
+#[allow(unused_imports)]
+use driver::MicroKernel;
+use pack::{PackSpec, PackedW};
 use std::sync::OnceLock;
 
 /// Instruction-set variants, from slowest to fastest.
@@ -74,6 +78,8 @@ impl Isa {
 }
 
 pub type LinearFn = fn(&LinearProblem<'_>, &mut MatMut<'_>);
+/// `LinearFn` with W read from a pack made with the table's `pack` spec (`p.w` is its shape).
+pub type PackedLinearFn = fn(&LinearProblem<'_>, &PackedW, &mut MatMut<'_>);
 
 /// The kernels a runtime calls. Filled once; entries never change afterwards.
 #[derive(Clone, Copy)]
@@ -82,6 +88,9 @@ pub struct KernelTable {
     /// Names of the kernels in use, for `rf_runtime_info`.
     pub linear_name: &'static str,
     pub linear: LinearFn,
+    /// The layout `PackedW::pack` produces for these kernels, and the linear that reads it.
+    pub pack: PackSpec,
+    pub linear_packed: PackedLinearFn,
     /// Variants that were better for this CPU but failed the start-up self-check (empty when
     /// the table was not chosen by `select` or nothing was rejected).
     pub rejected: &'static [Rejected],
@@ -151,6 +160,12 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
         isa: Isa::Reference,
         linear_name: "fused_linear_reference",
         linear: reference::linear,
+        pack: PackSpec {
+            isa: Isa::Reference,
+            nr: 16,
+            kgran: 2,
+        },
+        linear_packed: reference::linear_packed,
         rejected: &[],
     };
     if isa >= Isa::Portable {
@@ -158,6 +173,12 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
             isa: Isa::Portable,
             linear_name: "fused_linear_portable",
             linear: driver::linear::<portable::Portable>,
+            pack: PackSpec {
+                isa: Isa::Portable,
+                nr: portable::Portable::NR,
+                kgran: 2,
+            },
+            linear_packed: driver::linear_packed::<portable::Portable>,
             rejected: &[],
         };
     }
@@ -167,6 +188,12 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
             isa: Isa::Neon,
             linear_name: "fused_linear_neon_8x12",
             linear: driver::linear::<neon::Neon>,
+            pack: PackSpec {
+                isa: Isa::Neon,
+                nr: neon::Neon::NR,
+                kgran: 2,
+            },
+            linear_packed: driver::linear_packed::<neon::Neon>,
             rejected: &[],
         };
     }
@@ -177,6 +204,12 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 isa: Isa::Avx2,
                 linear_name: "fused_linear_avx2_6x16",
                 linear: driver::linear::<avx2::Avx2>,
+                pack: PackSpec {
+                    isa: Isa::Avx2,
+                    nr: avx2::Avx2::NR,
+                    kgran: 2,
+                },
+                linear_packed: driver::linear_packed::<avx2::Avx2>,
                 rejected: &[],
             };
         }
@@ -185,6 +218,12 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 isa: Isa::Avx512,
                 linear_name: "fused_linear_avx512_12x32",
                 linear: driver::linear::<avx512::Avx512>,
+                pack: PackSpec {
+                    isa: Isa::Avx512,
+                    nr: avx512::Avx512::NR,
+                    kgran: 2,
+                },
+                linear_packed: driver::linear_packed::<avx512::Avx512>,
                 rejected: &[],
             };
         }
@@ -193,6 +232,12 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 isa: Isa::Avx512Bf16,
                 linear_name: "fused_linear_avx512bf16_dpbf16ps_32x32+avx512_12x32",
                 linear: avx512bf16::linear,
+                pack: PackSpec {
+                    isa: Isa::Avx512Bf16,
+                    nr: avx512::Avx512::NR,
+                    kgran: 32,
+                },
+                linear_packed: avx512bf16::linear_packed,
                 rejected: &[],
             };
         }
@@ -201,6 +246,12 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 isa: Isa::Amx,
                 linear_name: "fused_linear_amx_bf16_32x32+avx512_12x32",
                 linear: amx::linear,
+                pack: PackSpec {
+                    isa: Isa::Amx,
+                    nr: avx512::Avx512::NR,
+                    kgran: 32,
+                },
+                linear_packed: amx::linear_packed,
                 rejected: &[],
             };
         }
@@ -309,7 +360,7 @@ mod tests {
             isa: Isa::Amx,
             linear_name: "broken",
             linear: wrong,
-            rejected: &[],
+            ..table(Isa::Portable).unwrap()
         };
         let portable = table(Isa::Portable).unwrap();
         let (t, rejected) = choose(&[broken, portable], selfcheck::verify);

@@ -1,8 +1,23 @@
 //! The scalar reference: f64 accumulation, no blocking, no threads. The ground truth every
 //! optimized kernel is tested against. Slow on purpose; never used for speed.
 
+use super::pack::PackedW;
 use crate::backend::LinearProblem;
-use crate::matrix::MatMut;
+use crate::matrix::{MatMut, MatRef};
+
+/// `linear` with W read from a pack (unpacked to f32 first: exact, as packing keeps W's values).
+pub fn linear_packed(p: &LinearProblem<'_>, packed: &PackedW, y: &mut MatMut<'_>) {
+    let w = packed.unpack_f32();
+    let (n, k) = (packed.rows(), packed.cols());
+    let q = LinearProblem {
+        x: p.x,
+        w: MatRef::from_slice(&w, n, k, k.max(1)).expect("an n x k f32 matrix"),
+        bias: p.bias,
+        slots: p.slots,
+        row_slot: p.row_slot,
+    };
+    linear(&q, y)
+}
 
 pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
     let (m, n, k) = (p.m(), p.n(), p.k());

@@ -13,7 +13,8 @@
 //! never ran on" into "a slower, correct variant plus a report". It runs once per process and
 //! variant, on problems of at most 48 x 70 x 300 (the f64 reference dominates).
 
-use super::{reference, KernelTable};
+use super::pack::{PackSpec, PackedW};
+use super::{reference, KernelTable, PackedLinearFn};
 use crate::backend::{LinearProblem, Slot};
 use crate::dtype::{self, DType};
 use crate::matrix::{MatMut, MatRef, Matrix};
@@ -131,8 +132,26 @@ fn view(m: &Matrix, cols: usize) -> MatRef<'_> {
     m.view().top_left(m.rows, cols)
 }
 
+/// A kernel under test: a table's `linear`, or its `linear_packed` behind a closure that packs W.
+pub(crate) type Runner<'r> = &'r (dyn Fn(&LinearProblem<'_>, &mut MatMut<'_>) + Sync);
+
+/// `f` on W packed with `spec` (packed inside the call: the check wants the layout, not speed).
+pub(crate) fn packed(
+    f: PackedLinearFn,
+    spec: PackSpec,
+) -> impl Fn(&LinearProblem<'_>, &mut MatMut<'_>) + Sync {
+    move |p, y| {
+        let pw = PackedW::pack(&p.w, spec).expect("self-check matrices are small");
+        let q = LinearProblem {
+            w: pw.shape_view(),
+            ..*p
+        };
+        f(&q, &pw, y)
+    }
+}
+
 /// Runs `linear` on `case`; Err(mismatch description) when it disagrees with the reference.
-fn run_case(linear: super::LinearFn, case: &Case<'_>, seed: u64) -> Result<(), String> {
+fn run_case(linear: Runner<'_>, case: &Case<'_>, seed: u64) -> Result<(), String> {
     let [dx, dw, dab, dy, db] = case.dtypes;
     let (m, n, k) = (case.m, case.n, case.k);
     let mut rng = SplitMix64::new(seed);
@@ -266,11 +285,17 @@ fn problem<'a>(
     }
 }
 
-/// Checks `table` on every case. Err names the first case that disagreed with the reference.
+/// Checks `table` on every case, with W as given and W packed for the table. Err names the
+/// first case that disagreed with the reference.
 pub fn verify(table: &KernelTable) -> Result<(), String> {
-    for (i, case) in CASES.iter().enumerate() {
-        run_case(table.linear, case, 0x5e1f_c4ec_0000 + i as u64)
-            .map_err(|e| format!("self-check case {i}: {e}"))?;
+    let plain = |p: &LinearProblem<'_>, y: &mut MatMut<'_>| (table.linear)(p, y);
+    let pack = packed(table.linear_packed, table.pack);
+    let runners: [(Runner<'_>, &str); 2] = [(&plain, ""), (&pack, " (packed W)")];
+    for (run, what) in runners {
+        for (i, case) in CASES.iter().enumerate() {
+            run_case(run, case, 0x5e1f_c4ec_0000 + i as u64)
+                .map_err(|e| format!("self-check case {i}{what}: {e}"))?;
+        }
     }
     Ok(())
 }
@@ -280,7 +305,7 @@ pub fn verify(table: &KernelTable) -> Result<(), String> {
 /// For tests of kernels that cannot be reached through a table on this CPU.
 #[cfg(test)]
 pub(crate) fn verify_random(
-    linear: super::LinearFn,
+    linear: Runner<'_>,
     seed: u64,
     cases: usize,
     dtypes: (Option<DType>, Option<DType>),
@@ -334,17 +359,31 @@ pub(crate) fn verify_random(
 }
 
 /// For tests of a bf16 x bf16 base-GEMM variant run through stand-ins: the fixed cases plus 40
-/// random problems with bf16 x and W on the GEMM path (m 9..100, n and k up to 130).
+/// random problems with bf16 x and W on the GEMM path (m 9..100, n and k up to 130), with W as
+/// given and packed with `spec` (32-column pair panels, as the AMX / vdpbf16ps tables pack).
 #[cfg(all(test, target_arch = "x86_64"))]
-pub(crate) fn verify_bf16_gemm(linear: super::LinearFn, seed: u64) -> Result<(), String> {
+pub(crate) fn verify_bf16_gemm(
+    linear: super::LinearFn,
+    linear_packed: PackedLinearFn,
+    seed: u64,
+) -> Result<(), String> {
+    let spec = PackSpec {
+        isa: super::Isa::Portable,
+        nr: 32,
+        kgran: 32,
+    };
     let t = KernelTable {
         isa: super::Isa::Portable,
         linear_name: "stand-in",
         linear,
+        pack: spec,
+        linear_packed,
         rejected: &[],
     };
     verify(&t)?;
-    verify_random(linear, seed, 40, (Some(BF16), Some(BF16)), (9, 100), 130)
+    verify_random(&linear, seed, 40, (Some(BF16), Some(BF16)), (9, 100), 130)?;
+    let pk = packed(linear_packed, spec);
+    verify_random(&pk, seed + 1, 40, (Some(BF16), Some(BF16)), (1, 100), 130)
 }
 
 #[cfg(test)]
@@ -358,22 +397,58 @@ mod tests {
     /// shapes this CPU may not be able to run natively.
     #[test]
     fn the_driver_is_right_for_every_tile_shape() {
-        let shapes: [(&str, super::super::LinearFn); 4] = [
-            ("12x32", driver::linear::<PortableTile<12, 32>>),
-            ("6x16", driver::linear::<PortableTile<6, 16>>),
-            ("8x8", driver::linear::<PortableTile<8, 8>>),
-            ("1x4", driver::linear::<PortableTile<1, 4>>),
+        type Pair = (&'static str, super::super::LinearFn, PackedLinearFn, usize);
+        let shapes: [Pair; 5] = [
+            (
+                "12x32",
+                driver::linear::<PortableTile<12, 32>>,
+                driver::linear_packed::<PortableTile<12, 32>>,
+                32,
+            ),
+            (
+                "6x16",
+                driver::linear::<PortableTile<6, 16>>,
+                driver::linear_packed::<PortableTile<6, 16>>,
+                16,
+            ),
+            (
+                "8x12",
+                driver::linear::<PortableTile<8, 12>>,
+                driver::linear_packed::<PortableTile<8, 12>>,
+                12,
+            ),
+            (
+                "8x8",
+                driver::linear::<PortableTile<8, 8>>,
+                driver::linear_packed::<PortableTile<8, 8>>,
+                8,
+            ),
+            (
+                "1x4",
+                driver::linear::<PortableTile<1, 4>>,
+                driver::linear_packed::<PortableTile<1, 4>>,
+                4,
+            ),
         ];
-        for (name, f) in shapes {
+        for (name, f, fp, nr) in shapes {
+            let spec = PackSpec {
+                isa: Isa::Portable,
+                nr,
+                kgran: 2,
+            };
             let t = KernelTable {
                 isa: Isa::Portable,
                 linear_name: name,
                 linear: f,
+                pack: spec,
+                linear_packed: fp,
                 rejected: &[],
             };
             verify(&t).unwrap_or_else(|e| panic!("{name}: {e}"));
-            verify_random(f, 7, 12, (None, None), (1, 80), 90)
+            verify_random(&f, 7, 12, (None, None), (1, 80), 90)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
+            verify_random(&packed(fp, spec), 8, 12, (None, None), (1, 80), 90)
+                .unwrap_or_else(|e| panic!("{name} packed: {e}"));
         }
     }
 
@@ -423,10 +498,9 @@ mod tests {
             ("writes padding", writes_padding),
         ] {
             let t = KernelTable {
-                isa: Isa::Portable,
                 linear_name: "broken",
                 linear: f,
-                rejected: &[],
+                ..cpu::table(Isa::Portable).unwrap()
             };
             let e = verify(&t).expect_err(name);
             assert!(e.starts_with("self-check case"), "{name}: {e}");

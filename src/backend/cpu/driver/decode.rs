@@ -1,0 +1,229 @@
+//! The decode path (m <= `DECODE_MAX_M`): memory-bound, so W is streamed once in its own dtype
+//! and converted in registers by the ISA's `gemv`, n split across threads.
+
+use super::*;
+/// k-block length for the decode kernels: x rows (m of them) stay in L1 across W rows.
+fn decode_kc(m: usize) -> usize {
+    ((65536 / (4 * m.max(1))) / 64 * 64).max(256)
+}
+
+/// `out (+)= x W^T` for m <= DECODE_MAX_M rows, blocked over k so x stays in L1.
+///
+/// # Safety
+/// As `MicroKernel::gemv` with c0 = 0 and k = w.cols.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_blocked<K: MicroKernel>(
+    x: *const f32,
+    ldx: usize,
+    m: usize,
+    w: &MatRef<'_>,
+    out: *mut f32,
+    ldo: usize,
+    acc: bool,
+) {
+    let k = w.cols;
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                for j in 0..w.rows {
+                    *out.add(i * ldo + j) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let kcd = decode_kc(m);
+    let mut kb = 0;
+    while kb < k {
+        let kc = kcd.min(k - kb);
+        K::gemv(x.add(kb), ldx, m, w, kb, kc, out, ldo, acc || kb > 0);
+        kb += kc;
+    }
+}
+
+/// `out = x W^T` for panels `jp0..jp0 + npan` of a packed W (out: m rows of npan * NR at ldo),
+/// blocked over k so x stays in L1 while the panels stream.
+///
+/// # Safety
+/// x is m x pw.cols() at ldx; the panels exist; out as described.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_packed<K: MicroKernel>(
+    x: *const f32,
+    ldx: usize,
+    m: usize,
+    pw: &PackedW,
+    jp0: usize,
+    npan: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let (k, nr, layout) = (pw.cols(), K::NR, pw.layout());
+    if k == 0 {
+        for i in 0..m {
+            std::slice::from_raw_parts_mut(out.add(i * ldo), npan * nr).fill(0.0);
+        }
+        return;
+    }
+    let direct = K::reads_panel(layout);
+    let kcd = decode_kc(m); // a multiple of 64: every block starts on a k pair
+    let mut kb = 0;
+    while kb < k {
+        let kc = kcd.min(k - kb);
+        for jp in 0..npan {
+            let b = pw.panel(jp0 + jp, kb);
+            let o = out.add(jp * nr);
+            if direct {
+                K::gemv_panel(x.add(kb), ldx, m, b, layout, kc, o, ldo, kb > 0);
+            } else {
+                gemv_panel_generic(x.add(kb), ldx, m, b, layout, kc, nr, o, ldo, kb > 0);
+            }
+        }
+        kb += kc;
+    }
+}
+
+/// Decode path (m <= DECODE_MAX_M).
+pub(super) fn decode<K: MicroKernel>(
+    p: &LinearProblem<'_>,
+    packed: Option<&PackedW>,
+    y: &mut MatMut<'_>,
+    ws: &mut CallWs,
+) {
+    let (m, n, k) = (p.m(), p.n(), p.k());
+    let CallWs { xpack, t, toff, .. } = ws;
+    let xf = grow(xpack, m * k.max(1));
+    for i in 0..m {
+        p.x.row_f32(i, 0, &mut xf[i * k..(i + 1) * k]);
+    }
+    let xf: &[f32] = xf;
+    // Shrink: T (m x rsum, dense per slot), rows that do not use a slot are zero there.
+    toff.clear();
+    let mut rsum = 0;
+    for (s, sl) in p.slots.iter().enumerate() {
+        toff.push(rsum);
+        if let Some(sl) = sl {
+            if (0..m).any(|i| p.applies(s, i)) {
+                rsum += sl.rank();
+            }
+        }
+    }
+    let tv = grow(t, m * rsum.max(1));
+    for (s, sl) in p.slots.iter().enumerate() {
+        let Some(sl) = sl else { continue };
+        if !(0..m).any(|i| p.applies(s, i)) {
+            continue;
+        }
+        let (o, r) = (toff[s], sl.rank());
+        // SAFETY: x is m x k at ld k; A is r x k; T has m rows of rsum at columns o..o+r.
+        unsafe {
+            gemv_blocked::<K>(
+                xf.as_ptr(),
+                k,
+                m,
+                &sl.a,
+                tv.as_mut_ptr().add(o),
+                rsum,
+                false,
+            )
+        };
+        for i in 0..m {
+            let applies = p.applies(s, i);
+            for c in 0..r {
+                let v = &mut tv[i * rsum + o + c];
+                *v = if applies {
+                    sl.scale * sl.gains.map_or(1.0, |g| g.get(0, c)) * *v
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+    let tv: &[f32] = tv;
+    let toff: &[usize] = toff;
+    // A slot is used when some row applies it; its T columns are then the next block.
+    let slot_used =
+        |s: usize| -> bool { slot_at(p, s).is_some() && (0..m).any(|i| p.applies(s, i)) };
+    let threads = rayon::current_num_threads().max(1);
+    let mut cols = n.div_ceil(threads * 8).clamp(16, 512);
+    if packed.is_some() {
+        // Chunks of whole panels.
+        cols = cols.next_multiple_of(K::NR);
+    }
+    let chunks = n.div_ceil(cols);
+    let yv = SharedPtr(y.as_mut_ptr());
+    let (yld, ydt) = (y.ld, y.dtype);
+    (0..chunks).into_par_iter().for_each(|c| {
+        let (j0, j1) = (c * cols, ((c + 1) * cols).min(n));
+        let nt = j1 - j0;
+        WS.with(|tw| {
+            let tw = &mut *tw.borrow_mut();
+            // out: m rows at ld `ldo` (whole panels when W is packed).
+            let ldo = match packed {
+                Some(_) => nt.next_multiple_of(K::NR),
+                None => nt,
+            };
+            let out = grow(&mut tw.ctile, m * ldo);
+            match packed {
+                // SAFETY: x is m x k; chunk columns j0.. are whole panels of the pack (j0 is a
+                // multiple of NR); out is m x ldo.
+                Some(pw) => unsafe {
+                    gemv_packed::<K>(
+                        xf.as_ptr(),
+                        k,
+                        m,
+                        pw,
+                        j0 / K::NR,
+                        ldo / K::NR,
+                        out.as_mut_ptr(),
+                        ldo,
+                    )
+                },
+                None => {
+                    let wv = p.w.row_range(j0, nt);
+                    // SAFETY: x is m x k; out is m x nt at ld nt.
+                    unsafe {
+                        gemv_blocked::<K>(xf.as_ptr(), k, m, &wv, out.as_mut_ptr(), ldo, false)
+                    };
+                }
+            }
+            for (s, sl) in p.slots.iter().enumerate() {
+                let Some(sl) = sl else { continue };
+                if !slot_used(s) {
+                    continue;
+                }
+                let bv = sl.b.row_range(j0, nt);
+                // SAFETY: T columns toff[s].. hold r values per row at ld rsum; B rows j0..j1.
+                unsafe {
+                    gemv_blocked::<K>(
+                        tv.as_ptr().add(toff[s]),
+                        rsum,
+                        m,
+                        &bv,
+                        out.as_mut_ptr(),
+                        ldo,
+                        true,
+                    )
+                };
+            }
+            if let Some(bm) = p.bias {
+                let bv = grow(&mut tw.bias, nt);
+                bm.row_f32(0, j0, bv);
+                for i in 0..m {
+                    for (o, b) in out[i * ldo..i * ldo + nt].iter_mut().zip(bv.iter()) {
+                        *o += b;
+                    }
+                }
+            }
+            for i in 0..m {
+                // SAFETY: chunks write disjoint columns of y; (i, j0..j1) is inside y.
+                unsafe {
+                    K::store_row(
+                        &out[i * ldo..i * ldo + nt],
+                        yv.get().add((i * yld + j0) * ydt.size()),
+                        ydt,
+                    )
+                };
+            }
+        })
+    });
+}
