@@ -3,7 +3,9 @@
 //! shift) with SIMD inside an 8 x 8 transpose, a decode gemv that converts W in registers, and a
 //! SIMD f32 -> f16/bf16 rounding store.
 
+use super::avx2_panel;
 use super::driver::{gemv_generic, pack_b_generic, MicroKernel, DECODE_MAX_M};
+use super::pack::PanelLayout;
 use crate::dtype::{self, DType};
 use crate::matrix::MatRef;
 use std::arch::x86_64::*;
@@ -355,5 +357,34 @@ impl MicroKernel for Avx2 {
     unsafe fn store_row(src: &[f32], dst: *mut u8, dt: DType) {
         // SAFETY: as above.
         store_row_avx2(src, dst, dt)
+    }
+    fn reads_panel(_: PanelLayout) -> bool {
+        true
+    }
+    unsafe fn micro_panel(
+        kc: usize,
+        a: *const f32,
+        b: *const u8,
+        layout: PanelLayout,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+    ) {
+        // SAFETY: as above.
+        avx2_panel::micro_panel_6x16(kc, a, b, layout, c, ldc, acc)
+    }
+    unsafe fn gemv_panel(
+        x: *const f32,
+        ldx: usize,
+        m: usize,
+        b: *const u8,
+        layout: PanelLayout,
+        kc: usize,
+        out: *mut f32,
+        ldo: usize,
+        acc: bool,
+    ) {
+        // SAFETY: as above.
+        avx2_panel::gemv_panel_16(x, ldx, m, b, 16, layout, kc, out, ldo, acc)
     }
 }

@@ -64,8 +64,10 @@ unsafe fn gemv_packed<K: MicroKernel>(
         }
         return;
     }
-    let direct = K::reads_panel(layout);
-    let kcd = decode_kc(m); // a multiple of 64: every block starts on a k pair
+    let direct = K::gemv_reads_panel(layout);
+    // 256 k: x's block (m x 1 KiB) and a panel block (<= 32 KiB) stay in L1 across the row
+    // passes of the panel kernels; even, so every block starts on a k pair.
+    let kcd = 256;
     let mut kb = 0;
     while kb < k {
         let kc = kcd.min(k - kb);

@@ -97,6 +97,12 @@ pub trait MicroKernel: Sync + Send + 'static {
         layout == PanelLayout::F32
     }
 
+    /// Whether `gemv_panel` reads packed panels of `layout` (decode); when false, decode uses
+    /// the portable `gemv_panel_generic`.
+    fn gemv_reads_panel(layout: PanelLayout) -> bool {
+        Self::reads_panel(layout)
+    }
+
     /// `micro` with B read from a prepacked panel block (`kc` k-steps of NR columns, in
     /// `layout`, from an even k offset). Only called when `reads_panel(layout)`.
     ///
