@@ -13,6 +13,13 @@
 
 
 /*
+ The C ABI version this library implements (`RF_ABI_VERSION` in the header, which the `ffi`
+ layer checks against this at compile time); bumped on any change to an existing signature or
+ struct layout.
+ */
+#define ABI_VERSION 1
+
+/*
  ABI version; bumped on any change to an existing signature or struct layout.
  */
 #define RF_ABI_VERSION 1
@@ -153,6 +160,11 @@ typedef struct rf_error rf_error;
 typedef struct rf_lora rf_lora;
 
 /*
+ A base matrix packed for a kind of CPU kernels (`rf_weights_pack`). Immutable; thread-safe.
+ */
+typedef struct rf_packed rf_packed;
+
+/*
  A runtime. Thread-safe: compute calls may run from many threads at once.
  */
 typedef struct rf_runtime rf_runtime;
@@ -264,6 +276,32 @@ typedef struct {
    */
   float scale_mult;
 } rf_lora_slot;
+
+/*
+ What `rf_packed_info_get` reports about a packed matrix.
+ */
+typedef struct {
+  /*
+   W's shape (n x k, nn.Linear layout) and element type, as packed.
+   */
+  int64_t rows;
+  int64_t cols;
+  rf_dtype dtype;
+  /*
+   Bytes the packed matrix owns: W's bytes rounded up to whole panels (and, for bf16 on
+   AMX / AVX512-BF16 kernels, k rounded up to 32).
+   */
+  size_t bytes;
+  /*
+   Columns per panel of the layout (the kernels' register-tile width).
+   */
+  uint32_t panel_cols;
+  /*
+   The kernels the layout is for (`"avx2"`, `"avx512bf16"`, ...; the runtime's `isa` in
+   `rf_runtime_info`); a NUL-terminated static string.
+   */
+  const char *kernels;
+} rf_packed_info;
 
 /*
  Options of `rf_runtime_create`. Set `struct_size = sizeof(rf_runtime_options)`.
@@ -535,6 +573,41 @@ void rf_error_free(rf_error *e);
  into the call's scratch (correct, slower).
  */
 rf_error *rf_linear(rf_runtime *rt, const rf_matrix *x, const rf_matrix *w, const rf_matrix *bias, const rf_lora_slot *slots, size_t n_slots, const int32_t *row_slot, rf_matrix *y);
+
+/*
+ Packs the base matrix `w` (n x k, F32/F16/BF16, any `ld`, host memory) once into the layout
+ this CPU runtime's kernels consume (panels of the register-tile width in W's own element
+ type; bf16 as VNNI k-pairs, the operand order of `vdpbf16ps` / AMX), so `rf_linear_packed`
+ never re-packs it. Memory: about W's own bytes (see `rf_packed_info.bytes`); `w`'s memory
+ is copied and may be freed or unmapped afterwards. Packing reads all of W once on the
+ runtime's threads. On a CUDA runtime: RF_STATUS_UNSUPPORTED (the kernels there read W in place
+ from device memory).
+ The caller owns `*out` (free with `rf_packed_free`). A packed matrix is immutable: any number
+ of threads may use it at once, with any runtime whose kernels match (see `rf_linear_packed`).
+ */
+rf_error *rf_weights_pack(rf_runtime *rt, const rf_matrix *w, rf_packed **out);
+
+/*
+ Frees a packed matrix; NULL is accepted. No call may be using it.
+ */
+void rf_packed_free(rf_packed *p);
+
+/*
+ Shape, dtype, bytes and layout of a packed matrix. Thread-safe.
+ */
+rf_error *rf_packed_info_get(const rf_packed *p, rf_packed_info *out);
+
+/*
+ `rf_linear` with W given as a packed matrix from `rf_weights_pack`: the same op, forms and
+ dtypes (stacked or mixed slots, ranks, bias, any f32/f16/bf16 x / y), the same results as
+ `rf_linear` on the unpacked W within the kernels' tolerance (the packed values are W's own).
+ `w` must have been packed for kernels of the same kind as `rt`'s (`rf_packed_info.kernels`
+ equals the runtime's `isa`): otherwise RF_STATUS_INVALID_ARGUMENT naming both, never a
+ result read in the wrong layout (runtimes of one process normally share one kind; they
+ differ when `RANKFUSE_ISA` changed in between). CPU runtimes only (RF_STATUS_UNSUPPORTED on
+ CUDA). Thread-safe like `rf_linear`: many threads may share rt, w and the adapters.
+ */
+rf_error *rf_linear_packed(rf_runtime *rt, const rf_matrix *x, const rf_packed *w, const rf_matrix *bias, const rf_lora_slot *slots, size_t n_slots, const int32_t *row_slot, rf_matrix *y);
 
 /*
  The ABI version this library implements (RF_ABI_VERSION).

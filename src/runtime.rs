@@ -1,10 +1,11 @@
 //! The runtime: a device, a thread pool and the kernel table chosen when it starts.
 
 use crate::adapter::Lora;
+use crate::backend::cpu::pack::PackedW;
 use crate::backend::cpu::{self, KernelTable};
 use crate::backend::{LinearProblem, Slot};
 use crate::error::{Error, Result};
-use crate::matrix::MatMut;
+use crate::matrix::{MatMut, MatRef};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Device {
@@ -163,6 +164,62 @@ impl Runtime {
         }
     }
 
+    /// Packs a base matrix once for this runtime's kernels (`PackedW`): the layout follows the
+    /// kernel table (`KernelTable::pack`), so a pack serves runtimes with the same table. CPU
+    /// runtimes only: on a CUDA runtime W is device-resident and read in place by the kernels.
+    pub fn pack(&self, w: &MatRef<'_>) -> Result<PackedW> {
+        match &self.backend {
+            Backend::Cpu => {
+                let spec = self.kernels.pack;
+                self.pool.install(|| PackedW::pack(w, spec))
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => Err(Error::unsupported(
+                "packed weights are for CPU runtimes: on a CUDA runtime the kernels read W in \
+                 place from device memory (rf_weights_open uploads it once)",
+            )),
+        }
+    }
+
+    /// The fused linear with W read from `packed` (`p.w` is ignored: the pack gives W and its
+    /// shape). The pack must have been made for this runtime's kernel table; otherwise
+    /// INVALID_ARGUMENT (a pack is never read in another layout).
+    pub fn linear_packed(
+        &self,
+        p: &LinearProblem<'_>,
+        packed: &PackedW,
+        y: &mut MatMut<'_>,
+    ) -> Result<()> {
+        let q = LinearProblem {
+            w: packed.shape_view(),
+            ..*p
+        };
+        q.check(y)?;
+        let want = self.kernels.pack;
+        if packed.spec() != want {
+            return Err(Error::invalid(format!(
+                "the packed matrix was made for the '{}' kernels ({}-column panels) but this \
+                 runtime runs the '{}' kernels ({}-column panels): pack it with this runtime \
+                 (rf_weights_pack)",
+                packed.spec().isa.name(),
+                packed.spec().nr,
+                want.isa.name(),
+                want.nr
+            )));
+        }
+        match &self.backend {
+            Backend::Cpu => {
+                let f = self.kernels.linear_packed;
+                self.pool.install(|| f(&q, packed, y));
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => Err(Error::unsupported(
+                "packed weights are for CPU runtimes (this runtime is CUDA)",
+            )),
+        }
+    }
+
     /// Runtime facts as JSON: version, backend, CPU features, kernels chosen, threads.
     pub fn info_json(&self) -> String {
         let (backend, gpu) = match &self.backend {
@@ -180,6 +237,10 @@ impl Runtime {
             "isa": self.kernels.isa.name(),
             "kernels": {
                 "linear": self.kernels.linear_name,
+                "pack": {
+                    "panel_columns": self.kernels.pack.nr,
+                    "bf16_k_granule": self.kernels.pack.kgran,
+                },
                 "self_check": match cpu::self_check_result(self.kernels.isa) {
                     None => "not run".to_string(),
                     Some(Ok(())) => "passed".to_string(),

@@ -779,3 +779,78 @@ fn adapter_listing_and_missing_module() {
         rf_runtime_free(rt);
     }
 }
+
+/// `rf_weights_pack` + `rf_linear_packed`: the pack owns a copy (the source may change or go),
+/// reports its shape and layout, and gives rf_linear's result; bad arguments name themselves.
+#[test]
+fn packed_weights_through_the_c_abi() {
+    use rankfuse::ffi::packed::*;
+    let mut f = Fx::new();
+    for (i, v) in f.w.iter_mut().enumerate() {
+        *v = (i as f32 * 0.37).sin();
+    }
+    ok(f.call(|_, _, _, _| {}));
+    let want = f.y.clone();
+    let w = mat(&mut f.w, 5, 4);
+    let mut p: *mut rf_packed = null_mut();
+    ok(unsafe { rf_weights_pack(f.rt, &w, &mut p) });
+    f.w.fill(f32::NAN); // the pack is a copy
+    let mut info = std::mem::MaybeUninit::<rf_packed_info>::uninit();
+    ok(unsafe { rf_packed_info_get(p, info.as_mut_ptr()) });
+    let info = unsafe { info.assume_init() };
+    assert_eq!(
+        (info.rows, info.cols, info.dtype),
+        (5, 4, rf_dtype::RF_DTYPE_F32)
+    );
+    let pc = info.panel_cols as usize;
+    assert!(
+        pc >= 4 && info.bytes == 5usize.div_ceil(pc) * pc * 4 * 4,
+        "{info:?}"
+    );
+    let kernels = unsafe { CStr::from_ptr(info.kernels) }.to_str().unwrap();
+    let mut json = vec![0 as std::ffi::c_char; 4096];
+    let mut len = 0;
+    ok(unsafe { rf_runtime_info(f.rt, json.as_mut_ptr(), json.len(), &mut len) });
+    let json = unsafe { CStr::from_ptr(json.as_ptr()) }.to_str().unwrap();
+    assert!(
+        json.contains(&format!("\"isa\":\"{kernels}\"")),
+        "{kernels} vs {json}"
+    );
+
+    let (x, b) = (mat(&mut f.x, 3, 4), mat(&mut f.b, 1, 5));
+    f.y.fill(0.0);
+    let mut y = mat(&mut f.y, 3, 5);
+    ok(unsafe { rf_linear_packed(f.rt, &x, p, &b, null(), 0, null(), &mut y) });
+    for (g, w) in f.y.iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-6, "{g} vs {w}");
+    }
+    // Shapes are checked against the pack's.
+    let mut x5 = vec![0f32; 15];
+    let x5m = mat(&mut x5, 3, 5);
+    expect(
+        unsafe { rf_linear_packed(f.rt, &x5m, p, &b, null(), 0, null(), &mut y) },
+        RF_STATUS_SHAPE,
+        &["w has 4 columns", "x has 5"],
+    );
+    expect(
+        unsafe { rf_linear_packed(f.rt, &x, null(), &b, null(), 0, null(), &mut y) },
+        RF_STATUS_INVALID_ARGUMENT,
+        &["'w'"],
+    );
+    expect(
+        unsafe { rf_weights_pack(f.rt, &w, null_mut()) },
+        RF_STATUS_INVALID_ARGUMENT,
+        &["'out'"],
+    );
+    expect(
+        unsafe { rf_packed_info_get(null(), info_ptr()) },
+        RF_STATUS_INVALID_ARGUMENT,
+        &["'packed'"],
+    );
+    unsafe { rf_packed_free(p) };
+    unsafe { rf_packed_free(null_mut()) };
+}
+
+fn info_ptr() -> *mut rankfuse::ffi::packed::rf_packed_info {
+    std::ptr::NonNull::dangling().as_ptr()
+}

@@ -1,6 +1,6 @@
 //! Every CPU kernel variant this machine can run, against the f64 `reference`, on random problems:
 //! odd shapes (1..300), both sides of the decode threshold, several KC/MC/NC blocks, every dtype
-//! mix for x / W / A-B / y, ld > cols everywhere, bias or not, stacked and mixed slots (with -1
+//! mix for x / W / A-B / y, W as given and prepacked (`Runtime::pack`), ld > cols everywhere, bias or not, stacked and mixed slots (with -1
 //! rows and NULL slots), per-component gains. Variants the CPU lacks skip with one printed line.
 //!
 //! Tolerance per element: `8e-6 * sum|terms| + rtol(y dtype) * |ref|`, where sum|terms| is the
@@ -291,13 +291,25 @@ fn check_case(c: &Case, rts: &[(Isa, Runtime)]) -> Result<(), TestCaseError> {
 
     let ydt = c.dtypes[3];
     let yld = c.n + c.ld_extra[4];
-    for (isa, rt) in rts {
+    // Every variant with W as given and W prepacked for it (rf_weights_pack's layout).
+    let runs = rts
+        .iter()
+        .flat_map(|(isa, rt)| [(isa, rt, false), (isa, rt, true)]);
+    for (isa, rt, packed) in runs {
         let mut rng = SplitMix64::new(7);
         // Random contents, so a kernel that skips an element is caught; padding is checked.
         let mut y = Buf::random_at(&mut rng, ydt, c.m, c.n, yld, c.misalign);
         let before = y.data.clone();
-        rt.linear(&p, &mut y.view_mut())
-            .map_err(|e| TestCaseError::fail(format!("{isa:?}: {}", e.message)))?;
+        let isa = format!("{isa:?}{}", if packed { " (packed W)" } else { "" });
+        let res = if packed {
+            let pw = rt
+                .pack(&p.w)
+                .map_err(|e| TestCaseError::fail(format!("{isa}: {}", e.message)))?;
+            rt.linear_packed(&p, &pw, &mut y.view_mut())
+        } else {
+            rt.linear(&p, &mut y.view_mut())
+        };
+        res.map_err(|e| TestCaseError::fail(format!("{isa}: {}", e.message)))?;
         let yv = y.view();
         let sz = ydt.size();
         for i in 0..c.m {
@@ -307,7 +319,7 @@ fn check_case(c: &Case, rts: &[(Isa, Runtime)]) -> Result<(), TestCaseError> {
                 let tol = 8e-6 * ybound[i * c.n + j] + rtol(ydt) * want.abs() + 1e-6;
                 prop_assert!(
                     (got - want).abs() <= tol,
-                    "{isa:?} y[{i},{j}] = {got}, reference {want} (tol {tol}), case {c:?}"
+                    "{isa} y[{i},{j}] = {got}, reference {want} (tol {tol}), case {c:?}"
                 );
             }
             if i + 1 < c.m {
@@ -316,7 +328,7 @@ fn check_case(c: &Case, rts: &[(Isa, Runtime)]) -> Result<(), TestCaseError> {
                 prop_assert_eq!(
                     &y.data[pad.clone()],
                     &before[pad],
-                    "{:?} wrote into y's padding (row {})",
+                    "{} wrote into y's padding (row {})",
                     isa,
                     i
                 );
@@ -473,5 +485,42 @@ fn unsupported_variants_are_refused() {
             err.contains("Unsupported") && err.contains(isa.name()),
             "{err}"
         );
+    }
+}
+
+/// A pack is read only by the kernels it was made for: another table is refused by name, never
+/// read in the wrong layout.
+#[test]
+fn a_pack_for_other_kernels_is_refused() {
+    let rts: Vec<(Isa, Runtime)> = [Isa::Reference, Isa::Portable, Isa::Avx2, Isa::Neon]
+        .into_iter()
+        .filter_map(|i| runtime_for(i).map(|rt| (i, rt)))
+        .collect();
+    let mut rng = SplitMix64::new(3);
+    let (x, w) = (
+        Buf::random(&mut rng, DType::F32, 2, 9, 9),
+        Buf::random(&mut rng, DType::BF16, 7, 9, 9),
+    );
+    let p = LinearProblem {
+        x: x.view(),
+        w: w.view(),
+        bias: None,
+        slots: &[],
+        row_slot: None,
+    };
+    for (i, (a, rta)) in rts.iter().enumerate() {
+        let pw = rta.pack(&w.view()).unwrap();
+        for (b, rtb) in rts.iter().skip(i + 1) {
+            let mut y = vec![0f32; 14];
+            let e = rtb
+                .linear_packed(&p, &pw, &mut MatMut::from_slice(&mut y, 2, 7, 7).unwrap())
+                .unwrap_err();
+            assert_eq!(e.status, Status::InvalidArgument, "{}", e.message);
+            assert!(
+                e.message.contains(a.name()) && e.message.contains(b.name()),
+                "{}",
+                e.message
+            );
+        }
     }
 }

@@ -42,6 +42,23 @@ fn run(
         row_slot: rows,
     };
     rt.linear(&p, &mut y.view_mut()).unwrap();
+    // The same call on W prepacked for this runtime (rf_weights_pack) agrees: every fixture
+    // check below holds for the packed path too.
+    let pw = rt.pack(&w).unwrap();
+    let mut yp = Matrix::zeros(ydt, x.rows, w.rows).unwrap();
+    rt.linear_packed(&p, &pw, &mut yp.view_mut()).unwrap();
+    let tol = match ydt {
+        DType::F32 => 2e-5,
+        DType::F16 => 2e-3,
+        DType::BF16 => 1.6e-2,
+    };
+    assert_close(
+        &format!("{module}: packed W vs W"),
+        &yp.to_f32_vec(),
+        &y.to_f32_vec(),
+        tol,
+        tol,
+    );
     y.to_f32_vec()
 }
 

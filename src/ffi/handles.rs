@@ -22,6 +22,11 @@ pub struct rf_weights {
     pub(crate) device: Option<crate::backend::cuda::resident::DeviceWeights>,
 }
 
+/// A base matrix packed for a kind of CPU kernels (`rf_weights_pack`). Immutable; thread-safe.
+pub struct rf_packed {
+    pub(crate) inner: Arc<crate::backend::cpu::pack::PackedW>,
+}
+
 /// An adapter: a named set of LoRA modules. Compute calls may share it across threads; calls
 /// that change it need exclusive access.
 pub struct rf_adapter {

@@ -129,25 +129,8 @@ pub unsafe extern "C" fn rf_linear(
         let wd = read_matrix(w, "w")?;
         let bd = read_opt_matrix(bias, "bias")?;
         let yd = read_matrix(y, "y")?;
-        let raw_slots = arg_slice(slots, n_slots, "slots", "n_slots")?;
-        let mut resolved: Vec<Option<Slot<'_>>> = Vec::with_capacity(n_slots);
-        for (i, s) in raw_slots.iter().enumerate() {
-            if s.lora.is_null() {
-                resolved.push(None);
-                continue;
-            }
-            let l = lora_ref(s.lora, "slots[].lora")?;
-            let slot = rt
-                .inner
-                .lora_slot(l, s.rank as usize, s.scale_mult)
-                .map_err(|e| e.context(format!("slot {i}")))?;
-            resolved.push(Some(slot));
-        }
-        let rs = if row_slot.is_null() {
-            None
-        } else {
-            Some(std::slice::from_raw_parts(row_slot, xd.rows))
-        };
+        let resolved = resolve_slots(rt, slots, n_slots)?;
+        let rs = read_row_slot(row_slot, xd.rows);
         let problem = LinearProblem {
             x: xd.as_ref(),
             w: wd.as_ref(),
@@ -158,4 +141,42 @@ pub unsafe extern "C" fn rf_linear(
         let mut yv = yd.as_mut();
         rt.inner.linear(&problem, &mut yv)
     })
+}
+
+/// The slots of a call, resolved for `rt` (rank, scale, device copies); NULL loras are base-only.
+///
+/// # Safety
+/// `slots` as in `rf_linear`.
+pub(crate) unsafe fn resolve_slots<'a>(
+    rt: &'a rf_runtime,
+    slots: *const rf_lora_slot,
+    n_slots: usize,
+) -> Result<Vec<Option<Slot<'a>>>> {
+    let raw_slots = arg_slice(slots, n_slots, "slots", "n_slots")?;
+    let mut resolved: Vec<Option<Slot<'a>>> = Vec::with_capacity(n_slots);
+    for (i, s) in raw_slots.iter().enumerate() {
+        if s.lora.is_null() {
+            resolved.push(None);
+            continue;
+        }
+        let l = lora_ref(s.lora, "slots[].lora")?;
+        let slot = rt
+            .inner
+            .lora_slot(l, s.rank as usize, s.scale_mult)
+            .map_err(|e| e.context(format!("slot {i}")))?;
+        resolved.push(Some(slot));
+    }
+    Ok(resolved)
+}
+
+/// `row_slot` as a slice of m entries (None for NULL: stacked).
+///
+/// # Safety
+/// A non-NULL `row_slot` points to `m` ints.
+pub(crate) unsafe fn read_row_slot<'a>(row_slot: *const i32, m: usize) -> Option<&'a [i32]> {
+    if row_slot.is_null() {
+        None
+    } else {
+        Some(std::slice::from_raw_parts(row_slot, m))
+    }
 }
