@@ -373,11 +373,13 @@ impl MicroKernel for Avx2 {
         // SAFETY: as above.
         avx2_panel::micro_panel_6x16(kc, a, b, layout, c, ldc, acc)
     }
-    unsafe fn gemv_panel(
+    unsafe fn gemv_panels(
         x: *const f32,
         ldx: usize,
         m: usize,
         b: *const u8,
+        pstride: usize,
+        npan: usize,
         layout: PanelLayout,
         kc: usize,
         out: *mut f32,
@@ -385,6 +387,8 @@ impl MicroKernel for Avx2 {
         acc: bool,
     ) {
         // SAFETY: as above.
-        avx2_panel::gemv_panel_16(x, ldx, m, b, 16, layout, kc, out, ldo, acc)
+        avx2_panel::gemv_panels_16(
+            x, ldx, m, b, 16, pstride, npan, 16, layout, kc, out, ldo, acc,
+        )
     }
 }

@@ -139,53 +139,63 @@ pub(crate) unsafe fn micro_panel_6x16(
     }
 }
 
-/// M (<= 2) x-rows against 16 panel columns; even and odd k accumulate apart (4 M independent
-/// FMA chains, enough to stream W at memory speed for m = 1).
+/// M x-rows against NP panels (16 columns each, `pstride` bytes apart), k in pairs. The NP
+/// panels are NP sequential streams (one lone stream leaves the memory system idle between the
+/// prefetcher's requests) and M * NP * 2 independent accumulators hide the FMA latency.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemv_16<P: PanelPairs, const M: usize>(
+unsafe fn gemv_np<P: PanelPairs, const M: usize, const NP: usize>(
     x: *const f32,
     ldx: usize,
     b: *const u8,
     ldb: usize,
+    pstride: usize,
+    ocol: usize,
     kc: usize,
     out: *mut f32,
     ldo: usize,
     acc: bool,
 ) {
-    let mut e = [[_mm256_setzero_ps(); 2]; M];
-    let mut o = [[_mm256_setzero_ps(); 2]; M];
+    let mut a = [[[_mm256_setzero_ps(); 2]; NP]; M];
     for q in 0..kc / 2 {
-        let [e0, e1, o0, o1] = P::pair(b, ldb, q);
-        for i in 0..M {
-            let xe = _mm256_broadcast_ss(&*x.add(i * ldx + 2 * q));
-            let xo = _mm256_broadcast_ss(&*x.add(i * ldx + 2 * q + 1));
-            e[i][0] = _mm256_fmadd_ps(xe, e0, e[i][0]);
-            e[i][1] = _mm256_fmadd_ps(xe, e1, e[i][1]);
-            o[i][0] = _mm256_fmadd_ps(xo, o0, o[i][0]);
-            o[i][1] = _mm256_fmadd_ps(xo, o1, o[i][1]);
+        for p in 0..NP {
+            let [e0, e1, o0, o1] = P::pair(b.add(p * pstride), ldb, q);
+            for (i, ai) in a.iter_mut().enumerate() {
+                let xe = _mm256_broadcast_ss(&*x.add(i * ldx + 2 * q));
+                let xo = _mm256_broadcast_ss(&*x.add(i * ldx + 2 * q + 1));
+                ai[p][0] = _mm256_fmadd_ps(xe, e0, ai[p][0]);
+                ai[p][1] = _mm256_fmadd_ps(xe, e1, ai[p][1]);
+                ai[p][0] = _mm256_fmadd_ps(xo, o0, ai[p][0]);
+                ai[p][1] = _mm256_fmadd_ps(xo, o1, ai[p][1]);
+            }
         }
     }
     if kc % 2 == 1 {
-        let [e0, e1] = P::even(b, ldb, kc / 2);
-        for (i, ei) in e.iter_mut().enumerate() {
-            let xe = _mm256_broadcast_ss(&*x.add(i * ldx + kc - 1));
-            ei[0] = _mm256_fmadd_ps(xe, e0, ei[0]);
-            ei[1] = _mm256_fmadd_ps(xe, e1, ei[1]);
+        for p in 0..NP {
+            let [e0, e1] = P::even(b.add(p * pstride), ldb, kc / 2);
+            for (i, ai) in a.iter_mut().enumerate() {
+                let xe = _mm256_broadcast_ss(&*x.add(i * ldx + kc - 1));
+                ai[p][0] = _mm256_fmadd_ps(xe, e0, ai[p][0]);
+                ai[p][1] = _mm256_fmadd_ps(xe, e1, ai[p][1]);
+            }
         }
     }
-    for i in 0..M {
-        let op = out.add(i * ldo);
-        for h in 0..2 {
-            let mut v = _mm256_add_ps(e[i][h], o[i][h]);
-            if acc {
-                v = _mm256_add_ps(_mm256_loadu_ps(op.add(8 * h)), v);
+    for (i, ai) in a.iter().enumerate() {
+        for (p, ap) in ai.iter().enumerate() {
+            let op = out.add(i * ldo + p * ocol);
+            for (h, v) in ap.iter().enumerate() {
+                let mut v = *v;
+                if acc {
+                    v = _mm256_add_ps(_mm256_loadu_ps(op.add(8 * h)), v);
+                }
+                _mm256_storeu_ps(op.add(8 * h), v);
             }
-            _mm256_storeu_ps(op.add(8 * h), v);
         }
     }
 }
 
+/// Rows in passes of up to 2 (the panel blocks stay in L1 between passes), panels in groups of
+/// 4 (m = 1) or 2.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemv_rows<P: PanelPairs>(
@@ -194,46 +204,81 @@ unsafe fn gemv_rows<P: PanelPairs>(
     m: usize,
     b: *const u8,
     ldb: usize,
+    pstride: usize,
+    npan: usize,
+    ocol: usize,
     kc: usize,
     out: *mut f32,
     ldo: usize,
     acc: bool,
 ) {
-    // Passes of two rows: the panel block (<= 256 k x 16 columns) stays in L1 between passes.
     let mut i = 0;
-    while i + 2 <= m {
-        gemv_16::<P, 2>(x.add(i * ldx), ldx, b, ldb, kc, out.add(i * ldo), ldo, acc);
-        i += 2;
-    }
-    if i < m {
-        gemv_16::<P, 1>(x.add(i * ldx), ldx, b, ldb, kc, out.add(i * ldo), ldo, acc);
+    while i < m {
+        let (xi, oi) = (x.add(i * ldx), out.add(i * ldo));
+        let mut p = 0;
+        if m - i == 1 {
+            while p + 4 <= npan {
+                let (bp, op) = (b.add(p * pstride), oi.add(p * ocol));
+                gemv_np::<P, 1, 4>(xi, ldx, bp, ldb, pstride, ocol, kc, op, ldo, acc);
+                p += 4;
+            }
+            while p < npan {
+                let (bp, op) = (b.add(p * pstride), oi.add(p * ocol));
+                gemv_np::<P, 1, 1>(xi, ldx, bp, ldb, pstride, ocol, kc, op, ldo, acc);
+                p += 1;
+            }
+            i += 1;
+        } else {
+            while p + 2 <= npan {
+                let (bp, op) = (b.add(p * pstride), oi.add(p * ocol));
+                gemv_np::<P, 2, 2>(xi, ldx, bp, ldb, pstride, ocol, kc, op, ldo, acc);
+                p += 2;
+            }
+            while p < npan {
+                let (bp, op) = (b.add(p * pstride), oi.add(p * ocol));
+                gemv_np::<P, 2, 1>(xi, ldx, bp, ldb, pstride, ocol, kc, op, ldo, acc);
+                p += 1;
+            }
+            i += 2;
+        }
     }
 }
 
-/// Decode on 16 columns of a panel whose rows are `ldb` columns wide (16 for AVX2's panels; 32
-/// for AVX-512's, called once per 16-column half with `b` advanced by `half_offset`).
+/// Decode on `npan` panels of 16 columns (panel p at `b + p * pstride` bytes, k step rows `ldb`
+/// columns wide: 16 for AVX2's panels; 32 for AVX-512's, called once per 16-column half with
+/// `b` advanced by `half_offset` and `ocol` = 32); panel p's outputs go to `out + p * ocol`.
 ///
 /// # Safety
-/// AVX2 + FMA + F16C; x has m rows of kc floats at ldx; the panel block is readable; out has m
-/// rows of 16 writable floats at ldo.
+/// AVX2 + FMA + F16C; x has m rows of kc floats at ldx; the panel blocks are readable; out has
+/// m rows of npan * ocol writable floats at ldo.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemv_panel_16(
+pub(crate) unsafe fn gemv_panels_16(
     x: *const f32,
     ldx: usize,
     m: usize,
     b: *const u8,
     ldb: usize,
+    pstride: usize,
+    npan: usize,
+    ocol: usize,
     layout: PanelLayout,
     kc: usize,
     out: *mut f32,
     ldo: usize,
     acc: bool,
 ) {
+    let a = (x, ldx, m, b, ldb, pstride, npan, ocol, kc, out, ldo, acc);
     match layout {
-        PanelLayout::F32 => gemv_rows::<Plain<LoadF32>>(x, ldx, m, b, ldb, kc, out, ldo, acc),
-        PanelLayout::F16 => gemv_rows::<Plain<LoadF16>>(x, ldx, m, b, ldb, kc, out, ldo, acc),
-        PanelLayout::Bf16Pairs => gemv_rows::<Bf16Pairs>(x, ldx, m, b, ldb, kc, out, ldo, acc),
+        PanelLayout::F32 => gemv_rows::<Plain<LoadF32>>(
+            a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8, a.9, a.10, a.11,
+        ),
+        PanelLayout::F16 => gemv_rows::<Plain<LoadF16>>(
+            a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8, a.9, a.10, a.11,
+        ),
+        PanelLayout::Bf16Pairs => {
+            gemv_rows::<Bf16Pairs>(a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8, a.9, a.10, a.11)
+        }
     }
 }
 

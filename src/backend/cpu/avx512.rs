@@ -197,11 +197,13 @@ impl MicroKernel for Avx512 {
     fn gemv_reads_panel(_: PanelLayout) -> bool {
         true
     }
-    unsafe fn gemv_panel(
+    unsafe fn gemv_panels(
         x: *const f32,
         ldx: usize,
         m: usize,
         b: *const u8,
+        pstride: usize,
+        npan: usize,
         layout: PanelLayout,
         kc: usize,
         out: *mut f32,
@@ -210,13 +212,16 @@ impl MicroKernel for Avx512 {
     ) {
         let half = avx2_panel::half_offset(layout);
         for h in 0..2 {
-            // SAFETY: AVX2 + FMA + F16C are present on every AVX-512 CPU we select; the 32-wide
+            // SAFETY: AVX2 + FMA + F16C are present on every AVX-512 CPU we select; each 32-wide
             // panel block's two halves are 16 columns each.
-            avx2_panel::gemv_panel_16(
+            avx2_panel::gemv_panels_16(
                 x,
                 ldx,
                 m,
                 b.add(h * half),
+                32,
+                pstride,
+                npan,
                 32,
                 layout,
                 kc,
@@ -279,18 +284,20 @@ mod tests {
         fn gemv_reads_panel(l: PanelLayout) -> bool {
             Avx512::gemv_reads_panel(l)
         }
-        unsafe fn gemv_panel(
+        unsafe fn gemv_panels(
             x: *const f32,
             ldx: usize,
             m: usize,
             b: *const u8,
+            pstride: usize,
+            npan: usize,
             layout: PanelLayout,
             kc: usize,
             out: *mut f32,
             ldo: usize,
             acc: bool,
         ) {
-            Avx512::gemv_panel(x, ldx, m, b, layout, kc, out, ldo, acc)
+            Avx512::gemv_panels(x, ldx, m, b, pstride, npan, layout, kc, out, ldo, acc)
         }
     }
 

@@ -211,6 +211,11 @@ impl PackedW {
         self.spec.nr
     }
 
+    /// Bytes from one panel to the next.
+    pub fn panel_bytes(&self) -> usize {
+        self.kp * self.spec.nr * self.layout.size()
+    }
+
     /// Panel `jp` from k offset `p0` (p0 even for `Bf16Pairs`): `(kc) * nr` elements follow.
     ///
     /// # Safety

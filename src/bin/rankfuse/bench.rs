@@ -89,13 +89,14 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
             if !header {
                 header = true;
                 eprintln!(
-                    "{:>5} {:>5} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>7} {:>8}",
+                    "{:>5} {:>5} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>7} {:>8} | {:>9} {:>9} {:>7} {:>7} {:>8} {:>6} {:>7} {:>7}",
                     "dtype", "m", "k", "n", "r", "base ms", "fused ms", "naive ms", "f/base",
-                    "n/base", "f/b cpu", "GFLOP/s", "GF/cpu-s", "GB/s", "%bw", "allocs", "ws MiB"
+                    "n/base", "f/b cpu", "GFLOP/s", "GF/cpu-s", "GB/s", "%bw", "allocs", "ws MiB",
+                    "pk base", "pk fused", "pk f/b", "speedup", "pk GF/s", "%peak", "cpu f", "cpu pk"
                 );
             }
             eprintln!(
-                "{:>5} {:>5} {:>6} {:>6} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>7.3} {:>7.3} {:>7.3} {:>8.1} {:>8.1} {:>6.1} {:>6} {:>7} {:>8.1}",
+                "{:>5} {:>5} {:>6} {:>6} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>7.3} {:>7.3} {:>7.3} {:>8.1} {:>8.1} {:>6.1} {:>6} {:>7} {:>8.1} | {:>9.3} {:>9.3} {:>7.3} {:>7.2} {:>8.1} {:>6} {:>7.2} {:>7.2}",
                 r.dtype,
                 r.m,
                 r.k,
@@ -115,6 +116,15 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
                 r.fused_allocs_per_call
                     .map_or("-".to_string(), |c| format!("{c:.1}")),
                 r.workspace_bytes as f64 / (1 << 20) as f64,
+                r.packed_base_ms,
+                r.packed_fused_ms,
+                r.packed_fused_over_base,
+                r.packed_speedup,
+                r.packed_fused_gflops,
+                r.packed_pct_of_fma_peak
+                    .map_or("-".to_string(), |p| format!("{p:.0}%")),
+                r.fused_cpu_ms,
+                r.packed_fused_cpu_ms,
             );
             if let (Some(c), Some(b), Some(f), Some(gbs)) = (
                 r.cold_copies,
@@ -129,10 +139,15 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
                         .map_or("-".to_string(), |p| format!("{p:.0}%")),
                 );
             }
+            if let (Some(f), Some(pct)) = (r.cold_packed_fused_ms, r.cold_packed_pct_of_bandwidth) {
+                eprintln!(
+                    "      cold, packed W: fused {f:.3} ms = {pct:.0}% of the streaming bandwidth"
+                );
+            }
         },
         |x| {
             eprintln!(
-                "mixed {:>5} m {} k {} n {}: {} adapters (ranks {:?}) {:.3} ms vs one r={} adapter {:.3} ms: x{:.3} (CPU time x{:.3}; base {:.3} ms, x{:.3})",
+                "mixed {:>5} m {} k {} n {}: {} adapters (ranks {:?}) {:.3} ms vs one r={} adapter {:.3} ms: x{:.3} (CPU time x{:.3}; base {:.3} ms, x{:.3}); packed W: {:.3} vs {:.3} ms, x{:.3}",
                 x.dtype,
                 x.m,
                 x.k,
@@ -145,7 +160,10 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
                 x.mixed_over_single,
                 x.mixed_over_single_cpu,
                 x.base_ms,
-                x.mixed_over_base
+                x.mixed_over_base,
+                x.packed_mixed_ms,
+                x.packed_single_ms,
+                x.packed_mixed_over_single
             )
         },
     )?;

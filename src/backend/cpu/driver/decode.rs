@@ -65,19 +65,37 @@ unsafe fn gemv_packed<K: MicroKernel>(
         return;
     }
     let direct = K::gemv_reads_panel(layout);
-    // 256 k: x's block (m x 1 KiB) and a panel block (<= 32 KiB) stay in L1 across the row
-    // passes of the panel kernels; even, so every block starts on a k pair.
-    let kcd = 256;
+    // One row streams every panel once (no k blocks: the kernels keep several panels in
+    // flight as separate sequential streams). More rows: 16 KiB blocks of each panel, which the
+    // kernels' row passes reread from L1/L2; even, so every block starts on a k pair.
+    let kcd = if m == 1 {
+        k
+    } else {
+        ((16384 / (nr * layout.size())) & !1).max(64)
+    };
+    let pstride = pw.panel_bytes();
     let mut kb = 0;
     while kb < k {
         let kc = kcd.min(k - kb);
-        for jp in 0..npan {
-            let b = pw.panel(jp0 + jp, kb);
-            let o = out.add(jp * nr);
-            if direct {
-                K::gemv_panel(x.add(kb), ldx, m, b, layout, kc, o, ldo, kb > 0);
-            } else {
-                gemv_panel_generic(x.add(kb), ldx, m, b, layout, kc, nr, o, ldo, kb > 0);
+        let b = pw.panel(jp0, kb);
+        if direct {
+            K::gemv_panels(
+                x.add(kb),
+                ldx,
+                m,
+                b,
+                pstride,
+                npan,
+                layout,
+                kc,
+                out,
+                ldo,
+                kb > 0,
+            );
+        } else {
+            for p in 0..npan {
+                let (bp, op) = (b.add(p * pstride), out.add(p * nr));
+                gemv_panel_generic(x.add(kb), ldx, m, bp, layout, kc, nr, op, ldo, kb > 0);
             }
         }
         kb += kc;

@@ -90,14 +90,14 @@ pub trait MicroKernel: Sync + Send + 'static {
         gemv_generic(x, ldx, m, w, c0, k, out, ldo, acc)
     }
 
-    /// Whether `micro_panel` / `gemv_panel` read packed panels of `layout` natively (converting
+    /// Whether `micro_panel` reads packed panels of `layout` natively (converting
     /// in registers). When false, the driver converts each packed block to f32 once per block
     /// and calls `micro`, and decode uses the portable `gemv_panel_generic`.
     fn reads_panel(layout: PanelLayout) -> bool {
         layout == PanelLayout::F32
     }
 
-    /// Whether `gemv_panel` reads packed panels of `layout` (decode); when false, decode uses
+    /// Whether `gemv_panels` reads packed panels of `layout` (decode); when false, decode uses
     /// the portable `gemv_panel_generic`.
     fn gemv_reads_panel(layout: PanelLayout) -> bool {
         Self::reads_panel(layout)
@@ -122,25 +122,31 @@ pub trait MicroKernel: Sync + Send + 'static {
         Self::micro(kc, a, b as *const f32, c, ldc, acc)
     }
 
-    /// Decode on a prepacked panel: `out[i * ldo + j] (+)= sum_p x[i * ldx + p] * panel(p, j)`
-    /// for i < m (<= DECODE_MAX_M), j < NR, p < kc; `acc == false` overwrites.
+    /// Decode on `npan` prepacked panels (panel p's block at `b + p * pstride` bytes):
+    /// `out[i * ldo + p * NR + j] (+)= sum_q x[i * ldx + q] * panel_p(q, j)` for i < m
+    /// (<= DECODE_MAX_M), j < NR, q < kc; `acc == false` overwrites.
     ///
     /// # Safety
-    /// x has m rows of kc floats at stride ldx; `b` as in `micro_panel`; out has m rows of NR
-    /// writable floats at stride ldo.
+    /// x has m rows of kc floats at stride ldx; each `b + p * pstride` as in `micro_panel`; out
+    /// has m rows of npan * NR writable floats at stride ldo.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn gemv_panel(
+    unsafe fn gemv_panels(
         x: *const f32,
         ldx: usize,
         m: usize,
         b: *const u8,
+        pstride: usize,
+        npan: usize,
         layout: PanelLayout,
         kc: usize,
         out: *mut f32,
         ldo: usize,
         acc: bool,
     ) {
-        gemv_panel_generic(x, ldx, m, b, layout, kc, Self::NR, out, ldo, acc)
+        for p in 0..npan {
+            let (bp, op) = (b.add(p * pstride), out.add(p * Self::NR));
+            gemv_panel_generic(x, ldx, m, bp, layout, kc, Self::NR, op, ldo, acc)
+        }
     }
 
     /// Rounds `src` into `dtype` at `dst` (nearest-even, like `dtype::convert_from_f32`).
@@ -393,10 +399,10 @@ pub unsafe fn panel_elem(b: *const u8, layout: PanelLayout, nr: usize, p: usize,
     }
 }
 
-/// Portable `MicroKernel::gemv_panel` for any panel width up to 64.
+/// Portable decode on one packed panel of any width up to 64 (`MicroKernel::gemv_panels`).
 ///
 /// # Safety
-/// As `MicroKernel::gemv_panel` with NR = nr.
+/// As `MicroKernel::gemv_panels` for one panel with NR = nr.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemv_panel_generic(
     x: *const f32,
