@@ -13,13 +13,6 @@
 
 
 /*
- The C ABI version this library implements (`RF_ABI_VERSION` in the header, which the `ffi`
- layer checks against this at compile time); bumped on any change to an existing signature or
- struct layout.
- */
-#define ABI_VERSION 1
-
-/*
  ABI version; bumped on any change to an existing signature or struct layout.
  */
 #define RF_ABI_VERSION 1
