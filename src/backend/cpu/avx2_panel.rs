@@ -16,11 +16,16 @@ trait PanelPairs {
     /// # Safety
     /// Pair row `q` of the panel at `b` (row stride `ldb` elements of the layout) is readable.
     unsafe fn pair(b: *const u8, ldb: usize, q: usize) -> [__m256; 4];
-    /// The single (even) k step 2q, for an odd kc's last step.
+    /// The even k step 2q alone (also an odd kc's last step).
     ///
     /// # Safety
     /// As `pair`.
     unsafe fn even(b: *const u8, ldb: usize, q: usize) -> [__m256; 2];
+    /// The odd k step 2q + 1 alone.
+    ///
+    /// # Safety
+    /// As `pair`.
+    unsafe fn odd(b: *const u8, ldb: usize, q: usize) -> [__m256; 2];
 }
 
 /// f32 or f16 panels: k step p is the 16 values at `p * ldb`.
@@ -42,6 +47,11 @@ impl<L: Load8> PanelPairs for Plain<L> {
     unsafe fn even(b: *const u8, ldb: usize, q: usize) -> [__m256; 2] {
         let r0 = b.add(2 * q * ldb * L::SIZE);
         [L::load8(r0), L::load8(r0.add(8 * L::SIZE))]
+    }
+    #[inline(always)]
+    unsafe fn odd(b: *const u8, ldb: usize, q: usize) -> [__m256; 2] {
+        let r1 = b.add((2 * q + 1) * ldb * L::SIZE);
+        [L::load8(r1), L::load8(r1.add(8 * L::SIZE))]
     }
 }
 
@@ -69,6 +79,17 @@ impl PanelPairs for Bf16Pairs {
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_loadu_si256(p.add(1)))),
         ]
     }
+    #[inline(always)]
+    unsafe fn odd(b: *const u8, ldb: usize, q: usize) -> [__m256; 2] {
+        // black_box: load the pair row again (a memory operand of vpand) rather than let the
+        // compiler keep `even`'s loads live across the even half, which spills accumulators.
+        let p = std::hint::black_box(b.add(q * ldb * 4)) as *const __m256i;
+        let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        [
+            _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(p), hi)),
+            _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(p.add(1)), hi)),
+        ]
+    }
 }
 
 /// 6 x 16 tile: `c (+)= a (kc x 6 packed x) * panel (kc x 16)`.
@@ -84,13 +105,16 @@ unsafe fn micro_6x16<P: PanelPairs>(
 ) {
     let mut r = [[_mm256_setzero_ps(); 2]; 6];
     let mut ap = a;
+    // Even and odd halves of a pair row one after the other: 12 accumulators + 2 W vectors +
+    // a broadcast fit the 16 ymm registers (all four W vectors at once would spill).
     for q in 0..kc / 2 {
-        let [e0, e1, o0, o1] = P::pair(b, ldb, q);
+        let [e0, e1] = P::even(b, ldb, q);
         for (i, ri) in r.iter_mut().enumerate() {
             let av = _mm256_broadcast_ss(&*ap.add(i));
             ri[0] = _mm256_fmadd_ps(av, e0, ri[0]);
             ri[1] = _mm256_fmadd_ps(av, e1, ri[1]);
         }
+        let [o0, o1] = P::odd(b, ldb, q);
         for (i, ri) in r.iter_mut().enumerate() {
             let av = _mm256_broadcast_ss(&*ap.add(6 + i));
             ri[0] = _mm256_fmadd_ps(av, o0, ri[0]);

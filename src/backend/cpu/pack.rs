@@ -137,7 +137,7 @@ impl PackedW {
     /// Packs `w` for `spec`. Runs on the current rayon pool (panels in parallel).
     pub fn pack(w: &MatRef<'_>, spec: PackSpec) -> Result<PackedW> {
         let (n, k, nr) = (w.rows, w.cols, spec.nr);
-        if nr == 0 || nr > 64 || spec.kgran == 0 || spec.kgran % 2 != 0 {
+        if nr == 0 || nr > 64 || spec.kgran == 0 || !spec.kgran.is_multiple_of(2) {
             return Err(Error::internal(format!(
                 "pack spec {spec:?} is not a kernel table's"
             )));
@@ -222,7 +222,7 @@ impl PackedW {
     /// jp < rows().div_ceil(nr), p0 <= cols() (and even for pairs).
     #[inline]
     pub unsafe fn panel(&self, jp: usize, p0: usize) -> *const u8 {
-        debug_assert!(self.layout != PanelLayout::Bf16Pairs || p0 % 2 == 0);
+        debug_assert!(self.layout != PanelLayout::Bf16Pairs || p0.is_multiple_of(2));
         let es = self.layout.size();
         self.data.ptr.add((jp * self.kp + p0) * self.spec.nr * es)
     }
