@@ -225,11 +225,15 @@ struct WeightsDeleter {
 struct AdapterDeleter {
   void operator()(rf_adapter *p) const noexcept { rf_adapter_free(p); }
 };
+struct PackedDeleter {
+  void operator()(rf_packed *p) const noexcept { rf_packed_free(p); }
+};
 }  // namespace detail
 
 using RuntimePtr = std::unique_ptr<rf_runtime, detail::RuntimeDeleter>;
 using WeightsPtr = std::unique_ptr<rf_weights, detail::WeightsDeleter>;
 using AdapterPtr = std::unique_ptr<rf_adapter, detail::AdapterDeleter>;
+using PackedPtr = std::unique_ptr<rf_packed, detail::PackedDeleter>;
 
 /** One LoRA module, borrowed from its Adapter (valid while the Adapter lives). */
 class Lora {
@@ -311,6 +315,23 @@ class Adapter {
   AdapterPtr p_;
 };
 
+/** A frozen base matrix packed once for a runtime's CPU kernels (Runtime::pack): a copy that
+ *  outlives the matrix it was made from and the runtime. Immutable; thread-safe. */
+class Packed {
+ public:
+  explicit Packed(PackedPtr p) noexcept : p_(std::move(p)) {}
+  /** Shape, dtype, bytes owned and the kernels the layout is for. */
+  rf_packed_info info() const {
+    rf_packed_info out{};
+    check(rf_packed_info_get(p_.get(), &out));
+    return out;
+  }
+  const rf_packed *raw() const noexcept { return p_.get(); }
+
+ private:
+  PackedPtr p_;
+};
+
 /** Options of Runtime; defaults = CPU, all cores. */
 struct RuntimeOptions {
   rf_device device = RF_DEVICE_CPU;
@@ -375,6 +396,29 @@ class Runtime {
 
   /** The same with the slots written in place: rt.linear(x, w, &b, {rankfuse::slot(l)}, y). */
   void linear(const MatRef &x, const MatRef &w, const MatRef *bias,
+              std::initializer_list<rf_lora_slot> slots, MatMut y, Span<const int32_t> row_slot = {}) {
+    linear(x, w, bias, Span<const rf_lora_slot>(slots.begin(), slots.size()), y, row_slot);
+  }
+
+  /** Packs a frozen W once for this runtime's CPU kernels (RF_STATUS_UNSUPPORTED on CUDA). */
+  Packed pack(const MatRef &w) {
+    rf_packed *p = nullptr;
+    check(rf_weights_pack(p_.get(), w.raw(), &p));
+    return Packed(PackedPtr(p));
+  }
+
+  /** linear() with W packed by pack(): the same forms and results. A pack made for other
+   *  kernels than this runtime's throws Error(RF_STATUS_INVALID_ARGUMENT). */
+  void linear(const MatRef &x, const Packed &w, const MatRef *bias, Span<const rf_lora_slot> slots,
+              MatMut y, Span<const int32_t> row_slot = {}) {
+    if (!row_slot.empty() && static_cast<int64_t>(row_slot.size()) != x.rows())
+      throw Error(RF_STATUS_SHAPE, "row_slot has " + std::to_string(row_slot.size()) +
+                                       " entries, x has " + std::to_string(x.rows()) + " rows");
+    check(rf_linear_packed(p_.get(), x.raw(), w.raw(), bias ? bias->raw() : nullptr, slots.data(),
+                           slots.size(), row_slot.empty() ? nullptr : row_slot.data(), y.raw()));
+  }
+
+  void linear(const MatRef &x, const Packed &w, const MatRef *bias,
               std::initializer_list<rf_lora_slot> slots, MatMut y, Span<const int32_t> row_slot = {}) {
     linear(x, w, bias, Span<const rf_lora_slot>(slots.begin(), slots.size()), y, row_slot);
   }

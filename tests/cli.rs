@@ -93,7 +93,8 @@ fn apply_writes_peft_outputs() {
             out.to_str().unwrap(),
         ]);
         if let Some(r) = rank {
-            args.extend(["--rank", r]);
+            // The truncated run also takes the unpacked-W path (apply packs by default).
+            args.extend(["--rank", r, "--no-pack"]);
         }
         let (ok, text) = rankfuse(&args);
         assert!(ok, "{text}");

@@ -113,6 +113,24 @@ int main(int argc, char **argv) {
     }
   });
 
+  test("packed base weights", [&] {
+    rankfuse::Adapter ad = rt.load_peft(dir + "/adapters/lora-r8");
+    rankfuse::Weights b16 = rt.open_weights(dir + "/base-bf16.safetensors");
+    for (const auto &m : modules) {
+      rankfuse::MatRef x = io.get("x." + m), w = b16.get(m + ".weight");
+      rankfuse::Packed pw = rt.pack(w);
+      const rf_packed_info pi = pw.info();
+      expect(pi.rows == w.rows() && pi.cols == w.cols() && pi.dtype == RF_DTYPE_BF16 &&
+                 pi.bytes >= size_t(w.rows() * w.cols() * 2) && pi.kernels && *pi.kernels,
+             "packed info " + m);
+      rankfuse::MatRef bias = has_bias(m) ? b16.get(m + ".bias") : rankfuse::MatRef();
+      std::vector<float> y(size_t(x.rows() * w.rows()));
+      rt.linear(x, pw, has_bias(m) ? &bias : nullptr, {rankfuse::slot(ad.module(m))},
+                rankfuse::MatMut(y, x.rows(), w.rows()));
+      expect_close(y, w.rows(), io.get("y_bf16base.lora-r8." + m), 1e-4, 1e-4, "packed " + m);
+    }
+  });
+
   test("lora info and rank", [&] {
     rankfuse::Adapter ad = rt.load_peft(dir + "/adapters/lora-r64");
     rankfuse::Lora l = ad.module("layers.0.mlp.down_proj");

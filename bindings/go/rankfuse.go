@@ -441,70 +441,99 @@ func (r *Runtime) Linear(x, w Matrix, bias *Matrix, slots []Slot, rowSlot []int3
 	if err != nil {
 		return err
 	}
+	if err := w.usable("w"); err != nil {
+		return err
+	}
+	a, err := newLinearArgs(x, bias, slots, rowSlot, y)
+	if err != nil {
+		return err
+	}
+	b := a.bias
+	err = check(C.rfgo_linear(p,
+		x.ptr, C.int(x.DType), C.int64_t(x.Rows), C.int64_t(x.Cols), C.int64_t(x.LD),
+		w.ptr, C.int(w.DType), C.int64_t(w.Rows), C.int64_t(w.Cols), C.int64_t(w.LD),
+		a.hasBias, b.ptr, C.int(b.DType), C.int64_t(b.Rows), C.int64_t(b.Cols), C.int64_t(b.LD),
+		a.slots(), C.size_t(len(a.cs)), a.rowSlot(),
+		y.ptr, C.int(y.DType), C.int64_t(y.Rows), C.int64_t(y.Cols), C.int64_t(y.LD)))
+	runtime.KeepAlive(r)
+	runtime.KeepAlive(w.slice)
+	runtime.KeepAlive(w.weights)
+	a.keepAlive(x, y, slots)
+	return err
+}
+
+// linearArgs are the checked C arguments that Linear and LinearPacked share: everything but W.
+type linearArgs struct {
+	cs      []C.rf_lora_slot
+	rows    []int32
+	hasBias C.int
+	bias    Matrix
+}
+
+func newLinearArgs(x Matrix, bias *Matrix, slots []Slot, rowSlot []int32, y Matrix) (*linearArgs, error) {
 	for _, m := range []struct {
 		name string
 		m    *Matrix
-	}{{"x", &x}, {"w", &w}, {"bias", bias}, {"y", &y}} {
+	}{{"x", &x}, {"bias", bias}, {"y", &y}} {
 		if m.m != nil {
 			if err := m.m.usable(m.name); err != nil {
-				return err
+				return nil, err
 			}
 		}
 	}
 	if y.weights != nil {
-		return &Error{Status: StatusInvalidArgument, Message: "y: a Weights view is read-only"}
+		return nil, &Error{Status: StatusInvalidArgument, Message: "y: a Weights view is read-only"}
 	}
 	if rowSlot != nil && len(rowSlot) != x.Rows {
-		return &Error{Status: StatusShape, Message: fmt.Sprintf(
+		return nil, &Error{Status: StatusShape, Message: fmt.Sprintf(
 			"rowSlot has %d entries, x has %d rows", len(rowSlot), x.Rows)}
 	}
-	cs := make([]C.rf_lora_slot, len(slots))
+	a := &linearArgs{cs: make([]C.rf_lora_slot, len(slots)), rows: rowSlot}
 	for i, s := range slots {
 		mult := s.ScaleMult
 		if mult == 0 {
 			mult = 1
 		}
-		cs[i].rank = C.uint32_t(s.Rank)
-		cs[i].scale_mult = C.float(mult)
+		a.cs[i].rank = C.uint32_t(s.Rank)
+		a.cs[i].scale_mult = C.float(mult)
 		if s.Lora != nil {
 			lp, err := s.Lora.live()
 			if err != nil {
-				return fmt.Errorf("slot %d: %w", i, err)
+				return nil, fmt.Errorf("slot %d: %w", i, err)
 			}
-			cs[i].lora = lp
+			a.cs[i].lora = lp
 		}
 	}
-	var csp *C.rf_lora_slot
-	if len(cs) > 0 {
-		csp = &cs[0]
-	}
-	var rsp *C.int32_t
-	if len(rowSlot) > 0 {
-		rsp = (*C.int32_t)(unsafe.Pointer(&rowSlot[0]))
-	}
-	hasBias := C.int(0)
-	var b Matrix
 	if bias != nil {
-		hasBias, b = 1, *bias
+		a.hasBias, a.bias = 1, *bias
 	}
-	err = check(C.rfgo_linear(p,
-		x.ptr, C.int(x.DType), C.int64_t(x.Rows), C.int64_t(x.Cols), C.int64_t(x.LD),
-		w.ptr, C.int(w.DType), C.int64_t(w.Rows), C.int64_t(w.Cols), C.int64_t(w.LD),
-		hasBias, b.ptr, C.int(b.DType), C.int64_t(b.Rows), C.int64_t(b.Cols), C.int64_t(b.LD),
-		csp, C.size_t(len(cs)), rsp,
-		y.ptr, C.int(y.DType), C.int64_t(y.Rows), C.int64_t(y.Cols), C.int64_t(y.LD)))
-	runtime.KeepAlive(r)
+	return a, nil
+}
+
+func (a *linearArgs) slots() *C.rf_lora_slot {
+	if len(a.cs) == 0 {
+		return nil
+	}
+	return &a.cs[0]
+}
+
+func (a *linearArgs) rowSlot() *C.int32_t {
+	if len(a.rows) == 0 {
+		return nil
+	}
+	return (*C.int32_t)(unsafe.Pointer(&a.rows[0]))
+}
+
+// keepAlive holds everything the C call read until it returned.
+func (a *linearArgs) keepAlive(x, y Matrix, slots []Slot) {
 	runtime.KeepAlive(x.slice)
 	runtime.KeepAlive(x.weights)
-	runtime.KeepAlive(w.slice)
-	runtime.KeepAlive(w.weights)
-	runtime.KeepAlive(b.slice)
-	runtime.KeepAlive(b.weights)
+	runtime.KeepAlive(a.bias.slice)
+	runtime.KeepAlive(a.bias.weights)
 	runtime.KeepAlive(y.slice)
 	runtime.KeepAlive(slots)
-	runtime.KeepAlive(cs)
-	runtime.KeepAlive(rowSlot)
-	return err
+	runtime.KeepAlive(a.cs)
+	runtime.KeepAlive(a.rows)
 }
 
 // ---------------------------------------------------------------- weights

@@ -40,6 +40,8 @@ __all__ = [
     "Error",
     "Lora",
     "LoraInfo",
+    "Packed",
+    "PackedInfo",
     "Runtime",
     "Scaling",
     "Slot",
@@ -336,10 +338,20 @@ class Runtime(_Handle):
         )
         return out
 
+    def pack(self, w: np.ndarray) -> "Packed":
+        """Packs a frozen base matrix w (n x k; float32, float16 or uint16 bf16 bits) once into
+        the layout this runtime's CPU kernels read, for linear(x, packed, ...). The pack is a copy:
+        w may change or go afterwards. CPU runtimes only."""
+        p = self._live()
+        wm = _matrix(w, "w")
+        out = ctypes.POINTER(_ffi.rf_packed)()
+        _check(_lib.rf_weights_pack(p, ctypes.byref(wm), ctypes.byref(out)))
+        return Packed(out)
+
     def linear(
         self,
         x: np.ndarray,
-        w: np.ndarray,
+        w: Union[np.ndarray, "Packed"],
         bias: Optional[np.ndarray] = None,
         slots: Iterable[Union["Lora", "Slot", None]] = (),
         row_slot: Optional[Sequence[int]] = None,
@@ -348,17 +360,19 @@ class Runtime(_Handle):
     ) -> np.ndarray:
         """y = x W^T + bias + sum over slots of scale(slot) * (x A[:r]^T) B[:, :r]^T.
 
-        x: m x k, w: n x k (nn.Linear layout), bias: None or n values. slots: Lora, Slot or None
+        x: m x k, w: n x k (nn.Linear layout) or a Packed from pack(w), bias: None or n values. slots: Lora, Slot or None
         (empty slot) entries. row_slot None: every slot applies to every row; else m slot
         indices (-1 = base only). Writes into `out` (m x n, its own memory) or a new array of
         `dtype` (np.float32, np.float16, or np.uint16 for bf16), and returns it.
         """
         p = self._live()
         xm = _matrix(x, "x")
-        wm = _matrix(w, "w")
+        packed = w if isinstance(w, Packed) else None
+        wm = None if packed is not None else _matrix(w, "w")
+        n_out = packed.info().rows if packed is not None else wm.rows
         bm = None if bias is None else _matrix(bias, "bias")
         if out is None:
-            out = np.empty((xm.rows, wm.rows), dtype=dtype)
+            out = np.empty((xm.rows, n_out), dtype=dtype)
         ym = _matrix(out, "out", writable=True)
         slot_list = [Slot.of(s) for s in slots]
         cslots = (rf_lora_slot * max(len(slot_list), 1))()
@@ -370,11 +384,15 @@ class Runtime(_Handle):
             rs = np.ascontiguousarray(row_slot, dtype=np.int32)
             if rs.ndim != 1 or rs.shape[0] != xm.rows:
                 raise Error(Status.SHAPE, f"row_slot has {rs.size} entries, x has {xm.rows} rows")
+        if packed is not None:
+            fn, wref = _lib.rf_linear_packed, packed._live()
+        else:
+            fn, wref = _lib.rf_linear, ctypes.byref(wm)
         _check(
-            _lib.rf_linear(
+            fn(
                 p,
                 ctypes.byref(xm),
-                ctypes.byref(wm),
+                wref,
                 ctypes.byref(bm) if bm is not None else None,
                 cslots,
                 len(slot_list),
@@ -383,6 +401,52 @@ class Runtime(_Handle):
             )
         )
         return out
+
+
+# ---------------------------------------------------------------- packed base weights
+
+
+@dataclass(frozen=True)
+class PackedInfo:
+    rows: int
+    cols: int
+    dtype: DType
+    bytes: int
+    panel_cols: int
+    kernels: str
+
+
+class Packed(_Handle):
+    """A frozen base matrix packed once for a runtime's CPU kernels (Runtime.pack). Immutable
+    and independent of the runtime and of the array it was packed from; safe to share across
+    threads. Runtime.linear refuses it (Error INVALID_ARGUMENT) on a runtime whose kernels
+    differ from info().kernels."""
+
+    _what = "packed matrix"
+
+    def __init__(self, ptr):
+        self._init_handle(ptr)
+
+    def _free(self, ptr) -> None:
+        _lib.rf_packed_free(ptr)
+
+    def info(self) -> PackedInfo:
+        i = _ffi.rf_packed_info()
+        _check(_lib.rf_packed_info_get(self._live(), ctypes.byref(i)))
+        return PackedInfo(
+            i.rows, i.cols, DType(i.dtype), i.bytes, i.panel_cols, i.kernels.decode()
+        )
+
+    @property
+    def shape(self) -> tuple:
+        i = self.info()
+        return (i.rows, i.cols)
+
+    def __repr__(self):
+        if self._closed:
+            return "Packed(closed)"
+        i = self.info()
+        return f"Packed({i.rows}x{i.cols} {i.dtype.name} for {i.kernels}, {i.bytes} bytes)"
 
 
 # ---------------------------------------------------------------- weights

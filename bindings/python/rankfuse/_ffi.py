@@ -90,6 +90,10 @@ class rf_lora(ctypes.Structure):
     pass
 
 
+class rf_packed(ctypes.Structure):
+    pass
+
+
 class rf_runtime(ctypes.Structure):
     pass
 
@@ -106,6 +110,7 @@ OPAQUE = {c.__name__: c for c in (
     rf_elalora,
     rf_error,
     rf_lora,
+    rf_packed,
     rf_runtime,
     rf_weights,
 )}
@@ -123,6 +128,17 @@ class rf_lora_info(ctypes.Structure):
         ("scale", c_float),
         ("scaling", c_enum),
         ("dtype", c_enum),
+    ]
+
+
+class rf_packed_info(ctypes.Structure):
+    _fields_ = [
+        ("rows", c_int64),
+        ("cols", c_int64),
+        ("dtype", c_enum),
+        ("bytes", c_size_t),
+        ("panel_cols", c_uint32),
+        ("kernels", c_char_p),
     ]
 
 
@@ -206,6 +222,7 @@ class rf_weights_open_options(ctypes.Structure):
 
 STRUCTS = {c.__name__: c for c in (
     rf_lora_info,
+    rf_packed_info,
     rf_extract_options,
     rf_matrix,
     rf_lora_slot,
@@ -253,6 +270,10 @@ FUNCTIONS = {
     "rf_error_message": (c_char_p, [P(rf_error)]),
     "rf_error_free": (None, [P(rf_error)]),
     "rf_linear": (ERR, [P(rf_runtime), P(rf_matrix), P(rf_matrix), P(rf_matrix), P(rf_lora_slot), c_size_t, P(c_int32), P(rf_matrix)]),
+    "rf_weights_pack": (ERR, [P(rf_runtime), P(rf_matrix), P(P(rf_packed))]),
+    "rf_packed_free": (None, [P(rf_packed)]),
+    "rf_packed_info_get": (ERR, [P(rf_packed), P(rf_packed_info)]),
+    "rf_linear_packed": (ERR, [P(rf_runtime), P(rf_matrix), P(rf_packed), P(rf_matrix), P(rf_lora_slot), c_size_t, P(c_int32), P(rf_matrix)]),
     "rf_abi_version": (c_uint32, []),
     "rf_version": (c_char_p, []),
     "rf_runtime_create": (ERR, [P(rf_runtime_options), P(P(rf_runtime))]),

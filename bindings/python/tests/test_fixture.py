@@ -151,3 +151,30 @@ def test_threads_share_runtime_weights_and_adapter(rt, base, io):
     with ThreadPoolExecutor(4) as ex:
         worst = max(ex.map(job, MODULES * 4))
     assert worst < 1e-4
+
+
+def test_packed_base_weights(rt, io):
+    """Packed W (Runtime.pack) gives PEFT's outputs in every dtype, stacked and mixed."""
+    r8 = rt.load_peft(FIXTURE / "adapters" / "lora-r8")
+    rs = rt.load_peft(FIXTURE / "adapters" / "rslora-pattern")
+    kernels = rt.info()["isa"]
+    for fname, tol in (("base.safetensors", 1e-4), ("base-bf16.safetensors", 1e-4), ("base-f16.safetensors", 2e-3)):
+        with rt.open_weights(FIXTURE / fname) as b:
+            for m in MODULES:
+                w = b[m + ".weight"]
+                pw = rt.pack(np.array(w))  # a copy: the pack must not depend on it
+                info = pw.info()
+                assert (info.rows, info.cols) == w.shape and info.kernels == kernels
+                assert info.bytes >= w.nbytes and info.panel_cols > 0
+                x = io["x." + m]
+                ref = io[("y_bf16base" if "bf16" in fname else "y") + f".lora-r8.{m}"]
+                y = rt.linear(x, pw, bias_of(b, m), [r8[m]])
+                assert_close(y, ref, tol, tol, f"packed {fname} {m}")
+                # Mixed rows: r8, base only, rslora; the same as unpacked W.
+                row_slot = [i % 3 - 1 for i in range(x.shape[0])]
+                yp = rt.linear(x, pw, bias_of(b, m), [r8[m], rs[m]], row_slot)
+                yu = rt.linear(x, w, bias_of(b, m), [r8[m], rs[m]], row_slot)
+                assert_close(yp, yu, 1e-5, 1e-5, f"packed mixed {fname} {m}")
+                pw.close()
+                with pytest.raises(rankfuse.Error):
+                    pw.info()

@@ -29,6 +29,10 @@ pub struct Args {
     /// Compute dtype for x, W and adapter: f32 (as stored) or bf16 (everything rounded to bf16).
     #[arg(long, default_value = "f32")]
     compute: String,
+    /// Read W as given instead of packing it once for the CPU kernels first (packing is the
+    /// default on CPU runtimes: the layout a serving host keeps for its frozen base).
+    #[arg(long)]
+    no_pack: bool,
 }
 
 fn find<'w>(base: &'w Weights, module: &str, suffix: &str) -> Option<&'w str> {
@@ -109,8 +113,14 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
             row_slot: None,
         };
         let mut y = Matrix::zeros(compute, x.rows, w.rows)?;
-        rt.linear(&p, &mut y.view_mut())
-            .map_err(|e| e.context(format!("module '{module}'")))?;
+        let pack = !a.no_pack && rt.device() == rankfuse::Device::Cpu;
+        if pack {
+            let pw = rt.pack(&p.w)?;
+            rt.linear_packed(&p, &pw, &mut y.view_mut())
+        } else {
+            rt.linear(&p, &mut y.view_mut())
+        }
+        .map_err(|e| e.context(format!("module '{module}'")))?;
         let y32 = Matrix::from_f32(DType::F32, y.rows, y.cols, &y.to_f32_vec())?;
         outs.push(TensorOut {
             name: format!("y.{module}"),
