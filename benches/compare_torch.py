@@ -13,13 +13,18 @@ Per case, all timed in ONE loop, interleaved each iteration in a rotating order 
 column alike and the ratios survive), medians:
   rf fused     rankfuse rf_linear with the adapter (through the ctypes binding)
   rf base      rankfuse rf_linear without it
+  rf packed    the same two with W packed once beforehand (rf_weights_pack / rf_linear_packed),
+               the layout a serving host keeps for its frozen base
   torch base   F.linear(x, W)                                 (MKL for f32, oneDNN for bf16)
   torch lora   F.linear(x, W) + scale * F.linear(F.linear(x, A), B)   (unfused, what users run)
   peft         peft.tuners.lora.Linear wrapping nn.Linear (when peft is importable)
 and the ratios
   fused vs torch base = torch base ms / rankfuse fused ms  (>= 1.0 means rankfuse's fused call,
                         adapter included, beats torch's base-only matmul)
+  packed vs torch base = the same for the packed-W fused call
   rf fused/base, torch lora/base, peft/base = what each pays for the adapter.
+  W GB/s (packed) = W's bytes / packed fused time: against `rankfuse bench`'s measured streaming
+  read bandwidth (its `bandwidth` block) for the memory-bound m; GFLOP/s against the FMA peak.
 Every call writes into a preallocated output on the rankfuse side; torch allocates its result
 (as it does in a model). The binding adds tens of microseconds of ctypes marshalling per call,
 which matters only for m = 1 (use `rankfuse bench` for overhead-free decode figures).
@@ -68,6 +73,7 @@ def time_case(torch, rankfuse, rt, case, min_ms, peft_mod):
     lora = adapter.add_lora("proj", k, n, r, alpha=2.0 * r, dtype=rdt)
     lora.set_weights(np_of(a), np_of(b))
     xn, wn = np_of(x), np_of(w)
+    pw = rt.pack(wn)
     y = np.empty((m, n), dtype=xn.dtype)
 
     # Same result on both sides (a wiring check, not a test).
@@ -76,6 +82,9 @@ def time_case(torch, rankfuse, rt, case, min_ms, peft_mod):
     rt.linear(xn, wn, slots=[lora], out=y)
     got = torch.from_numpy(rankfuse.bf16_to_f32(y) if y.dtype == np.uint16 else y.astype(np.float32))
     rel = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    rt.linear(xn, pw, slots=[lora], out=y)
+    got = torch.from_numpy(rankfuse.bf16_to_f32(y) if y.dtype == np.uint16 else y.astype(np.float32))
+    rel = max(rel, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
 
     def base():
         return F.linear(x, w)
@@ -86,6 +95,8 @@ def time_case(torch, rankfuse, rt, case, min_ms, peft_mod):
     fns = {
         "rf_fused": lambda: rt.linear(xn, wn, slots=[lora], out=y),
         "rf_base": lambda: rt.linear(xn, wn, out=y),
+        "rf_pfused": lambda: rt.linear(xn, pw, slots=[lora], out=y),
+        "rf_pbase": lambda: rt.linear(xn, pw, out=y),
         "base": base,
         "lora": lora_t,
     }
@@ -119,6 +130,7 @@ def time_case(torch, rankfuse, rt, case, min_ms, peft_mod):
             if len(times["base"]) >= 200:
                 break
     adapter.close()
+    pw.close()
     out = {name: statistics.median(v) for name, v in times.items()}
     out["iters"] = len(times["base"])
     out["max_rel_diff"] = rel
@@ -149,7 +161,8 @@ def main():
           f"torch {torch.__version__}, {a.threads} threads; medians (ms), interleaved in one loop")
     hdr = (f"{'dtype':>5} {'m':>5} {'k':>6} {'n':>6} {'r':>4} {'rf fused':>9} {'rf base':>8} "
            f"{'torch base':>10} {'torch lora':>10} {'peft':>8} {'fused vs torch base':>19} "
-           f"{'rf f/b':>6} {'lora/base':>9} {'peft/base':>9} {'GFLOP/s fused':>13} {'rel diff':>8}")
+           f"{'rf f/b':>6} {'lora/base':>9} {'peft/base':>9} {'GFLOP/s fused':>13} {'rel diff':>8} "
+           f"{'rf packed':>9} {'packed vs torch base':>20} {'packed f/b':>10} {'W GB/s':>7} {'GFLOP/s':>7}")
     print(hdr)
     for dtype in a.dtypes.split(","):
         for shape in a.shapes.split(","):
@@ -164,12 +177,17 @@ def main():
                     peft_ms = t.get("peft")
                     peft_s = f"{peft_ms:.3f}" if peft_ms else "-"
                     peft_ratio = f"{peft_ms / t['base']:.3f}" if peft_ms else "-"
-                    gflops = 2.0 * m * n * k * (1 + r / n + r / k) / (t["rf_fused"] * 1e6)
+                    flop = 2.0 * m * n * k * (1 + r / n + r / k)
+                    gflops = flop / (t["rf_fused"] * 1e6)
+                    wbytes = n * k * (4 if dtype == "f32" else 2)
                     print(f"{dtype:>5} {m:>5} {k:>6} {n:>6} {r:>4} {t['rf_fused']:>9.3f} "
                           f"{t['rf_base']:>8.3f} {t['base']:>10.3f} {t['lora']:>10.3f} {peft_s:>8} "
                           f"{t['base'] / t['rf_fused']:>19.2f} {t['rf_fused'] / t['rf_base']:>6.3f} "
                           f"{t['lora'] / t['base']:>9.3f} {peft_ratio:>9} {gflops:>13.1f} "
-                          f"{t['max_rel_diff']:>8.1e}", flush=True)
+                          f"{t['max_rel_diff']:>8.1e} {t['rf_pfused']:>9.3f} "
+                          f"{t['base'] / t['rf_pfused']:>20.2f} {t['rf_pfused'] / t['rf_pbase']:>10.3f} "
+                          f"{wbytes / (t['rf_pfused'] * 1e6):>7.1f} {flop / (t['rf_pfused'] * 1e6):>7.1f}",
+                          flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rankfuse_runtime": info, "torch": torch.__version__, "threads": a.threads,
