@@ -1,5 +1,5 @@
-//! Criterion: fused linear vs base-only vs naive unfused (three separate GEMMs and an add) on a
-//! few shapes, with the kernel table this CPU selects. Run with
+//! Criterion: fused linear vs base-only vs naive unfused (three separate GEMMs and an add) vs
+//! fused on prepacked W on a few shapes, with the kernel table this CPU selects. Run with
 //! `cargo bench --bench fused_linear` (about 1-2 minutes); filter with e.g.
 //! `cargo bench --bench fused_linear -- m16`. `rankfuse bench` prints the same comparison as a
 //! table plus JSON, the bandwidth roofline and a mixed-adapter batch.
@@ -61,6 +61,11 @@ fn bench(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("fused", &id), |bch| {
             bch.iter(|| rt.linear(&fused, &mut y.view_mut()).unwrap())
+        });
+        // The same with W packed once (rf_weights_pack): the per-call W packing is gone.
+        let pw = rt.pack(&base.w).unwrap();
+        g.bench_function(BenchmarkId::new("packed_fused", &id), |bch| {
+            bch.iter(|| rt.linear_packed(&fused, &pw, &mut y.view_mut()).unwrap())
         });
         let scale = s[0].unwrap().scale;
         let mut row = vec![0f32; n];

@@ -368,7 +368,11 @@ mod tests {
                     // A KC block that starts inside the panel and ends on an odd k step.
                     if kp >= 5 {
                         let p0 = 2;
-                        let kc = if (kp - p0) % 2 == 1 { kp - p0 } else { kp - p0 - 1 };
+                        let kc = if (kp - p0) % 2 == 1 {
+                            kp - p0
+                        } else {
+                            kp - p0 - 1
+                        };
                         let mut part = vec![f32::NAN; kc * nr];
                         unsafe { p.panel_to_f32(jp, p0, kc, part.as_mut_ptr()) };
                         for (i, v) in part.iter().enumerate() {
