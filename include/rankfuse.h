@@ -163,6 +163,12 @@ typedef struct rf_packed rf_packed;
 typedef struct rf_runtime rf_runtime;
 
 /*
+ An adapter store (`rf_store_create`): adapters registered by name, loaded on first use,
+ evicted under a byte budget. Thread-safe.
+ */
+typedef struct rf_store rf_store;
+
+/*
  Opened weights (memory-mapped). Immutable; thread-safe.
  */
 typedef struct rf_weights rf_weights;
@@ -312,6 +318,39 @@ typedef struct {
    */
   void *cuda_stream;
 } rf_runtime_options;
+
+/*
+ What `rf_store_stats_get` reports (a consistent snapshot).
+ */
+typedef struct {
+  /*
+   Adapters registered.
+   */
+  uint64_t registered;
+  /*
+   Adapters loaded now, and the bytes they keep (A and B of every module; on a CUDA
+   runtime the device copy counts too).
+   */
+  uint64_t resident;
+  uint64_t bytes_resident;
+  /*
+   Resident adapters acquired and not yet released (never evicted), and pinned ones.
+   */
+  uint64_t in_use;
+  uint64_t pinned;
+  /*
+   Acquisitions served by a resident adapter; loads (first use, or use after eviction);
+   loads that failed; adapters evicted to stay under the budget.
+   */
+  uint64_t hits;
+  uint64_t loads;
+  uint64_t load_failures;
+  uint64_t evictions;
+  /*
+   The budget the store was created with (0 = none).
+   */
+  uint64_t budget_bytes;
+} rf_store_stats;
 
 /*
  Options of the AdamW step. Set `struct_size = sizeof(rf_adamw_options)`. NULL options =
@@ -629,6 +668,67 @@ void rf_runtime_free(rf_runtime *rt);
  `buf` NULL to learn the length; a `cap` too small is RF_STATUS_INVALID_ARGUMENT.
  */
 rf_error *rf_runtime_info(const rf_runtime *rt, char *buf, size_t cap, size_t *len_out);
+
+/*
+ Creates an adapter store for runtime `rt`'s device: adapters load as `rf_adapter_load_peft`
+ would on `rt` (on a CUDA runtime A and B are uploaded, and count twice in the budget). After
+ each load the store evicts least recently used adapters that are neither acquired nor pinned
+ until the resident bytes fit `budget_bytes` (0 = no limit); adapters in use may keep it over
+ budget (`rf_store_stats`). The store does not use `rt` after this call returns (it may be
+ freed first, on a CPU runtime; on CUDA the device context stays alive while adapters on it
+ do). The caller owns `*out` (free with `rf_store_free`). Thread-safe: every `rf_store_*`
+ call may run from many threads at once.
+ */
+rf_error *rf_store_create(rf_runtime *rt, uint64_t budget_bytes, rf_store **out);
+
+/*
+ Frees the store; NULL is accepted. Adapters acquired from it and not yet released stay valid
+ until their `rf_store_release` (which needs no store); every other adapter is freed now.
+ No other `rf_store_*` call on `s` may be running or follow.
+ */
+void rf_store_free(rf_store *s);
+
+/*
+ Registers the PEFT folder `path` as adapter `name` (copied). Nothing is loaded yet; the path
+ must exist (else RF_STATUS_IO) and the name be new (else RF_STATUS_INVALID_ARGUMENT).
+ */
+rf_error *rf_store_register(const rf_store *s, const char *name, const char *path);
+
+/*
+ The adapter registered as `name`, loaded now on its first use (or after an eviction; many
+ threads asking at once share one load; a failed load is the error, naming the adapter, and a
+ later call tries again). RF_STATUS_NOT_FOUND for an unknown name.
+ `*out` is shared and read-only: use it with `rf_adapter_module`, `rf_lora_info_get` and
+ `rf_linear` from any thread; do not pass it to `rf_adapter_free` or to a call that changes an
+ adapter (training, `rf_lora_set_rank`: load a private copy with `rf_adapter_load_peft` for
+ that). It is never evicted while acquired; release it once per acquisition with
+ `rf_store_release`, after the calls using it have returned.
+ */
+rf_error *rf_store_acquire(const rf_store *s, const char *name, rf_adapter **out);
+
+/*
+ Releases one acquisition of `a` (from `rf_store_acquire`); NULL is accepted. The adapter
+ becomes evictable when no acquisition remains, and is freed here if its store was freed or
+ evicted it meanwhile. Thread-safe; needs no store.
+ */
+void rf_store_release(rf_adapter *a);
+
+/*
+ Pins `name` (never evicted; pinning does not load it) or unpins it. RF_STATUS_NOT_FOUND for
+ an unknown name.
+ */
+rf_error *rf_store_pin(const rf_store *s, const char *name, bool pinned);
+
+/*
+ Evicts what the budget asks for now (adapters released since the last load may have become
+ evictable); `*evicted_out` (may be NULL) gets how many went.
+ */
+rf_error *rf_store_trim(const rf_store *s, size_t *evicted_out);
+
+/*
+ The store's counters (a consistent snapshot). Thread-safe.
+ */
+rf_error *rf_store_stats_get(const rf_store *s, rf_store_stats *out);
 
 /*
  Creates an empty adapter named `name` to add trainable modules to. The caller owns `*out`

@@ -14,6 +14,7 @@ pub mod matrix;
 pub mod rank;
 pub mod rng;
 pub mod runtime;
+pub mod store;
 pub mod train;
 pub mod weights;
 

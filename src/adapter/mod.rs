@@ -85,6 +85,15 @@ impl Adapter {
         self.module(module)?;
         Ok(self.modules[self.index[module]].get())
     }
+    /// Bytes of every module's A and B (what the adapter keeps resident on the host).
+    pub fn tensor_bytes(&self) -> usize {
+        self.modules()
+            .map(|l| {
+                let (a, b) = (l.a.view(), l.b.view());
+                (a.rows * a.cols + b.rows * b.cols) * a.dtype.size()
+            })
+            .sum()
+    }
     /// Like `get`, with an error naming the adapter and module.
     pub fn module(&self, module: &str) -> Result<&Lora> {
         self.get(module).ok_or_else(|| {

@@ -37,9 +37,34 @@ pub struct rf_adapter {
     pub(crate) cuda: Option<std::sync::Weak<crate::backend::cuda::CudaBackend>>,
 }
 
+/// An adapter store (`rf_store_create`): adapters registered by name, loaded on first use,
+/// evicted under a byte budget. Thread-safe.
+pub struct rf_store {
+    pub(crate) inner: crate::store::Store<rf_adapter>,
+}
+
 /// One LoRA module, borrowed from its adapter (lives as long as the adapter).
 pub struct rf_lora {
     _private: [u8; 0],
+}
+
+/// The CUDA device of a runtime (None on a CPU runtime), kept apart from the runtime.
+#[derive(Clone)]
+pub struct DeviceOf(
+    #[cfg(feature = "cuda")] pub(crate) Option<Arc<crate::backend::cuda::CudaBackend>>,
+    #[cfg(not(feature = "cuda"))] pub(crate) (),
+);
+
+impl DeviceOf {
+    pub fn of(rt: &Runtime) -> DeviceOf {
+        #[cfg(feature = "cuda")]
+        return DeviceOf(rt.cuda_shared());
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = rt;
+            DeviceOf(())
+        }
+    }
 }
 
 pub fn c_name(s: &str, what: &str) -> Result<CString> {
@@ -64,18 +89,32 @@ impl rf_adapter {
     /// An adapter handle for `rt`: on a CUDA runtime every module's A, B and gains are uploaded
     /// to device memory now (one allocation), and `rf_linear` on that device reads them there.
     pub fn on_runtime(inner: Adapter, rt: &crate::runtime::Runtime) -> Result<rf_adapter> {
+        rf_adapter::on_device(inner, &DeviceOf::of(rt))
+    }
+
+    /// As `on_runtime`, for the device a runtime had (the adapter store keeps that, not the
+    /// runtime, so it may outlive the runtime's handle).
+    pub fn on_device(inner: Adapter, dev: &DeviceOf) -> Result<rf_adapter> {
         #[allow(unused_mut)]
         let mut h = rf_adapter::new(inner)?;
         #[cfg(feature = "cuda")]
-        if let Some(c) = rt.cuda_shared() {
+        if let Some(c) = dev.0.clone() {
             let mut mods: Vec<&mut Lora> = h.inner.modules_mut().collect();
             crate::backend::cuda::resident::upload_modules(&c, &mut mods)
                 .map_err(|e| e.context(format!("adapter '{}'", h.inner.name)))?;
             h.cuda = Some(std::sync::Arc::downgrade(&c));
         }
         #[cfg(not(feature = "cuda"))]
-        let _ = rt;
+        let _ = dev;
         Ok(h)
+    }
+
+    /// Whether the adapter keeps a device copy (its bytes count twice in a store's budget).
+    pub fn on_gpu(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.cuda.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     /// Uploads a module about to be added when the adapter lives on a CUDA runtime that still

@@ -14,6 +14,7 @@ pub mod handles;
 pub mod linear;
 pub mod packed;
 pub mod runtime;
+pub mod store;
 pub mod train;
 pub mod types;
 pub mod weights;

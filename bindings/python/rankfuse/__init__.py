@@ -46,6 +46,8 @@ __all__ = [
     "Scaling",
     "Slot",
     "Status",
+    "Store",
+    "StoreStats",
     "Weights",
     "abi_version",
     "adamw_options",
@@ -347,6 +349,15 @@ class Runtime(_Handle):
         out = ctypes.POINTER(_ffi.rf_packed)()
         _check(_lib.rf_weights_pack(p, ctypes.byref(wm), ctypes.byref(out)))
         return Packed(out)
+
+    def store(self, budget_bytes: int = 0) -> "Store":
+        """An adapter store on this runtime's device: adapters registered by name, loaded on
+        first use, evicted least-recently-used (when nobody holds them) to stay under
+        budget_bytes (0 = no limit)."""
+        p = self._live()
+        out = ctypes.POINTER(_ffi.rf_store)()
+        _check(_lib.rf_store_create(p, budget_bytes, ctypes.byref(out)))
+        return Store(out, self)
 
     def linear(
         self,
@@ -713,3 +724,66 @@ class Slot:
         if s is None or isinstance(s, Lora):
             return Slot(s)
         raise Error(Status.INVALID_ARGUMENT, f"slot: expected Lora, Slot or None, got {type(s).__name__}")
+
+
+# ---------------------------------------------------------------- adapter store
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    registered: int
+    resident: int
+    bytes_resident: int
+    in_use: int
+    pinned: int
+    hits: int
+    loads: int
+    load_failures: int
+    evictions: int
+    budget_bytes: int
+
+
+class _StoreAdapter(Adapter):
+    """An adapter acquired from a Store: shared and read-only; close() releases it."""
+
+    def _free(self, ptr) -> None:
+        _lib.rf_store_release(ptr)
+        self._rt._release()
+
+
+class Store(_Handle):
+    """Adapters by name (Runtime.store). Thread-safe. acquire() returns a shared, read-only
+    Adapter that is never evicted until it is closed (use it in a with block)."""
+
+    _what = "store"
+
+    def __init__(self, ptr, rt: Runtime):
+        self._rt = rt
+        rt._acquire()
+        self._init_handle(ptr)
+
+    def _free(self, ptr) -> None:
+        _lib.rf_store_free(ptr)
+        self._rt._release()
+
+    def register(self, name: str, path) -> None:
+        """Registers a PEFT folder under name (loaded on first acquire)."""
+        _check(_lib.rf_store_register(self._live(), name.encode(), str(path).encode()))
+
+    def acquire(self, name: str) -> Adapter:
+        out = ctypes.POINTER(_ffi.rf_adapter)()
+        _check(_lib.rf_store_acquire(self._live(), name.encode(), ctypes.byref(out)))
+        return _StoreAdapter(out, self._rt)
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        _check(_lib.rf_store_pin(self._live(), name.encode(), pinned))
+
+    def trim(self) -> int:
+        n = ctypes.c_size_t()
+        _check(_lib.rf_store_trim(self._live(), ctypes.byref(n)))
+        return n.value
+
+    def stats(self) -> StoreStats:
+        st = _ffi.rf_store_stats()
+        _check(_lib.rf_store_stats_get(self._live(), ctypes.byref(st)))
+        return StoreStats(*(getattr(st, f) for f, _ in _ffi.rf_store_stats._fields_))

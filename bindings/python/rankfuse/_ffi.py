@@ -17,6 +17,7 @@ import ctypes.util
 import os
 from ctypes import (
     POINTER,
+    c_bool,
     c_char,
     c_char_p,
     c_double,
@@ -98,6 +99,10 @@ class rf_runtime(ctypes.Structure):
     pass
 
 
+class rf_store(ctypes.Structure):
+    pass
+
+
 class rf_weights(ctypes.Structure):
     pass
 
@@ -112,6 +117,7 @@ OPAQUE = {c.__name__: c for c in (
     rf_lora,
     rf_packed,
     rf_runtime,
+    rf_store,
     rf_weights,
 )}
 ERR = P(rf_error)
@@ -139,6 +145,21 @@ class rf_packed_info(ctypes.Structure):
         ("bytes", c_size_t),
         ("panel_cols", c_uint32),
         ("kernels", c_char_p),
+    ]
+
+
+class rf_store_stats(ctypes.Structure):
+    _fields_ = [
+        ("registered", c_uint64),
+        ("resident", c_uint64),
+        ("bytes_resident", c_uint64),
+        ("in_use", c_uint64),
+        ("pinned", c_uint64),
+        ("hits", c_uint64),
+        ("loads", c_uint64),
+        ("load_failures", c_uint64),
+        ("evictions", c_uint64),
+        ("budget_bytes", c_uint64),
     ]
 
 
@@ -223,6 +244,7 @@ class rf_weights_open_options(ctypes.Structure):
 STRUCTS = {c.__name__: c for c in (
     rf_lora_info,
     rf_packed_info,
+    rf_store_stats,
     rf_extract_options,
     rf_matrix,
     rf_lora_slot,
@@ -274,6 +296,14 @@ FUNCTIONS = {
     "rf_packed_free": (None, [P(rf_packed)]),
     "rf_packed_info_get": (ERR, [P(rf_packed), P(rf_packed_info)]),
     "rf_linear_packed": (ERR, [P(rf_runtime), P(rf_matrix), P(rf_packed), P(rf_matrix), P(rf_lora_slot), c_size_t, P(c_int32), P(rf_matrix)]),
+    "rf_store_create": (ERR, [P(rf_runtime), c_uint64, P(P(rf_store))]),
+    "rf_store_free": (None, [P(rf_store)]),
+    "rf_store_register": (ERR, [P(rf_store), c_char_p, c_char_p]),
+    "rf_store_acquire": (ERR, [P(rf_store), c_char_p, P(P(rf_adapter))]),
+    "rf_store_release": (None, [P(rf_adapter)]),
+    "rf_store_pin": (ERR, [P(rf_store), c_char_p, c_bool]),
+    "rf_store_trim": (ERR, [P(rf_store), P(c_size_t)]),
+    "rf_store_stats_get": (ERR, [P(rf_store), P(rf_store_stats)]),
     "rf_abi_version": (c_uint32, []),
     "rf_version": (c_char_p, []),
     "rf_runtime_create": (ERR, [P(rf_runtime_options), P(P(rf_runtime))]),

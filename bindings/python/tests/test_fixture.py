@@ -178,3 +178,35 @@ def test_packed_base_weights(rt, io):
                 pw.close()
                 with pytest.raises(rankfuse.Error):
                     pw.info()
+
+
+def test_adapter_store(rt, base, io):
+    """A store with room for about one adapter: loads on first use, serves PEFT's outputs,
+    evicts the least recently used released adapter, never one that is held."""
+    m = "layers.0.self_attn.q_proj"
+    x, w = io["x." + m], base[m + ".weight"]
+    with rt.load_peft(FIXTURE / "adapters" / "lora-r64") as big:
+        budget = sum(a.nbytes for l in big for a in big[l].weights()) + 1
+    st = rt.store(budget)
+    for name in ("lora-r8", "rslora-pattern", "lora-r64"):
+        st.register(name, FIXTURE / "adapters" / name)
+    with pytest.raises(rankfuse.Error):
+        st.register("lora-r8", FIXTURE / "adapters" / "lora-r8")
+    with pytest.raises(rankfuse.Error):
+        st.acquire("nope")
+    for name in ("lora-r8", "rslora-pattern", "lora-r8", "lora-r64"):
+        with st.acquire(name) as a:
+            y = rt.linear(x, w, bias_of(base, m), [a[m]])
+            assert_close(y, io[f"y.{name}.{m}"], 1e-4, 1e-4, f"store {name}")
+    s = st.stats()
+    assert (s.registered, s.loads, s.hits, s.in_use) == (3, 3, 1, 0)
+    assert s.evictions >= 1 and s.bytes_resident <= budget and s.budget_bytes == budget
+    held = st.acquire("lora-r8")  # held: survives every later load
+    st.pin("rslora-pattern")
+    with st.acquire("rslora-pattern"), st.acquire("lora-r64"):
+        pass
+    assert st.stats().in_use == 1
+    st.close()  # a held adapter outlives its store
+    y = rt.linear(x, w, bias_of(base, m), [held[m]])
+    assert_close(y, io[f"y.lora-r8.{m}"], 1e-4, 1e-4, "held after store close")
+    held.close()

@@ -1,0 +1,358 @@
+//! An adapter store: many adapters registered by name, loaded on first use, kept under a byte
+//! budget by evicting the least recently used adapters that no caller holds, with pinning and
+//! counters.
+//!
+//! Generic over what it keeps (`T`) and how it loads it (a [`Loader`]), so the core knows nothing
+//! of C handles: the C ABI keeps `rf_adapter`s in it (`src/ffi/store.rs`). A caller holds an
+//! `Arc<T>`; the store never frees what a caller holds: eviction only drops the store's own
+//! reference of an adapter nobody else holds, and an adapter acquired before the store is dropped
+//! stays valid until its last holder lets go.
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// Loads the adapter registered as `name` from `path`; returns it and the bytes it keeps resident.
+pub type Loader<T> = Box<dyn Fn(&str, &Path) -> Result<(T, usize)> + Send + Sync>;
+
+/// Counters and gauges of a store (a consistent snapshot).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Adapters registered.
+    pub registered: u64,
+    /// Adapters loaded now.
+    pub resident: u64,
+    /// Bytes the resident adapters keep (their tensors; on a CUDA runtime also the device copy).
+    pub bytes_resident: u64,
+    /// Resident adapters some caller holds now (not evictable).
+    pub in_use: u64,
+    /// Resident adapters pinned.
+    pub pinned: u64,
+    /// Acquisitions served by a resident adapter.
+    pub hits: u64,
+    /// Loads (first uses and uses after an eviction).
+    pub loads: u64,
+    /// Loads that failed (the error went to the caller; the entry stays registered).
+    pub load_failures: u64,
+    /// Adapters evicted to stay under the budget.
+    pub evictions: u64,
+}
+
+enum Slot<T> {
+    Cold,
+    /// One thread loads; others wanting the same adapter wait for it.
+    Loading,
+    Resident {
+        value: Arc<T>,
+        bytes: usize,
+    },
+}
+
+struct Entry<T> {
+    path: PathBuf,
+    slot: Slot<T>,
+    pinned: bool,
+    last_use: u64,
+}
+
+struct State<T> {
+    entries: HashMap<String, Entry<T>>,
+    tick: u64,
+    stats: StoreStats,
+}
+
+/// See the module documentation. All methods take `&self` and may run from many threads.
+pub struct Store<T> {
+    loader: Loader<T>,
+    budget: u64,
+    state: Mutex<State<T>>,
+    loaded: Condvar,
+}
+
+impl<T: Send + Sync> Store<T> {
+    /// A store that keeps at most `budget` bytes of unheld adapters resident (0 = no limit).
+    pub fn new(budget: u64, loader: Loader<T>) -> Store<T> {
+        Store {
+            loader,
+            budget,
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                tick: 0,
+                stats: StoreStats::default(),
+            }),
+            loaded: Condvar::new(),
+        }
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // A panic while holding the lock leaves the state consistent (every update is a few
+        // field writes), so a poisoned lock is taken over rather than propagated.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `path` under `name` (loaded on first use). The name must be new and the path
+    /// must exist.
+    pub fn register(&self, name: &str, path: &Path) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::invalid("store: an adapter name is empty"));
+        }
+        std::fs::metadata(path)
+            .map_err(|e| Error::io(format!("store: adapter '{name}': {}: {e}", path.display())))?;
+        let mut st = self.lock();
+        if st.entries.contains_key(name) {
+            return Err(Error::invalid(format!(
+                "store: an adapter named '{name}' is already registered"
+            )));
+        }
+        st.entries.insert(
+            name.to_string(),
+            Entry {
+                path: path.to_path_buf(),
+                slot: Slot::Cold,
+                pinned: false,
+                last_use: 0,
+            },
+        );
+        st.stats.registered += 1;
+        Ok(())
+    }
+
+    /// The adapter registered as `name`, loaded now if it is not resident (one load however
+    /// many threads ask at once). While the caller holds the `Arc` it is never evicted.
+    pub fn acquire(&self, name: &str) -> Result<Arc<T>> {
+        let mut st = self.lock();
+        loop {
+            let st_ref = &mut *st;
+            let e = st_ref.entries.get_mut(name).ok_or_else(|| {
+                Error::not_found(format!("store: no adapter named '{name}' is registered"))
+            })?;
+            match &e.slot {
+                Slot::Resident { value, .. } => {
+                    let v = value.clone();
+                    st_ref.tick += 1;
+                    e.last_use = st_ref.tick;
+                    st_ref.stats.hits += 1;
+                    return Ok(v);
+                }
+                Slot::Loading => st = self.loaded.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Slot::Cold => {
+                    e.slot = Slot::Loading;
+                    let path = e.path.clone();
+                    drop(st);
+                    return self.load(name, &path);
+                }
+            }
+        }
+    }
+
+    /// Loads outside the lock, then publishes the result (or puts the entry back to Cold).
+    fn load(&self, name: &str, path: &Path) -> Result<Arc<T>> {
+        // Resets the entry if the loader panics, so waiters are not left hanging.
+        struct Reset<'a, T: Send + Sync> {
+            store: &'a Store<T>,
+            name: &'a str,
+            armed: bool,
+        }
+        impl<T: Send + Sync> Drop for Reset<'_, T> {
+            fn drop(&mut self) {
+                if self.armed {
+                    let mut st = self.store.lock();
+                    if let Some(e) = st.entries.get_mut(self.name) {
+                        e.slot = Slot::Cold;
+                    }
+                    st.stats.load_failures += 1;
+                    drop(st);
+                    self.store.loaded.notify_all();
+                }
+            }
+        }
+        let mut reset = Reset {
+            store: self,
+            name,
+            armed: true,
+        };
+        let loaded = (self.loader)(name, path);
+        reset.armed = false;
+        let mut st = self.lock();
+        let result = match loaded {
+            Ok((value, bytes)) => {
+                let value = Arc::new(value);
+                st.tick += 1;
+                let tick = st.tick;
+                let e = st.entries.get_mut(name).expect("entries are never removed");
+                e.slot = Slot::Resident {
+                    value: value.clone(),
+                    bytes,
+                };
+                e.last_use = tick;
+                st.stats.loads += 1;
+                st.stats.resident += 1;
+                st.stats.bytes_resident += bytes as u64;
+                Ok(value)
+            }
+            Err(err) => {
+                if let Some(e) = st.entries.get_mut(name) {
+                    e.slot = Slot::Cold;
+                }
+                st.stats.load_failures += 1;
+                Err(err.context(format!("store: loading adapter '{name}'")))
+            }
+        };
+        let evicted = self.evict(&mut st);
+        drop(st);
+        self.loaded.notify_all();
+        // Freed outside the lock (unmapping, device frees).
+        drop(evicted);
+        result
+    }
+
+    /// Drops the store's reference of least recently used, unpinned, unheld adapters until the
+    /// resident bytes fit the budget (or nothing more can go); returns them to drop unlocked.
+    fn evict(&self, st: &mut State<T>) -> Vec<Arc<T>> {
+        let mut out = Vec::new();
+        while self.budget > 0 && st.stats.bytes_resident > self.budget {
+            let victim = st
+                .entries
+                .iter()
+                .filter(|(_, e)| !e.pinned)
+                .filter_map(|(n, e)| match &e.slot {
+                    // strong_count 1: only the store holds it. A caller cloning it needs the
+                    // lock (acquire), which this thread holds, so the count cannot grow here.
+                    Slot::Resident { value, .. } if Arc::strong_count(value) == 1 => {
+                        Some((e.last_use, n.clone()))
+                    }
+                    _ => None,
+                })
+                .min();
+            let Some((_, name)) = victim else { break };
+            let e = st.entries.get_mut(&name).expect("just found");
+            if let Slot::Resident { value, bytes } = std::mem::replace(&mut e.slot, Slot::Cold) {
+                st.stats.bytes_resident -= bytes as u64;
+                st.stats.resident -= 1;
+                st.stats.evictions += 1;
+                out.push(value);
+            }
+        }
+        out
+    }
+
+    /// Evicts what the budget asks for now (adapters released since the last load may have
+    /// become evictable); returns how many went.
+    pub fn trim(&self) -> usize {
+        let mut st = self.lock();
+        let evicted = self.evict(&mut st);
+        drop(st);
+        evicted.len()
+    }
+
+    /// Pins (never evicted) or unpins `name`. Pinning does not load it.
+    pub fn pin(&self, name: &str, pinned: bool) -> Result<()> {
+        let mut st = self.lock();
+        let e = st.entries.get_mut(name).ok_or_else(|| {
+            Error::not_found(format!("store: no adapter named '{name}' is registered"))
+        })?;
+        e.pinned = pinned;
+        Ok(())
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> StoreStats {
+        let st = self.lock();
+        let mut s = st.stats;
+        s.in_use = 0;
+        s.pinned = 0;
+        for e in st.entries.values() {
+            if let Slot::Resident { value, .. } = &e.slot {
+                s.in_use += u64::from(Arc::strong_count(value) > 1);
+                s.pinned += u64::from(e.pinned);
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn store(budget: u64, loads: Arc<AtomicUsize>) -> Store<String> {
+        Store::new(
+            budget,
+            Box::new(move |name, _| {
+                loads.fetch_add(1, Ordering::SeqCst);
+                if name == "bad" {
+                    return Err(Error::format("broken adapter"));
+                }
+                Ok((name.to_string(), 100))
+            }),
+        )
+    }
+
+    #[test]
+    fn lru_eviction_skips_held_and_pinned_adapters() {
+        let loads = Arc::new(AtomicUsize::new(0));
+        let s = store(250, loads.clone());
+        let dir = std::env::temp_dir();
+        for n in ["a", "b", "c", "d", "bad"] {
+            s.register(n, &dir).unwrap();
+        }
+        assert!(s.register("a", &dir).is_err());
+        assert!(s.register("x", Path::new("/no/such/path")).is_err());
+        drop(s.acquire("a").unwrap());
+        drop(s.acquire("b").unwrap());
+        assert_eq!(*s.acquire("a").unwrap(), "a"); // a hit; now b is the least recent
+        let held_c = s.acquire("c").unwrap(); // 300 > 250: evicts b
+        let st = s.stats();
+        assert_eq!((st.resident, st.bytes_resident, st.evictions), (2, 200, 1));
+        assert_eq!((st.loads, st.hits, st.in_use), (3, 1, 1));
+        s.pin("a", true).unwrap();
+        // d needs room: a is pinned, c is held, so nothing can go; over budget is allowed.
+        let held_d = s.acquire("d").unwrap();
+        assert_eq!(s.stats().bytes_resident, 300);
+        drop(held_c);
+        assert_eq!(s.trim(), 1); // c, released, goes now
+        drop(held_d);
+        assert_eq!(s.stats().pinned, 1);
+        assert_eq!(loads.load(Ordering::SeqCst), 4);
+        // b was evicted: the next use loads it again.
+        drop(s.acquire("b").unwrap());
+        assert_eq!(loads.load(Ordering::SeqCst), 5);
+        // A failed load is reported and leaves the entry registered.
+        assert!(s.acquire("bad").is_err());
+        assert!(s.acquire("bad").is_err());
+        assert_eq!(s.stats().load_failures, 2);
+        assert!(s.acquire("nope").is_err());
+        assert!(s.pin("nope", true).is_err());
+    }
+
+    #[test]
+    fn many_threads_share_one_load() {
+        let loads = Arc::new(AtomicUsize::new(0));
+        let s = Arc::new(store(0, loads.clone()));
+        s.register("a", &std::env::temp_dir()).unwrap();
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || (0..100).all(|_| *s.acquire("a").unwrap() == "a"))
+            })
+            .collect();
+        assert!(handles.into_iter().all(|h| h.join().unwrap()));
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert_eq!(s.stats().hits, 799);
+    }
+
+    #[test]
+    fn held_adapters_outlive_the_store() {
+        let s = store(0, Arc::new(AtomicUsize::new(0)));
+        s.register("a", &std::env::temp_dir()).unwrap();
+        let a = s.acquire("a").unwrap();
+        drop(s);
+        assert_eq!(*a, "a");
+    }
+}
