@@ -347,6 +347,10 @@ typedef struct {
   uint64_t load_failures;
   uint64_t evictions;
   /*
+   New versions published (`rf_store_publish`, `rf_store_publish_peft`).
+   */
+  uint64_t publishes;
+  /*
    The budget the store was created with (0 = none).
    */
   uint64_t budget_bytes;
@@ -729,6 +733,35 @@ rf_error *rf_store_trim(const rf_store *s, size_t *evicted_out);
  The store's counters (a consistent snapshot). Thread-safe.
  */
 rf_error *rf_store_stats_get(const rf_store *s, rf_store_stats *out);
+
+/*
+ Publishes the PEFT folder `path` as the new version of `name` (registering the name if it
+ is new): acquisitions from now on get it (loaded on first use, evictable and reloadable like
+ a registered folder); adapters acquired before keep the version they got, unchanged, until
+ released. Never waits for calls using the old version (only for a load of it in flight).
+ `*generation_out` (may be NULL) gets the new version's generation. Thread-safe.
+ */
+rf_error *rf_store_publish_peft(const rf_store *s, const char *name, const char *path, uint64_t *generation_out);
+
+/*
+ Publishes the adapter `a` (from `rf_adapter_load_peft` or `rf_adapter_new`, e.g. after
+ training steps) as the new version of `name` (registering the name if it is new). On success
+ the store owns `a` (do not use or free it again; acquire the name to use it): it is shared,
+ read-only and resident until a later publish replaces it and its last holder releases it (it
+ is never evicted: it has no folder to reload from). Adapters acquired before keep the version
+ they got. On error `a` stays the caller's. `*generation_out` (may be NULL) gets the new
+ version's generation. Thread-safe; `a` must not be in use by another thread.
+ */
+rf_error *rf_store_publish(const rf_store *s, const char *name, rf_adapter *a, uint64_t *generation_out);
+
+/*
+ The version of an adapter: `*id_out` the stable id of its name in the store (0 for an
+ adapter that did not come from a store) and `*generation_out` the number of versions
+ published under that name before it. Two acquisitions with equal (id, generation) are the
+ same adapter, bit for bit: key caches computed with an adapter on this pair. Either out
+ pointer may be NULL. Thread-safe.
+ */
+rf_error *rf_adapter_version(const rf_adapter *a, uint64_t *id_out, uint64_t *generation_out);
 
 /*
  Creates an empty adapter named `name` to add trainable modules to. The caller owns `*out`

@@ -7,6 +7,13 @@
 //! `Arc<T>`; the store never frees what a caller holds: eviction only drops the store's own
 //! reference of an adapter nobody else holds, and an adapter acquired before the store is dropped
 //! stays valid until its last holder lets go.
+//!
+//! Versions: every registered name has a stable 64-bit `id`; each publish of a new version
+//! under the name (from a folder, or an adapter built in memory, e.g. after training steps)
+//! bumps its `generation`. Publishing swaps what *new* acquisitions get; callers holding the
+//! previous version keep it, whole and unchanged, until they release it, and it is freed with
+//! the last release (reference counting: no call ever sees a mix of two versions). Hosts key
+//! their KV / prefix caches on (id, generation).
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -15,6 +22,21 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Loads the adapter registered as `name` from `path`; returns it and the bytes it keeps resident.
 pub type Loader<T> = Box<dyn Fn(&str, &Path) -> Result<(T, usize)> + Send + Sync>;
+
+/// What a store keeps: told its version when it enters the store.
+pub trait Versioned {
+    fn set_version(&mut self, v: Version);
+}
+
+/// A version's identity: the name's stable id and the publish count under it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Version {
+    pub id: u64,
+    pub generation: u64,
+}
+
+/// Ids of registered names, unique in the process (so two stores never share one).
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Counters and gauges of a store (a consistent snapshot).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,6 +59,8 @@ pub struct StoreStats {
     pub load_failures: u64,
     /// Adapters evicted to stay under the budget.
     pub evictions: u64,
+    /// New versions published.
+    pub publishes: u64,
 }
 
 enum Slot<T> {
@@ -49,11 +73,19 @@ enum Slot<T> {
     },
 }
 
+/// Where a name's current version comes from: a folder (reloadable after an eviction) or memory
+/// (never evicted: there is nothing to reload it from).
+enum Source {
+    Path(PathBuf),
+    Memory,
+}
+
 struct Entry<T> {
-    path: PathBuf,
+    source: Source,
     slot: Slot<T>,
     pinned: bool,
     last_use: u64,
+    version: Version,
 }
 
 struct State<T> {
@@ -70,7 +102,7 @@ pub struct Store<T> {
     loaded: Condvar,
 }
 
-impl<T: Send + Sync> Store<T> {
+impl<T: Send + Sync + Versioned> Store<T> {
     /// A store that keeps at most `budget` bytes of unheld adapters resident (0 = no limit).
     pub fn new(budget: u64, loader: Loader<T>) -> Store<T> {
         Store {
@@ -112,14 +144,105 @@ impl<T: Send + Sync> Store<T> {
         st.entries.insert(
             name.to_string(),
             Entry {
-                path: path.to_path_buf(),
+                source: Source::Path(path.to_path_buf()),
                 slot: Slot::Cold,
                 pinned: false,
                 last_use: 0,
+                version: Version {
+                    id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    generation: 0,
+                },
             },
         );
         st.stats.registered += 1;
         Ok(())
+    }
+
+    /// Publishes a new version of `name` from the folder `path` (registering the name if it is
+    /// new): later acquisitions load it; holders of the previous version keep theirs.
+    pub fn publish_path(&self, name: &str, path: &Path) -> Result<Version> {
+        std::fs::metadata(path)
+            .map_err(|e| Error::io(format!("store: adapter '{name}': {}: {e}", path.display())))?;
+        let (v, old) = self.publish_with(name, Source::Path(path.to_path_buf()), |_| None)?;
+        drop(old);
+        Ok(v)
+    }
+
+    /// Publishes `value` (built in memory) as the new version of `name` (registering the name if
+    /// it is new). It stays resident (never evicted) until a later publish replaces it.
+    pub fn publish(&self, name: &str, value: T, bytes: usize) -> Result<Version> {
+        let mut value = Some(value);
+        let (v, old) = self.publish_with(name, Source::Memory, |ver| {
+            let mut t = value.take().expect("called once");
+            t.set_version(ver);
+            Some((Arc::new(t), bytes))
+        })?;
+        drop(old);
+        Ok(v)
+    }
+
+    fn publish_with(
+        &self,
+        name: &str,
+        source: Source,
+        make: impl FnOnce(Version) -> Option<(Arc<T>, usize)>,
+    ) -> Result<(Version, Vec<Arc<T>>)> {
+        if name.is_empty() {
+            return Err(Error::invalid("store: an adapter name is empty"));
+        }
+        let mut st = self.lock();
+        // A load of the previous version in flight finishes first (its result is then
+        // replaced), so a publish is never overwritten by an older load.
+        while matches!(st.entries.get(name).map(|e| &e.slot), Some(Slot::Loading)) {
+            st = self.loaded.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        let st = &mut *st;
+        let version = match st.entries.get(name) {
+            Some(e) => Version {
+                id: e.version.id,
+                generation: e.version.generation + 1,
+            },
+            None => {
+                st.stats.registered += 1;
+                Version {
+                    id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    generation: 0,
+                }
+            }
+        };
+        let e = st.entries.entry(name.to_string()).or_insert(Entry {
+            source: Source::Memory,
+            slot: Slot::Cold,
+            pinned: false,
+            last_use: 0,
+            version,
+        });
+        let mut old = Vec::new();
+        if let Slot::Resident { value, bytes } = std::mem::replace(&mut e.slot, Slot::Cold) {
+            st.stats.resident -= 1;
+            st.stats.bytes_resident -= bytes as u64;
+            old.push(value);
+        }
+        e.source = source;
+        e.version = version;
+        if let Some((value, bytes)) = make(version) {
+            st.tick += 1;
+            e.slot = Slot::Resident { value, bytes };
+            e.last_use = st.tick;
+            st.stats.resident += 1;
+            st.stats.bytes_resident += bytes as u64;
+        }
+        st.stats.publishes += 1;
+        old.extend(self.evict(st));
+        Ok((version, old))
+    }
+
+    /// The current version of `name` (what the next acquisition gets).
+    pub fn version(&self, name: &str) -> Result<Version> {
+        let st = self.lock();
+        st.entries.get(name).map(|e| e.version).ok_or_else(|| {
+            Error::not_found(format!("store: no adapter named '{name}' is registered"))
+        })
     }
 
     /// The adapter registered as `name`, loaded now if it is not resident (one load however
@@ -141,24 +264,27 @@ impl<T: Send + Sync> Store<T> {
                 }
                 Slot::Loading => st = self.loaded.wait(st).unwrap_or_else(|p| p.into_inner()),
                 Slot::Cold => {
+                    let Source::Path(path) = &e.source else {
+                        unreachable!("a version published from memory is never evicted")
+                    };
+                    let (path, version) = (path.clone(), e.version);
                     e.slot = Slot::Loading;
-                    let path = e.path.clone();
                     drop(st);
-                    return self.load(name, &path);
+                    return self.load(name, &path, version);
                 }
             }
         }
     }
 
     /// Loads outside the lock, then publishes the result (or puts the entry back to Cold).
-    fn load(&self, name: &str, path: &Path) -> Result<Arc<T>> {
+    fn load(&self, name: &str, path: &Path, version: Version) -> Result<Arc<T>> {
         // Resets the entry if the loader panics, so waiters are not left hanging.
-        struct Reset<'a, T: Send + Sync> {
+        struct Reset<'a, T: Send + Sync + Versioned> {
             store: &'a Store<T>,
             name: &'a str,
             armed: bool,
         }
-        impl<T: Send + Sync> Drop for Reset<'_, T> {
+        impl<T: Send + Sync + Versioned> Drop for Reset<'_, T> {
             fn drop(&mut self) {
                 if self.armed {
                     let mut st = self.store.lock();
@@ -180,7 +306,8 @@ impl<T: Send + Sync> Store<T> {
         reset.armed = false;
         let mut st = self.lock();
         let result = match loaded {
-            Ok((value, bytes)) => {
+            Ok((mut value, bytes)) => {
+                value.set_version(version);
                 let value = Arc::new(value);
                 st.tick += 1;
                 let tick = st.tick;
@@ -219,7 +346,7 @@ impl<T: Send + Sync> Store<T> {
             let victim = st
                 .entries
                 .iter()
-                .filter(|(_, e)| !e.pinned)
+                .filter(|(_, e)| !e.pinned && matches!(e.source, Source::Path(_)))
                 .filter_map(|(n, e)| match &e.slot {
                     // strong_count 1: only the store holds it. A caller cloning it needs the
                     // lock (acquire), which this thread holds, so the count cannot grow here.
@@ -281,17 +408,79 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn store(budget: u64, loads: Arc<AtomicUsize>) -> Store<String> {
+    /// A stand-in adapter: its name (or, published, any text) and the version it was given.
+    #[derive(Debug, PartialEq)]
+    struct Item(String, Version);
+    impl Versioned for Item {
+        fn set_version(&mut self, v: Version) {
+            self.1 = v;
+        }
+    }
+    impl PartialEq<&str> for Item {
+        fn eq(&self, o: &&str) -> bool {
+            self.0 == *o
+        }
+    }
+
+    fn store(budget: u64, loads: Arc<AtomicUsize>) -> Store<Item> {
         Store::new(
             budget,
-            Box::new(move |name, _| {
+            Box::new(move |name, path| {
                 loads.fetch_add(1, Ordering::SeqCst);
                 if name == "bad" {
                     return Err(Error::format("broken adapter"));
                 }
-                Ok((name.to_string(), 100))
+                let tag = path
+                    .file_name()
+                    .map_or(String::new(), |f| f.to_string_lossy().into());
+                let text = if tag.starts_with("v") {
+                    tag
+                } else {
+                    name.to_string()
+                };
+                Ok((Item(text, Version::default()), 100))
             }),
         )
+    }
+
+    #[test]
+    fn publishing_swaps_new_acquisitions_and_keeps_held_versions_whole() {
+        let s = store(150, Arc::new(AtomicUsize::new(0)));
+        let dir = tempfile::tempdir().unwrap();
+        for v in ["v1", "v2"] {
+            std::fs::create_dir(dir.path().join(v)).unwrap();
+        }
+        s.register("a", dir.path()).unwrap();
+        let g0 = s.acquire("a").unwrap();
+        assert_eq!((g0.0.as_str(), g0.1.generation), ("a", 0));
+        let id = g0.1.id;
+        // From a folder: the next acquisition loads it; the held version is untouched.
+        let v = s.publish_path("a", &dir.path().join("v1")).unwrap();
+        assert_eq!(v, Version { id, generation: 1 });
+        let g1 = s.acquire("a").unwrap();
+        assert_eq!((g1.0.as_str(), g1.1), ("v1", v));
+        assert_eq!((g0.0.as_str(), g0.1.generation), ("a", 0));
+        // From memory: resident at once, never evicted, even far over budget.
+        let v2 = s
+            .publish("a", Item("mem".into(), Version::default()), 1000)
+            .unwrap();
+        assert_eq!(v2.generation, 2);
+        assert_eq!(s.acquire("a").unwrap().0, "mem");
+        assert_eq!(s.trim(), 0);
+        assert_eq!(s.version("a").unwrap(), v2);
+        // A new name by publish; ids differ per name; stats count it.
+        let b = s
+            .publish("b", Item("b".into(), Version::default()), 1)
+            .unwrap();
+        assert_ne!(b.id, id);
+        assert_eq!(b.generation, 0);
+        let st = s.stats();
+        assert_eq!((st.registered, st.publishes), (2, 3));
+        drop((g0, g1));
+        // Back to a folder version: the memory one goes when no one holds it.
+        s.publish_path("a", &dir.path().join("v2")).unwrap();
+        assert_eq!(s.acquire("a").unwrap().0, "v2");
+        assert_eq!(s.acquire("a").unwrap().1.generation, 3);
     }
 
     #[test]

@@ -35,6 +35,14 @@ pub struct rf_adapter {
     /// The CUDA runtime the adapter was loaded on (modules added later are uploaded there too).
     #[cfg(feature = "cuda")]
     pub(crate) cuda: Option<std::sync::Weak<crate::backend::cuda::CudaBackend>>,
+    /// Its identity in an adapter store (`rf_adapter_version`); id 0 outside a store.
+    pub(crate) version: crate::store::Version,
+}
+
+impl crate::store::Versioned for rf_adapter {
+    fn set_version(&mut self, v: crate::store::Version) {
+        self.version = v;
+    }
 }
 
 /// An adapter store (`rf_store_create`): adapters registered by name, loaded on first use,
@@ -83,6 +91,7 @@ impl rf_adapter {
             names,
             #[cfg(feature = "cuda")]
             cuda: None,
+            version: Default::default(),
         })
     }
 

@@ -1,11 +1,12 @@
 //! The adapter store: `rf_store_*`. Many adapters registered by name (PEFT folders), loaded on
 //! first use and shared by every caller, evicted least-recently-used under a byte budget when no
-//! caller holds them.
+//! caller holds them; new versions published under a name while calls run on the old one.
 
 use super::boundary::{arg_out, arg_ref, arg_str};
 use super::error::rf_error;
 use super::handles::{rf_adapter, rf_runtime, rf_store, DeviceOf};
 use crate::adapter::peft;
+use crate::error::Error;
 use crate::store::{Store, StoreStats};
 use std::ffi::c_char;
 use std::path::Path;
@@ -30,6 +31,8 @@ pub struct rf_store_stats {
     pub loads: u64,
     pub load_failures: u64,
     pub evictions: u64,
+    /// New versions published (`rf_store_publish`, `rf_store_publish_peft`).
+    pub publishes: u64,
     /// The budget the store was created with (0 = none).
     pub budget_bytes: u64,
 }
@@ -46,6 +49,7 @@ impl From<StoreStats> for rf_store_stats {
             loads: s.loads,
             load_failures: s.load_failures,
             evictions: s.evictions,
+            publishes: s.publishes,
             budget_bytes: 0,
         }
     }
@@ -194,6 +198,86 @@ pub unsafe extern "C" fn rf_store_stats_get(
             budget_bytes: s.inner.budget(),
             ..s.inner.stats().into()
         };
+        Ok(())
+    })
+}
+
+/// Publishes the PEFT folder `path` as the new version of `name` (registering the name if it
+/// is new): acquisitions from now on get it (loaded on first use, evictable and reloadable like
+/// a registered folder); adapters acquired before keep the version they got, unchanged, until
+/// released. Never waits for calls using the old version (only for a load of it in flight).
+/// `*generation_out` (may be NULL) gets the new version's generation. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn rf_store_publish_peft(
+    s: *const rf_store,
+    name: *const c_char,
+    path: *const c_char,
+    generation_out: *mut u64,
+) -> *mut rf_error {
+    boundary!({
+        let s = arg_ref(s, "s")?;
+        let name = arg_str(name, "name")?;
+        let path = arg_str(path, "path")?;
+        let v = s.inner.publish_path(name, Path::new(path))?;
+        if !generation_out.is_null() {
+            *generation_out = v.generation;
+        }
+        Ok(())
+    })
+}
+
+/// Publishes the adapter `a` (from `rf_adapter_load_peft` or `rf_adapter_new`, e.g. after
+/// training steps) as the new version of `name` (registering the name if it is new). On success
+/// the store owns `a` (do not use or free it again; acquire the name to use it): it is shared,
+/// read-only and resident until a later publish replaces it and its last holder releases it (it
+/// is never evicted: it has no folder to reload from). Adapters acquired before keep the version
+/// they got. On error `a` stays the caller's. `*generation_out` (may be NULL) gets the new
+/// version's generation. Thread-safe; `a` must not be in use by another thread.
+#[no_mangle]
+pub unsafe extern "C" fn rf_store_publish(
+    s: *const rf_store,
+    name: *const c_char,
+    a: *mut rf_adapter,
+    generation_out: *mut u64,
+) -> *mut rf_error {
+    boundary!({
+        let s = arg_ref(s, "s")?;
+        let name = arg_str(name, "name")?;
+        if a.is_null() {
+            return Err(Error::invalid("argument 'a' is NULL"));
+        }
+        if name.is_empty() {
+            return Err(Error::invalid("store: an adapter name is empty"));
+        }
+        let bytes = (*a).inner.tensor_bytes() * if (*a).on_gpu() { 2 } else { 1 };
+        // Moved out only once every check has passed, so an error leaves `a` to the caller.
+        let v = s.inner.publish(name, *Box::from_raw(a), bytes)?;
+        if !generation_out.is_null() {
+            *generation_out = v.generation;
+        }
+        Ok(())
+    })
+}
+
+/// The version of an adapter: `*id_out` the stable id of its name in the store (0 for an
+/// adapter that did not come from a store) and `*generation_out` the number of versions
+/// published under that name before it. Two acquisitions with equal (id, generation) are the
+/// same adapter, bit for bit: key caches computed with an adapter on this pair. Either out
+/// pointer may be NULL. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn rf_adapter_version(
+    a: *const rf_adapter,
+    id_out: *mut u64,
+    generation_out: *mut u64,
+) -> *mut rf_error {
+    boundary!({
+        let a = arg_ref(a, "a")?;
+        if !id_out.is_null() {
+            *id_out = a.version.id;
+        }
+        if !generation_out.is_null() {
+            *generation_out = a.version.generation;
+        }
         Ok(())
     })
 }

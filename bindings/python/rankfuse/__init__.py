@@ -563,6 +563,12 @@ class Adapter(_Handle):
 
     __getitem__ = module
 
+    def version(self) -> tuple:
+        """(id, generation) of an adapter from a Store ((0, 0) otherwise): key caches on it."""
+        i, g = ctypes.c_uint64(), ctypes.c_uint64()
+        _check(_lib.rf_adapter_version(self._live(), ctypes.byref(i), ctypes.byref(g)))
+        return i.value, g.value
+
     def save_peft(self, path) -> None:
         """Writes a PEFT folder (created if missing) that PEFT and rankfuse load back."""
         _check(_lib.rf_adapter_save_peft(self._live(), str(path).encode()))
@@ -740,6 +746,7 @@ class StoreStats:
     loads: int
     load_failures: int
     evictions: int
+    publishes: int
     budget_bytes: int
 
 
@@ -774,6 +781,27 @@ class Store(_Handle):
         out = ctypes.POINTER(_ffi.rf_adapter)()
         _check(_lib.rf_store_acquire(self._live(), name.encode(), ctypes.byref(out)))
         return _StoreAdapter(out, self._rt)
+
+    def publish_peft(self, name: str, path) -> int:
+        """Publishes a PEFT folder as the new version of name; returns its generation. Adapters
+        acquired before keep the version they got."""
+        g = ctypes.c_uint64()
+        _check(_lib.rf_store_publish_peft(self._live(), name.encode(), str(path).encode(), ctypes.byref(g)))
+        return g.value
+
+    def publish(self, name: str, adapter: Adapter) -> int:
+        """Publishes an adapter built in memory (e.g. trained) as the new version of name; the
+        store takes it over (adapter is closed here). Returns the generation."""
+        if isinstance(adapter, _StoreAdapter):
+            raise Error(Status.INVALID_ARGUMENT, "an adapter acquired from a store cannot be published")
+        g = ctypes.c_uint64()
+        with adapter._lock:
+            if adapter._refs != 1 or adapter._closed:
+                raise Error(Status.INVALID_ARGUMENT, "publish needs an open adapter nothing else holds")
+            _check(_lib.rf_store_publish(self._live(), name.encode(), adapter._ptr, ctypes.byref(g)))
+            adapter._ptr, adapter._closed, adapter._refs = None, True, 0
+        adapter._rt._release()
+        return g.value
 
     def pin(self, name: str, pinned: bool = True) -> None:
         _check(_lib.rf_store_pin(self._live(), name.encode(), pinned))

@@ -159,6 +159,7 @@ class rf_store_stats(ctypes.Structure):
         ("loads", c_uint64),
         ("load_failures", c_uint64),
         ("evictions", c_uint64),
+        ("publishes", c_uint64),
         ("budget_bytes", c_uint64),
     ]
 
@@ -304,6 +305,9 @@ FUNCTIONS = {
     "rf_store_pin": (ERR, [P(rf_store), c_char_p, c_bool]),
     "rf_store_trim": (ERR, [P(rf_store), P(c_size_t)]),
     "rf_store_stats_get": (ERR, [P(rf_store), P(rf_store_stats)]),
+    "rf_store_publish_peft": (ERR, [P(rf_store), c_char_p, c_char_p, P(c_uint64)]),
+    "rf_store_publish": (ERR, [P(rf_store), c_char_p, P(rf_adapter), P(c_uint64)]),
+    "rf_adapter_version": (ERR, [P(rf_adapter), P(c_uint64), P(c_uint64)]),
     "rf_abi_version": (c_uint32, []),
     "rf_version": (c_char_p, []),
     "rf_runtime_create": (ERR, [P(rf_runtime_options), P(P(rf_runtime))]),

@@ -210,3 +210,30 @@ def test_adapter_store(rt, base, io):
     y = rt.linear(x, w, bias_of(base, m), [held[m]])
     assert_close(y, io[f"y.lora-r8.{m}"], 1e-4, 1e-4, "held after store close")
     held.close()
+
+
+def test_store_versions(rt, base, io):
+    m = "layers.1.mlp.up_proj"
+    x, w = io["x." + m], base[m + ".weight"]
+    st = rt.store()
+    st.register("live", FIXTURE / "adapters" / "lora-r8")
+    old = st.acquire("live")
+    ident, g0 = old.version()
+    assert ident != 0 and g0 == 0
+    assert st.publish_peft("live", FIXTURE / "adapters" / "rslora-pattern") == 1
+    mem = rt.load_peft(FIXTURE / "adapters" / "lora-r64")
+    assert mem.version() == (0, 0)
+    with st.acquire("live") as a:
+        assert a.version() == (ident, 1)
+        assert_close(rt.linear(x, w, bias_of(base, m), [a[m]]), io[f"y.rslora-pattern.{m}"], 1e-4, 1e-4, "gen 1")
+    assert st.publish("live", mem) == 2
+    with pytest.raises(rankfuse.Error):
+        mem.modules()
+    with st.acquire("live") as a:
+        assert a.version() == (ident, 2)
+        assert_close(rt.linear(x, w, bias_of(base, m), [a[m]]), io[f"y.lora-r64.{m}"], 1e-4, 1e-4, "gen 2")
+    # The version acquired first is still whole.
+    assert_close(rt.linear(x, w, bias_of(base, m), [old[m]]), io[f"y.lora-r8.{m}"], 1e-4, 1e-4, "gen 0 held")
+    old.close()
+    assert st.stats().publishes == 2
+    st.close()
