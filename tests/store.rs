@@ -305,7 +305,11 @@ fn publish_under_load_every_call_sees_one_whole_version() {
                     }
                     g += 1;
                     assert_eq!(got, g);
-                    ok(rf_store_pin(store, cs("live").as_ptr(), g.is_multiple_of(5)));
+                    ok(rf_store_pin(
+                        store,
+                        cs("live").as_ptr(),
+                        g.is_multiple_of(5),
+                    ));
                     ok(rf_store_trim(store, null_mut()));
                     std::thread::sleep(std::time::Duration::from_micros(300));
                 }

@@ -1,0 +1,287 @@
+//! The adapter store at scale, through the C ABI: N rank-r adapters (one k x n module each, bf16)
+//! written as PEFT folders, registered in one store, then
+//!
+//! 1. first-use latency (acquire of a cold adapter: map + parse + checks), median and p99;
+//! 2. resident bytes after touching every adapter under the budget, evictions;
+//! 3. steady state: one mixed batch of 64 rows over 16 adapters acquired from the store vs the
+//!    same rows on one adapter (rf_linear, median);
+//! 4. rf_linear throughput (m = 1, 2 caller threads doing acquire + linear + release) with and
+//!    without a publisher thread publishing a new version of one of the adapters every ms.
+//!
+//! Reports, asserts nothing.
+//!
+//!   cargo run --release --example store_bench -- [--adapters 1000] [--k 4096] [--n 4096]
+//!       [--r 16] [--budget-mib 256] [--seconds 3]
+
+use rankfuse::adapter::{peft, Adapter, Lora, Scaling, TensorData};
+use rankfuse::ffi::handles::*;
+use rankfuse::ffi::linear::rf_linear;
+use rankfuse::ffi::runtime::*;
+use rankfuse::ffi::store::*;
+use rankfuse::ffi::types::*;
+use rankfuse::matrix::Matrix;
+use rankfuse::rng::SplitMix64;
+use rankfuse::DType;
+use std::ffi::{c_void, CStr, CString};
+use std::ptr::{null, null_mut};
+use std::time::{Duration, Instant};
+
+fn ok(e: *mut rankfuse::ffi::error::rf_error) {
+    if !e.is_null() {
+        let m = unsafe { CStr::from_ptr(rankfuse::ffi::error::rf_error_message(e)) };
+        panic!("{}", m.to_string_lossy());
+    }
+}
+
+fn cs(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn mat(m: &Matrix) -> rf_matrix {
+    rf_matrix {
+        data: m.bytes().as_ptr() as *mut c_void,
+        dtype: m.dtype.into(),
+        rows: m.rows as i64,
+        cols: m.cols as i64,
+        ld: m.cols as i64,
+    }
+}
+
+const MODULE: &str = "proj";
+
+/// rf_linear of x on W with one slot per adapter in `ads` (row i uses adapter i % len).
+unsafe fn linear(
+    rt: *mut rf_runtime,
+    x: &Matrix,
+    w: &Matrix,
+    ads: &[*mut rf_adapter],
+    y: &mut Matrix,
+) {
+    let slots: Vec<rf_lora_slot> = ads
+        .iter()
+        .map(|&a| {
+            let mut l = null_mut();
+            ok(rankfuse::ffi::adapter::rf_adapter_module(
+                a,
+                cs(MODULE).as_ptr(),
+                &mut l,
+            ));
+            rf_lora_slot {
+                lora: l,
+                rank: 0,
+                scale_mult: 1.0,
+            }
+        })
+        .collect();
+    let rows: Vec<i32> = (0..x.rows).map(|i| (i % ads.len()) as i32).collect();
+    let mut ym = mat(y);
+    let rs = if ads.len() > 1 { rows.as_ptr() } else { null() };
+    ok(rf_linear(
+        rt,
+        &mat(x),
+        &mat(w),
+        null(),
+        slots.as_ptr(),
+        slots.len(),
+        rs,
+        &mut ym,
+    ));
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let get = |f: &str, d: &str| -> String {
+        a.iter()
+            .position(|x| x == f)
+            .and_then(|i| a.get(i + 1).cloned())
+            .unwrap_or_else(|| d.to_string())
+    };
+    let num = |f: &str, d: &str| get(f, d).parse::<usize>().unwrap();
+    let (count, k, n, r) = (
+        num("--adapters", "1000"),
+        num("--k", "4096"),
+        num("--n", "4096"),
+        num("--r", "16"),
+    );
+    let budget = num("--budget-mib", "256") as u64 * 1024 * 1024;
+    let secs: f64 = get("--seconds", "3").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = SplitMix64::new(7);
+    let t0 = Instant::now();
+    for i in 0..count {
+        let a = Matrix::from_f32(DType::BF16, r, k, &rng.fill_uniform(r * k, -0.02, 0.02)).unwrap();
+        let b = Matrix::from_f32(DType::BF16, n, r, &rng.fill_uniform(n * r, -0.02, 0.02)).unwrap();
+        let lora = Lora::new(
+            MODULE,
+            TensorData::Owned(a),
+            TensorData::Owned(b),
+            2.0 * r as f32,
+            Scaling::Lora,
+            0.0,
+        )
+        .unwrap();
+        let mut ad = Adapter::new(&format!("a{i}"));
+        ad.add(lora).unwrap();
+        peft::save(&ad, &dir.path().join(format!("a{i}"))).unwrap();
+    }
+    let per = 2 * r * (k + n);
+    println!(
+        "{count} adapters, rank {r}, {k} -> {n}, bf16: {per} bytes each, {:.1} MiB in all (written in {:.1} s); budget {} MiB",
+        (count * per) as f64 / (1 << 20) as f64,
+        t0.elapsed().as_secs_f64(),
+        budget >> 20
+    );
+    unsafe {
+        let mut rt = null_mut();
+        ok(rf_runtime_create(null(), &mut rt));
+        let mut store = null_mut();
+        ok(rf_store_create(rt, budget, &mut store));
+        for i in 0..count {
+            let p = dir.path().join(format!("a{i}"));
+            ok(rf_store_register(
+                store,
+                cs(&format!("a{i}")).as_ptr(),
+                cs(p.to_str().unwrap()).as_ptr(),
+            ));
+        }
+        // 1 + 2: first use of every adapter (released at once, so the budget evicts).
+        let mut lat = Vec::new();
+        for i in 0..count {
+            let t = Instant::now();
+            let mut ad = null_mut();
+            ok(rf_store_acquire(
+                store,
+                cs(&format!("a{i}")).as_ptr(),
+                &mut ad,
+            ));
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+            rf_store_release(ad);
+        }
+        let mut st = rf_store_stats::default();
+        ok(rf_store_stats_get(store, &mut st));
+        let med = median(lat.clone());
+        lat.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "first use: median {med:.3} ms, p99 {:.3} ms; after touching all: {} resident, {:.1} MiB, {} evictions, {} loads",
+            lat[lat.len() * 99 / 100],
+            st.resident,
+            st.bytes_resident as f64 / (1 << 20) as f64,
+            st.evictions,
+            st.loads
+        );
+        // 3: mixed batch over 16 store adapters vs one adapter.
+        let x = Matrix::from_f32(DType::BF16, 64, k, &rng.fill_uniform(64 * k, -1.0, 1.0)).unwrap();
+        let w = Matrix::from_f32(DType::BF16, n, k, &rng.fill_uniform(n * k, -0.02, 0.02)).unwrap();
+        let mut y = Matrix::zeros(DType::F32, 64, n).unwrap();
+        let mut held: Vec<*mut rf_adapter> = Vec::new();
+        for i in 0..16 {
+            let mut ad = null_mut();
+            ok(rf_store_acquire(
+                store,
+                cs(&format!("a{}", i * (count / 16).max(1) % count)).as_ptr(),
+                &mut ad,
+            ));
+            held.push(ad);
+        }
+        let (mut t16, mut t1) = (Vec::new(), Vec::new());
+        for _ in 0..15 {
+            let t = Instant::now();
+            linear(rt, &x, &w, &held, &mut y);
+            t16.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            linear(rt, &x, &w, &held[..1], &mut y);
+            t1.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let (m16, m1) = (median(t16), median(t1));
+        println!("mixed batch 64 rows over 16 store adapters: {m16:.3} ms vs one adapter {m1:.3} ms (x{:.3})", m16 / m1);
+        for ad in held {
+            rf_store_release(ad);
+        }
+        // 4: throughput with and without a publisher.
+        let x1 = Matrix::from_f32(DType::BF16, 1, k, &rng.fill_uniform(k, -1.0, 1.0)).unwrap();
+        let paths: Vec<CString> = (0..2)
+            .map(|i| cs(dir.path().join(format!("a{i}")).to_str().unwrap()))
+            .collect();
+        // publish: 0 = none, 1 = rf_store_publish_peft (the callers load each new version once),
+        // 2 = rf_store_publish of an adapter the publisher thread loads itself.
+        let run = |publish: u32| -> (f64, u64) {
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let calls = std::sync::atomic::AtomicU64::new(0);
+            let (rt_u, st_u) = (rt as usize, store as usize);
+            let mut pubs = 0u64;
+            std::thread::scope(|sc| {
+                for _ in 0..2 {
+                    let (stop, calls, x1, w) = (&stop, &calls, &x1, &w);
+                    sc.spawn(move || {
+                        let mut y = Matrix::zeros(DType::F32, 1, n).unwrap();
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let mut ad = null_mut();
+                            ok(rf_store_acquire(
+                                st_u as *const rf_store,
+                                cs("live").as_ptr(),
+                                &mut ad,
+                            ));
+                            linear(rt_u as *mut rf_runtime, x1, w, &[ad], &mut y);
+                            rf_store_release(ad);
+                            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    });
+                }
+                let t = Instant::now();
+                while t.elapsed().as_secs_f64() < secs {
+                    let p = &paths[(pubs % 2) as usize];
+                    if publish == 1 {
+                        ok(rf_store_publish_peft(
+                            st_u as *const rf_store,
+                            cs("live").as_ptr(),
+                            p.as_ptr(),
+                            null_mut(),
+                        ));
+                        pubs += 1;
+                    } else if publish == 2 {
+                        let mut ad = null_mut();
+                        ok(rankfuse::ffi::adapter::rf_adapter_load_peft(
+                            rt_u as *mut rf_runtime,
+                            p.as_ptr(),
+                            &mut ad,
+                        ));
+                        ok(rf_store_publish(
+                            st_u as *const rf_store,
+                            cs("live").as_ptr(),
+                            ad,
+                            null_mut(),
+                        ));
+                        pubs += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            (calls.into_inner() as f64 / secs, pubs)
+        };
+        ok(rf_store_register(
+            store,
+            cs("live").as_ptr(),
+            paths[0].as_ptr(),
+        ));
+        let (quiet, _) = run(0);
+        let (busy_peft, pubs_peft) = run(1);
+        let (busy_mem, pubs_mem) = run(2);
+        let (quiet2, _) = run(0);
+        let q = 0.5 * (quiet + quiet2);
+        println!(
+            "rf_linear m=1 {k} -> {n} bf16, 2 caller threads: {q:.0} calls/s without a publisher ({quiet:.0}, {quiet2:.0}); \
+             publishing a version every ms from memory: {busy_mem:.0} calls/s (x{:.3}, {pubs_mem} versions); \
+             from a folder (callers load each version): {busy_peft:.0} calls/s (x{:.3}, {pubs_peft} versions)",
+            busy_mem / q,
+            busy_peft / q
+        );
+        rf_store_free(store);
+        rf_runtime_free(rt);
+    }
+}
