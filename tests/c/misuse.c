@@ -257,6 +257,52 @@ int main(int argc, char **argv) {
   ok(rf_linear(rt, &x, &wr, &br, &slot, 1, NULL, &y2m), "linear (read weights)");
   truth(memcmp(y2, yb, (size_t)(M * N) * sizeof(float)) == 0, "read == mapped, bit for bit");
 
+  /* Adapter store: misuse, then free-while-in-use and publish-while-in-use (deferred frees). */
+  rf_store *st = NULL;
+  expect(rf_store_create(NULL, 0, &st), RF_STATUS_INVALID_ARGUMENT, "'rt'", "store rt NULL");
+  expect(rf_store_create(rt, 0, NULL), RF_STATUS_INVALID_ARGUMENT, "'out'", "store out NULL");
+  if (ok(rf_store_create(rt, 1, &st), "store")) {
+    char p8[4096], p64[4096];
+    snprintf(p8, sizeof p8, "%s/adapters/lora-r8", fx);
+    snprintf(p64, sizeof p64, "%s/adapters/lora-r64", fx);
+    rf_adapter *sa = NULL, *sb = NULL, *mem = NULL;
+    expect(rf_store_register(st, NULL, p8), RF_STATUS_INVALID_ARGUMENT, "'name'", "register name NULL");
+    expect(rf_store_register(st, "r8", "/nonexistent/adapter"), RF_STATUS_IO, "/nonexistent/adapter", "register missing");
+    ok(rf_store_register(st, "r8", p8), "register r8");
+    expect(rf_store_register(st, "r8", p8), RF_STATUS_INVALID_ARGUMENT, "r8", "register twice");
+    expect(rf_store_acquire(st, "nope", &sa), RF_STATUS_NOT_FOUND, "nope", "acquire unknown");
+    expect(rf_store_acquire(st, "r8", NULL), RF_STATUS_INVALID_ARGUMENT, "'out'", "acquire out NULL");
+    expect(rf_store_pin(st, "nope", true), RF_STATUS_NOT_FOUND, "nope", "pin unknown");
+    expect(rf_store_publish(st, "r8", NULL, NULL), RF_STATUS_INVALID_ARGUMENT, "'a'", "publish NULL");
+    expect(rf_store_stats_get(st, NULL), RF_STATUS_INVALID_ARGUMENT, "'out'", "stats out NULL");
+    ok(rf_store_acquire(st, "r8", &sa), "acquire r8");
+    uint64_t id = 0, gen = 9;
+    ok(rf_adapter_version(sa, &id, &gen), "version");
+    truth(id != 0 && gen == 0, "a store adapter's first version");
+    /* Publish while sa is in use: sa stays whole, the next acquisition gets the new version. */
+    ok(rf_adapter_load_peft(rt, p64, &mem), "load r64");
+    ok(rf_store_publish(st, "r8", mem, &gen), "publish from memory");
+    truth(gen == 1, "generation 1");
+    ok(rf_store_acquire(st, "r8", &sb), "acquire the new version");
+    rf_lora *la = NULL, *lb = NULL;
+    ok(rf_adapter_module(sa, "layers.0.self_attn.q_proj", &la), "module of the held version");
+    ok(rf_adapter_module(sb, "layers.0.self_attn.q_proj", &lb), "module of the new version");
+    rf_lora_info ia, ib;
+    ok(rf_lora_info_get(la, &ia), "info held");
+    ok(rf_lora_info_get(lb, &ib), "info new");
+    truth(ia.rank == 8 && ib.rank == 64, "held r8, new r64");
+    ok(rf_store_publish_peft(st, "r8", p8, &gen), "publish from a folder while both are held");
+    truth(gen == 2, "generation 2");
+    /* Free the store while both are held: they stay valid until released. */
+    rf_store_free(st);
+    rf_lora_slot hs = {la, 0, 1.0f};
+    ok(rf_linear(rt, &x, &wm, &bm, &hs, 1, NULL, &y), "linear with an adapter held across rf_store_free");
+    rf_store_release(sa);
+    rf_store_release(sb);
+    rf_store_release(NULL);
+  }
+  rf_store_free(NULL);
+
   free(y2);
   free(yh);
   free(xb);
