@@ -7,6 +7,7 @@ mod eigen;
 mod extract;
 mod inspect;
 mod merge;
+mod soak;
 
 use clap::{Parser, Subcommand};
 use rankfuse::{Runtime, RuntimeOptions};
@@ -45,6 +46,8 @@ enum Cmd {
     Merge(merge::Args),
     /// EigenLoRAx: a shared principal basis for many adapters, and adapters as loadings on it.
     Eigen(eigen::Args),
+    /// Adapters swapped under load: callers on an adapter store while versions are published.
+    Soak(soak::Args),
 }
 
 fn main() {
@@ -69,6 +72,7 @@ fn main() {
         Cmd::ExtractBench(a) => extract::bench(&rt, &a),
         Cmd::Merge(a) => merge::run(&rt, &a),
         Cmd::Eigen(a) => eigen::run(&rt, &a),
+        Cmd::Soak(a) => soak::run(rt.threads(), &a),
     };
     if let Err(e) = r {
         fail(e)
