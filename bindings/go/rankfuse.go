@@ -619,8 +619,9 @@ func (w *Weights) Get(name string) (Matrix, error) {
 // Adapter is an adapter: a named set of LoRA modules (loaded with Runtime.LoadPEFT or built for
 // training with NewAdapter).
 type Adapter struct {
-	ptr *C.rf_adapter
-	rt  *Runtime
+	ptr    *C.rf_adapter
+	rt     *Runtime
+	stored bool // acquired from a Store: shared, read-only; Close releases it
 }
 
 // Close frees the adapter (idempotent); its Lora handles become unusable.
@@ -628,7 +629,11 @@ func (a *Adapter) Close() error {
 	if a == nil || a.ptr == nil {
 		return nil
 	}
-	C.rf_adapter_free(a.ptr)
+	if a.stored {
+		C.rf_store_release(a.ptr)
+	} else {
+		C.rf_adapter_free(a.ptr)
+	}
 	a.ptr = nil
 	runtime.SetFinalizer(a, nil)
 	if a.rt != nil { // nil for NewAdapter's adapters

@@ -799,3 +799,65 @@ func TestPacked(t *testing.T) {
 		}
 	}
 }
+
+// The adapter store: load on first use, versions published while one is held, counters.
+func TestStore(t *testing.T) {
+	e := open(t, "base.safetensors")
+	m := "layers.0.mlp.up_proj"
+	_, x := e.goF32(t, e.io, "x."+m)
+	st, err := e.rt.NewStore(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	dir := func(n string) string { return filepath.Join(fixture, "adapters", n) }
+	if err := st.Register("live", dir("lora-r8")); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Register("live", dir("lora-r8")); err == nil {
+		t.Fatal("registering a name twice succeeded")
+	}
+	if _, err := st.Acquire("nope"); err == nil {
+		t.Fatal("acquiring an unknown name succeeded")
+	}
+	held, err := st.Acquire("live")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, g, err := held.Version()
+	if err != nil || id == 0 || g != 0 {
+		t.Fatalf("version (%d, %d), %v", id, g, err)
+	}
+	if g, err := st.PublishPEFT("live", dir("rslora-pattern")); err != nil || g != 1 {
+		t.Fatalf("PublishPEFT: %d, %v", g, err)
+	}
+	mem, err := e.rt.LoadPEFT(dir("lora-r64"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g, err := st.Publish("live", mem); err != nil || g != 2 {
+		t.Fatalf("Publish: %d, %v", g, err)
+	}
+	cur, err := st.Acquire("live")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		a   *Adapter
+		ref string
+	}{{held, "y.lora-r8."}, {cur, "y.lora-r64."}} {
+		l, err := c.a.Module(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		y := e.run(t, m, x, []Slot{{Lora: l}}, nil)
+		ref, _ := e.goF32(t, e.io, c.ref+m)
+		compare(t, "store "+c.ref, y, ref, 1e-4, 1e-4)
+	}
+	held.Close()
+	cur.Close()
+	s, err := st.Stats()
+	if err != nil || s.Publishes != 2 || s.InUse != 0 || s.Registered != 1 {
+		t.Fatalf("stats %+v, %v", s, err)
+	}
+}
