@@ -71,6 +71,20 @@ typedef enum {
   RF_DTYPE_F32 = 0,
   RF_DTYPE_F16 = 1,
   RF_DTYPE_BF16 = 2,
+  /*
+   llama.cpp Q8_0: blocks of 32 weights in 34 bytes (f16 scale, 32 x int8). Block-quantized
+   dtypes are valid only as `w` of `rf_linear`; `cols` and `ld` count elements and must be
+   multiples of the block (32 here), else RF_STATUS_SHAPE.
+   */
+  RF_DTYPE_Q8_0 = 3,
+  /*
+   llama.cpp Q4_0: blocks of 32 weights in 18 bytes (f16 scale, 16 bytes of 4-bit values).
+   */
+  RF_DTYPE_Q4_0 = 4,
+  /*
+   llama.cpp Q4_K: super-blocks of 256 weights in 144 bytes; `cols`/`ld` multiples of 256.
+   */
+  RF_DTYPE_Q4_K = 5,
 } rf_dtype;
 
 /*
@@ -376,6 +390,8 @@ typedef struct {
 
 
 
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -559,7 +575,10 @@ void rf_error_free(rf_error *e);
  `row_slot == NULL`: every slot applies to every row (adapters stacked). Otherwise `row_slot`
  has m entries and row i uses `slots[row_slot[i]]` only; -1 = base only (mixed batch).
  scale(slot) = scale_mult * (alpha / r | alpha / sqrt(r) | fixed), r = the rank used.
- dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32.
+ dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32. w may also be
+ block-quantized (RF_DTYPE_Q8_0 / Q4_0 / Q4_K, e.g. a GGUF tensor from `rf_weights_get`):
+ its blocks are dequantized in registers (m <= 8) or into f32 panels (larger m); CPU runtimes
+ only (RF_STATUS_UNSUPPORTED on CUDA).
  Thread-safe: many threads may call it at once on shared weights and adapters.
  On a CUDA runtime x, w, bias and y are device pointers; a module of an adapter loaded on a
  CUDA runtime of the same device is read from its device copy, any other module is copied

@@ -37,6 +37,14 @@ pub enum rf_dtype {
     RF_DTYPE_F32 = 0,
     RF_DTYPE_F16 = 1,
     RF_DTYPE_BF16 = 2,
+    /// llama.cpp Q8_0: blocks of 32 weights in 34 bytes (f16 scale, 32 x int8). Block-quantized
+    /// dtypes are valid only as `w` of `rf_linear`; `cols` and `ld` count elements and must be
+    /// multiples of the block (32 here), else RF_STATUS_SHAPE.
+    RF_DTYPE_Q8_0 = 3,
+    /// llama.cpp Q4_0: blocks of 32 weights in 18 bytes (f16 scale, 16 bytes of 4-bit values).
+    RF_DTYPE_Q4_0 = 4,
+    /// llama.cpp Q4_K: super-blocks of 256 weights in 144 bytes; `cols`/`ld` multiples of 256.
+    RF_DTYPE_Q4_K = 5,
 }
 
 /// Devices a runtime can drive.
@@ -136,6 +144,9 @@ impl From<crate::DType> for rf_dtype {
             crate::DType::F32 => rf_dtype::RF_DTYPE_F32,
             crate::DType::F16 => rf_dtype::RF_DTYPE_F16,
             crate::DType::BF16 => rf_dtype::RF_DTYPE_BF16,
+            crate::DType::Q8_0 => rf_dtype::RF_DTYPE_Q8_0,
+            crate::DType::Q4_0 => rf_dtype::RF_DTYPE_Q4_0,
+            crate::DType::Q4_K => rf_dtype::RF_DTYPE_Q4_K,
         }
     }
 }

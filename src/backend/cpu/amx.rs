@@ -308,7 +308,7 @@ impl<U: TileUnit> NativeGemm for AmxBase<U> {
         if let Some(pw) = packed {
             // Prepacked: 32-column pair panels, k padded to kpad (PackSpec::kgran = 32), the
             // two 16-column halves of a panel are b0 and b0 + 32 at 64 u16 per k pair.
-            debug_assert!(pw.nr() == 32 && j0 % 32 == 0 && ntp % 32 == 0);
+            debug_assert!(pw.nr() == 32 && j0.is_multiple_of(32) && ntp.is_multiple_of(32));
             U::begin();
             for tp in 0..ntp / 32 {
                 let b0 = pw.panel(j0 / 32 + tp, 0) as *const u16;

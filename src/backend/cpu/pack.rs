@@ -35,6 +35,9 @@ impl PanelLayout {
             DType::F32 => PanelLayout::F32,
             DType::F16 => PanelLayout::F16,
             DType::BF16 => PanelLayout::Bf16Pairs,
+            // Runtime::pack refuses quantized W (a pack in f32 would quadruple its memory);
+            // were one packed, f32 panels hold its exactly dequantized values.
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => PanelLayout::F32,
         }
     }
     /// Bytes per element.
@@ -137,7 +140,7 @@ impl PackedW {
     /// Packs `w` for `spec`. Runs on the current rayon pool (panels in parallel).
     pub fn pack(w: &MatRef<'_>, spec: PackSpec) -> Result<PackedW> {
         let (n, k, nr) = (w.rows, w.cols, spec.nr);
-        if nr == 0 || nr > 64 || spec.kgran == 0 || spec.kgran % 2 != 0 {
+        if nr == 0 || nr > 64 || spec.kgran == 0 || !spec.kgran.is_multiple_of(2) {
             return Err(Error::internal(format!(
                 "pack spec {spec:?} is not a kernel table's"
             )));
@@ -222,7 +225,7 @@ impl PackedW {
     /// jp < rows().div_ceil(nr), p0 <= cols() (and even for pairs).
     #[inline]
     pub unsafe fn panel(&self, jp: usize, p0: usize) -> *const u8 {
-        debug_assert!(self.layout != PanelLayout::Bf16Pairs || p0 % 2 == 0);
+        debug_assert!(self.layout != PanelLayout::Bf16Pairs || p0.is_multiple_of(2));
         let es = self.layout.size();
         self.data.ptr.add((jp * self.kp + p0) * self.spec.nr * es)
     }
