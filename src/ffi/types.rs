@@ -47,6 +47,27 @@ pub enum rf_dtype {
     RF_DTYPE_Q4_K = 5,
 }
 
+/// Types of metadata values (`rf_weights_meta_type`); the numbers are GGUF's value types.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum rf_meta_type {
+    RF_META_U8 = 0,
+    RF_META_I8 = 1,
+    RF_META_U16 = 2,
+    RF_META_I16 = 3,
+    RF_META_U32 = 4,
+    RF_META_I32 = 5,
+    RF_META_F32 = 6,
+    RF_META_BOOL = 7,
+    /// Length-prefixed bytes (safetensors `__metadata__` values are all strings).
+    RF_META_STRING = 8,
+    /// Elements of one type (arrays of arrays are possible); see `rf_weights_meta_array_len`.
+    RF_META_ARRAY = 9,
+    RF_META_U64 = 10,
+    RF_META_I64 = 11,
+    RF_META_F64 = 12,
+}
+
 /// Devices a runtime can drive.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,11 +20,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Longest tensor name accepted (llama.cpp's GGML_MAX_NAME).
-pub const MAX_NAME: usize = 64;
+pub(crate) const MAX_NAME: usize = 64;
 /// Most dimensions a tensor may have (GGML_MAX_DIMS).
-pub const MAX_DIMS: usize = 4;
+pub(crate) const MAX_DIMS: usize = 4;
 /// Deepest nesting of metadata arrays accepted (real files use 1; the format allows more).
-pub const MAX_DEPTH: usize = 8;
+pub(crate) const MAX_DEPTH: usize = 8;
 const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// A metadata value. Numbers are GGUF's value type ids.
