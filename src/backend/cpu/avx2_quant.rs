@@ -3,9 +3,9 @@
 //! minus its min for Q4_K) and FMA'd into every x row's accumulators; W is read once and
 //! nothing is dequantized to memory.
 //!
-//! x rows go through in groups of up to 4 (two accumulators each: 8 of the 16 ymm registers, so
-//! the FMA chains of one row overlap). For m = 5..8 the second group rereads the W row, which
-//! the first pass left in L1/L2 (a 4096-wide Q8_0 row is 4.3 KiB), so DRAM sees W once.
+//! All m <= 8 x rows go through in one pass, so each block is decoded once per call: up to 4
+//! rows get two accumulators each (the FMA chains of one row overlap), 5..8 rows one each (8
+//! chains already overlap; 8 accumulators + 4 weight vectors fit the 16 ymm registers).
 
 use super::driver::DECODE_MAX_M;
 use crate::dtype::DType;
@@ -26,21 +26,20 @@ unsafe fn u8x8_ps(v: __m128i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
 }
 
-/// acc[i] += w . x[i, p..p + 32] for the M rows of this group.
+/// acc[i] += w . x[i, p..p + 32] for the M rows (A accumulators per row: 2 or 1).
 #[inline(always)]
-unsafe fn fma_group<const M: usize>(
-    acc: &mut [[__m256; 2]; 4],
+unsafe fn fma_group<const M: usize, const A: usize>(
+    acc: &mut [[__m256; A]; M],
     w: &[__m256; 4],
     x: *const f32,
     ldx: usize,
     p: usize,
 ) {
-    for (i, a) in acc.iter_mut().enumerate().take(M) {
+    for (i, a) in acc.iter_mut().enumerate() {
         let xp = x.add(i * ldx + p);
-        a[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xp), a[0]);
-        a[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), a[1]);
-        a[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), a[0]);
-        a[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), a[1]);
+        for (c, wc) in w.iter().enumerate() {
+            a[c % A] = _mm256_fmadd_ps(*wc, _mm256_loadu_ps(xp.add(8 * c)), a[c % A]);
+        }
     }
 }
 
@@ -54,14 +53,14 @@ unsafe fn hsum(v: __m256) -> f32 {
 
 /// Dot products of one quantized W row (`k` elements at `row`) with M x rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_dot<const M: usize>(
+unsafe fn row_dot<const M: usize, const A: usize>(
     row: *const u8,
     dt: DType,
     k: usize,
     x: *const f32,
     ldx: usize,
-) -> [f32; 4] {
-    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+) -> [f32; DECODE_MAX_M] {
+    let mut acc = [[_mm256_setzero_ps(); A]; M];
     match dt {
         DType::Q8_0 => {
             for b in 0..k / QK {
@@ -73,15 +72,18 @@ unsafe fn row_dot<const M: usize>(
                     let v = _mm_loadl_epi64(q.add(8 * c) as *const __m128i);
                     *wc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
                 }
-                fma_group::<M>(&mut acc, &w, x, ldx, b * QK);
+                fma_group::<M, A>(&mut acc, &w, x, ldx, b * QK);
             }
         }
         DType::Q4_0 => {
             let low = _mm_set1_epi8(0x0F);
-            let eight = _mm256_set1_ps(8.0);
             for b in 0..k / QK {
                 let bp = row.add(b * crate::quant::Q4_0_BYTES);
-                let d = _mm256_set1_ps(f16_at(bp));
+                let df = f16_at(bp);
+                let d = _mm256_set1_ps(df);
+                // q * d - 8d in one FMA: 8d is exact (a power-of-two multiple) and the FMA
+                // rounds once, so this is bit-identical to ggml's (q - 8) * d.
+                let d8 = _mm256_set1_ps(8.0 * df);
                 let v = _mm_loadu_si128(bp.add(2) as *const __m128i);
                 // Elements 0..16 in the low nibbles, 16..32 in the high ones.
                 let lo = _mm_and_si128(v, low);
@@ -89,10 +91,9 @@ unsafe fn row_dot<const M: usize>(
                 let parts = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
                 let mut w = [_mm256_setzero_ps(); 4];
                 for (wc, part) in w.iter_mut().zip(parts) {
-                    // (q - 8) is exact in f32; then one rounding, as ggml does.
-                    *wc = _mm256_mul_ps(_mm256_sub_ps(u8x8_ps(part), eight), d);
+                    *wc = _mm256_fmsub_ps(u8x8_ps(part), d, d8);
                 }
-                fma_group::<M>(&mut acc, &w, x, ldx, b * QK);
+                fma_group::<M, A>(&mut acc, &w, x, ldx, b * QK);
             }
         }
         DType::Q4_K => {
@@ -122,16 +123,20 @@ unsafe fn row_dot<const M: usize>(
                         for (wc, part) in w.iter_mut().zip(parts) {
                             *wc = _mm256_fmsub_ps(u8x8_ps(part), dv, mv);
                         }
-                        fma_group::<M>(&mut acc, &w, x, ldx, sb * QK_K + 64 * c + 32 * h);
+                        fma_group::<M, A>(&mut acc, &w, x, ldx, sb * QK_K + 64 * c + 32 * h);
                     }
                 }
             }
         }
         DType::F32 | DType::F16 | DType::BF16 => unreachable!("dense W in the quantized gemv"),
     }
-    let mut r = [0f32; 4];
-    for (ri, a) in r.iter_mut().zip(&acc).take(M) {
-        *ri = hsum(_mm256_add_ps(a[0], a[1]));
+    let mut r = [0f32; DECODE_MAX_M];
+    for (ri, a) in r.iter_mut().zip(&acc) {
+        let mut v = a[0];
+        for &more in &a[1..] {
+            v = _mm256_add_ps(v, more);
+        }
+        *ri = hsum(v);
     }
     r
 }
@@ -154,21 +159,19 @@ pub unsafe fn gemv(
     let (k, dt) = (w.cols, w.dtype);
     for j in 0..w.rows {
         let row = w.row_ptr(j);
-        let mut i0 = 0;
-        while i0 < m {
-            let g = (m - i0).min(4);
-            let xg = x.add(i0 * ldx);
-            let r = match g {
-                1 => row_dot::<1>(row, dt, k, xg, ldx),
-                2 => row_dot::<2>(row, dt, k, xg, ldx),
-                3 => row_dot::<3>(row, dt, k, xg, ldx),
-                _ => row_dot::<4>(row, dt, k, xg, ldx),
-            };
-            for (i, &v) in r.iter().enumerate().take(g) {
-                let o = out.add((i0 + i) * ldo + j);
-                *o = if acc { *o + v } else { v };
-            }
-            i0 += g;
+        let r = match m {
+            1 => row_dot::<1, 2>(row, dt, k, x, ldx),
+            2 => row_dot::<2, 2>(row, dt, k, x, ldx),
+            3 => row_dot::<3, 2>(row, dt, k, x, ldx),
+            4 => row_dot::<4, 2>(row, dt, k, x, ldx),
+            5 => row_dot::<5, 1>(row, dt, k, x, ldx),
+            6 => row_dot::<6, 1>(row, dt, k, x, ldx),
+            7 => row_dot::<7, 1>(row, dt, k, x, ldx),
+            _ => row_dot::<8, 1>(row, dt, k, x, ldx),
+        };
+        for (i, &v) in r.iter().enumerate().take(m) {
+            let o = out.add(i * ldo + j);
+            *o = if acc { *o + v } else { v };
         }
     }
 }
