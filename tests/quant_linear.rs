@@ -52,9 +52,11 @@ fn quantized_w_matches_the_reference_on_every_variant() {
     for wdt in DType::QUANT {
         // k: whole blocks, more than one super-block; n odd (thread chunks and panels have
         // tails).
+        // ld one block wider than k: rows are addressed by whole blocks of ld, not of cols.
         let (n, k) = (37, 512);
-        let wb = random_quant(wdt, n, k, &mut rng);
-        let w = MatRef::from_bytes(&wb, wdt, n, k, k).unwrap();
+        let ld = k + wdt.block_elems();
+        let wb = random_quant(wdt, n, ld, &mut rng);
+        let w = MatRef::from_bytes(&wb, wdt, n, k, ld).unwrap();
         let a: Vec<Matrix> = [3, 8]
             .iter()
             .map(|&r| mat(DType::F32, r, k, &mut rng))
@@ -82,10 +84,15 @@ fn quantized_w_matches_the_reference_on_every_variant() {
                 module: "s1",
             }),
         ];
+        // Every m of the decode kernels (each has its own register blocking), then GEMM.
         for (m, xdt, ydt) in [
             (1, DType::F32, DType::F32),
+            (2, DType::F32, DType::F32),
             (3, DType::BF16, DType::F32),
+            (4, DType::F32, DType::F32),
             (5, DType::F16, DType::F16),
+            (6, DType::F32, DType::F32),
+            (7, DType::F32, DType::F32),
             (8, DType::F32, DType::BF16),
             (9, DType::F32, DType::F32),
             (40, DType::BF16, DType::F32),
