@@ -2,6 +2,7 @@
 //! BF16, base-only and fused, interleaved. Decode reads W once per call, so the figures to compare
 //! are time and the W read rate (bytes of W in its own format per second).
 
+use super::measure::process_cpu_s;
 use super::{median, random};
 use crate::adapter::{Lora, Scaling, TensorData};
 use crate::backend::LinearProblem;
@@ -26,6 +27,9 @@ pub struct QuantResult {
     pub fused_ms: f64,
     /// W bytes per second of the fused call, GB/s.
     pub fused_w_gbs: f64,
+    /// Process CPU time per fused call (all threads), ms: steadier than wall time on a machine
+    /// shared with other work.
+    pub fused_cpu_ms: f64,
 }
 
 /// Random blocks with small finite scales (the values do not matter for timing; NaN/inf scales
@@ -98,16 +102,17 @@ pub fn run_quant_case(
         rt.linear(&fused, &mut y.view_mut())?;
         rt.linear(&base, &mut y.view_mut())?;
     }
-    let (mut tb, mut tf) = (Vec::new(), Vec::new());
+    let (mut tb, mut tf, mut cf) = (Vec::new(), Vec::new(), Vec::new());
     let start = Instant::now();
     while tf.len() < 3 || (start.elapsed() < 2 * min_time && tf.len() < max_iters.max(3)) {
         let t0 = Instant::now();
         rt.linear(&base, &mut y.view_mut())?;
-        let t1 = Instant::now();
+        let (t1, c1) = (Instant::now(), process_cpu_s());
         rt.linear(&fused, &mut y.view_mut())?;
-        let t2 = Instant::now();
+        let (t2, c2) = (Instant::now(), process_cpu_s());
         tb.push((t1 - t0).as_secs_f64() * 1e3);
         tf.push((t2 - t1).as_secs_f64() * 1e3);
+        cf.push((c2 - c1) * 1e3);
     }
     let (base_ms, fused_ms) = (median(&mut tb), median(&mut tf));
     Ok(QuantResult {
@@ -120,5 +125,6 @@ pub fn run_quant_case(
         base_ms,
         fused_ms,
         fused_w_gbs: w_bytes as f64 / (fused_ms * 1e-3) / 1e9,
+        fused_cpu_ms: median(&mut cf),
     })
 }

@@ -194,22 +194,35 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
 fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf>) -> Result<()> {
     use rankfuse::bench::quant::run_quant_case;
     eprintln!(
-        "{:>5} {:>3} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>8} {:>9}",
-        "W", "m", "k", "n", "r", "W MiB", "base ms", "fused ms", "W GB/s", "vs bf16"
+        "{:>5} {:>3} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}",
+        "W",
+        "m",
+        "k",
+        "n",
+        "r",
+        "W MiB",
+        "base ms",
+        "fused ms",
+        "W GB/s",
+        "vs bf16",
+        "cpu ms",
+        "cpu vs"
     );
     let mut rows = Vec::new();
     for &(k, n) in &opts.shapes {
         for &m in opts.ms.iter().filter(|&&m| m <= 8) {
             for &r in &opts.ranks {
                 let mut bf16_ms = None;
+                let mut bf16_cpu = None;
                 for dt in [DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_K] {
                     if !k.is_multiple_of(dt.block_elems()) {
                         continue;
                     }
                     let q = run_quant_case(rt, dt, m, k, n, r, opts.min_time, opts.max_iters)?;
                     let base = *bf16_ms.get_or_insert(q.fused_ms);
+                    let base_cpu = *bf16_cpu.get_or_insert(q.fused_cpu_ms);
                     eprintln!(
-                        "{:>5} {:>3} {:>6} {:>6} {:>4} {:>9.1} {:>9.3} {:>9.3} {:>8.1} {:>8.2}x",
+                        "{:>5} {:>3} {:>6} {:>6} {:>4} {:>9.1} {:>9.3} {:>9.3} {:>8.1} {:>8.2}x {:>9.3} {:>8.2}x",
                         q.dtype,
                         m,
                         k,
@@ -219,7 +232,9 @@ fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf
                         q.base_ms,
                         q.fused_ms,
                         q.fused_w_gbs,
-                        base / q.fused_ms
+                        base / q.fused_ms,
+                        q.fused_cpu_ms,
+                        base_cpu / q.fused_cpu_ms
                     );
                     rows.push(q);
                 }
