@@ -280,7 +280,15 @@ impl Cur<'_> {
                     return Err(self.err(what, format!("unknown array element type {elem}")));
                 }
                 let n = self.count(&format!("{what} count"), min_size(elem))?;
-                let mut items = Vec::with_capacity(n);
+                // Up to 32 bytes of MetaValue per file byte: an allocation failure must be an
+                // error, not an abort.
+                let mut items = Vec::new();
+                items.try_reserve_exact(n).map_err(|_| {
+                    Error::oom(format!(
+                        "file '{}': GGUF {what}: cannot allocate {n} array elements",
+                        self.file
+                    ))
+                })?;
                 for i in 0..n {
                     items.push(self.value(elem, &format!("{what}[{i}]"), depth + 1)?);
                 }
