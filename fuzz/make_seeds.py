@@ -78,3 +78,7 @@ rng = random.Random(8)
 for i in range(8):
     put("linear_args", f"random-{i}", bytes(rng.randrange(256) for _ in range(40 + 24 * i)))
 print("seeds:", {t: len(os.listdir(os.path.join(SEEDS, t))) for t in sorted(os.listdir(SEEDS))})
+
+# gguf_file: the GGUF fixture written by llama.cpp's gguf package (scripts/make_gguf_fixtures.py).
+with open(os.path.join(REPO, "tests", "fixtures", "gguf", "tiny.gguf"), "rb") as f:
+    put("gguf_file", "tiny.gguf", f.read())

@@ -71,6 +71,20 @@ typedef enum {
   RF_DTYPE_F32 = 0,
   RF_DTYPE_F16 = 1,
   RF_DTYPE_BF16 = 2,
+  /*
+   llama.cpp Q8_0: blocks of 32 weights in 34 bytes (f16 scale, 32 x int8). Block-quantized
+   dtypes are valid only as `w` of `rf_linear`; `cols` and `ld` count elements and must be
+   multiples of the block (32 here), else RF_STATUS_SHAPE.
+   */
+  RF_DTYPE_Q8_0 = 3,
+  /*
+   llama.cpp Q4_0: blocks of 32 weights in 18 bytes (f16 scale, 16 bytes of 4-bit values).
+   */
+  RF_DTYPE_Q4_0 = 4,
+  /*
+   llama.cpp Q4_K: super-blocks of 256 weights in 144 bytes; `cols`/`ld` multiples of 256.
+   */
+  RF_DTYPE_Q4_K = 5,
 } rf_dtype;
 
 /*
@@ -90,6 +104,31 @@ typedef enum {
   RF_STATUS_NUMERIC = 10,
   RF_STATUS_INTERNAL = 11,
 } rf_status;
+
+/*
+ Types of metadata values (`rf_weights_meta_type`); the numbers are GGUF's value types.
+ */
+typedef enum {
+  RF_META_U8 = 0,
+  RF_META_I8 = 1,
+  RF_META_U16 = 2,
+  RF_META_I16 = 3,
+  RF_META_U32 = 4,
+  RF_META_I32 = 5,
+  RF_META_F32 = 6,
+  RF_META_BOOL = 7,
+  /*
+   Length-prefixed bytes (safetensors `__metadata__` values are all strings).
+   */
+  RF_META_STRING = 8,
+  /*
+   Elements of one type (arrays of arrays are possible); see `rf_weights_meta_array_len`.
+   */
+  RF_META_ARRAY = 9,
+  RF_META_U64 = 10,
+  RF_META_I64 = 11,
+  RF_META_F64 = 12,
+} rf_meta_type;
 
 /*
  Devices a runtime can drive.
@@ -419,6 +458,8 @@ typedef struct {
 
 
 
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -602,13 +643,88 @@ void rf_error_free(rf_error *e);
  `row_slot == NULL`: every slot applies to every row (adapters stacked). Otherwise `row_slot`
  has m entries and row i uses `slots[row_slot[i]]` only; -1 = base only (mixed batch).
  scale(slot) = scale_mult * (alpha / r | alpha / sqrt(r) | fixed), r = the rank used.
- dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32.
+ dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32. w may also be
+ block-quantized (RF_DTYPE_Q8_0 / Q4_0 / Q4_K, e.g. a GGUF tensor from `rf_weights_get`):
+ its blocks are dequantized in registers (m <= 8) or into f32 panels (larger m); CPU runtimes
+ only (RF_STATUS_UNSUPPORTED on CUDA).
  Thread-safe: many threads may call it at once on shared weights and adapters.
  On a CUDA runtime x, w, bias and y are device pointers; a module of an adapter loaded on a
  CUDA runtime of the same device is read from its device copy, any other module is copied
  into the call's scratch (correct, slower).
  */
 rf_error *rf_linear(rf_runtime *rt, const rf_matrix *x, const rf_matrix *w, const rf_matrix *bias, const rf_lora_slot *slots, size_t n_slots, const int32_t *row_slot, rf_matrix *y);
+
+/*
+ Number of metadata keys (0 for NULL): a GGUF file's key-value pairs, or a safetensors
+ file's `__metadata__` entries (strings).
+ */
+size_t rf_weights_meta_count(const rf_weights *w);
+
+/*
+ Key `i` (GGUF: file order; safetensors: sorted), valid until `rf_weights_free`.
+ */
+rf_error *rf_weights_meta_key(const rf_weights *w, size_t i, const char **key_out);
+
+/*
+ The type of the value at `key` (GGUF's value type numbers); RF_STATUS_NOT_FOUND when the key
+ is absent.
+ */
+rf_error *rf_weights_meta_type(const rf_weights *w, const char *key, rf_meta_type *type_out);
+
+/*
+ Length and element type of the array at `key` (`elem_type_out` may be NULL); a value that
+ is not an array is RF_STATUS_DTYPE.
+ */
+rf_error *rf_weights_meta_array_len(const rf_weights *w, const char *key, rf_meta_type *elem_type_out, size_t *len_out);
+
+/*
+ An integer value as uint64: any unsigned type, or a signed one that is >= 0; anything else
+ (negative, float, bool, string, array) is RF_STATUS_DTYPE naming the key and its type.
+ */
+rf_error *rf_weights_meta_get_u64(const rf_weights *w, const char *key, uint64_t *out);
+
+/*
+ An integer value as int64 (a uint64 above INT64_MAX, or a non-integer: RF_STATUS_DTYPE).
+ */
+rf_error *rf_weights_meta_get_i64(const rf_weights *w, const char *key, int64_t *out);
+
+/*
+ A floating-point value (f32 or f64) as double; integers are RF_STATUS_DTYPE (read them with
+ the integer getters, which never round).
+ */
+rf_error *rf_weights_meta_get_f64(const rf_weights *w, const char *key, double *out);
+
+/*
+ A bool value (0 or 1).
+ */
+rf_error *rf_weights_meta_get_bool(const rf_weights *w, const char *key, bool *out);
+
+/*
+ A string value: `*str_out` is NUL-terminated and owned by `w` (valid until
+ `rf_weights_free`); `*len_out` (when `len_out` is not NULL) is its length in bytes, which
+ counts any NUL bytes inside it (GGUF strings are length-prefixed and may hold them).
+ */
+rf_error *rf_weights_meta_get_str(const rf_weights *w, const char *key, const char **str_out, size_t *len_out);
+
+/*
+ Element `index` of an array of integers, as `rf_weights_meta_get_u64` converts.
+ */
+rf_error *rf_weights_meta_array_get_u64(const rf_weights *w, const char *key, size_t index, uint64_t *out);
+
+/*
+ Element `index` of an array of integers, as `rf_weights_meta_get_i64` converts.
+ */
+rf_error *rf_weights_meta_array_get_i64(const rf_weights *w, const char *key, size_t index, int64_t *out);
+
+/*
+ Element `index` of an array of floats, as `rf_weights_meta_get_f64` converts.
+ */
+rf_error *rf_weights_meta_array_get_f64(const rf_weights *w, const char *key, size_t index, double *out);
+
+/*
+ Element `index` of an array of strings, as `rf_weights_meta_get_str` gives it (owned by `w`).
+ */
+rf_error *rf_weights_meta_array_get_str(const rf_weights *w, const char *key, size_t index, const char **str_out, size_t *len_out);
 
 /*
  Packs the base matrix `w` (n x k, F32/F16/BF16, any `ld`, host memory) once into the layout
@@ -905,7 +1021,9 @@ rf_error *rf_elalora_update(rf_elalora *e, rf_adapter *a, uint32_t step, uint32_
 void rf_elalora_free(rf_elalora *e);
 
 /*
- Opens a `*.safetensors` file or a sharded model's `*.safetensors.index.json`, memory-mapped
+ Opens a `*.safetensors` file, a sharded model's `*.safetensors.index.json`, or a GGUF file
+ (recognised by its magic "GGUF", any name; versions 3 and 2; validated completely before
+ use: each failure is RF_STATUS_FORMAT naming the file, tensor or key, and field), memory-mapped
  (read into memory instead when the environment variable `RANKFUSE_NO_MMAP=1` is set; see
  `rf_weights_open_ex`). A mapped file that another process truncates while open makes later
  reads of it fault (SIGBUS): open files that may change with `RF_WEIGHTS_READ`.
@@ -948,7 +1066,9 @@ rf_error *rf_weights_name(const rf_weights *w, size_t i, const char **name_out);
 
 /*
  A view of a tensor: 1-D as 1 x n; more than 2 dims is RF_STATUS_FORMAT; a dtype other than
- F32/F16/BF16 is RF_STATUS_UNSUPPORTED. On a CPU runtime (and with `RF_WEIGHTS_HOST`)
+ F32/F16/BF16/Q8_0/Q4_0/Q4_K is RF_STATUS_UNSUPPORTED. A GGUF tensor with dims [ne0, ne1]
+ (innermost first) is an ne1 x ne0 matrix; a quantized one (RF_DTYPE_Q8_0/Q4_0/Q4_K) is
+ valid only as `w` of `rf_linear`. On a CPU runtime (and with `RF_WEIGHTS_HOST`)
  `out->data` points into the mapping (zero-copy, read-only memory: do not write through it).
  On a CUDA runtime it is a device pointer into the weights' device copy (do not write through
  it either; NULL for a tensor with no elements); with `RF_WEIGHTS_LAZY` the first call for a

@@ -56,12 +56,31 @@ fn canonical_ld(rows: usize, cols: usize, ld: usize) -> usize {
     }
 }
 
+/// Bytes a view of this shape spans (`None` on overflow). For a block-quantized dtype, `cols`
+/// and `ld` must be whole blocks (`check_shape` says so first).
+pub fn span_bytes(rows: usize, cols: usize, ld: usize, dtype: DType) -> Option<usize> {
+    dtype.bytes(span_elems(rows, cols, ld)?)
+}
+
+/// For a block-quantized dtype: `cols` and `ld` must be whole blocks, so that every row starts
+/// on a block (rows are addressed by `ld / block` blocks).
+pub fn check_blocks(what: &str, cols: usize, ld: usize, dtype: DType) -> Result<()> {
+    let b = dtype.block_elems();
+    if !cols.is_multiple_of(b) || !ld.is_multiple_of(b) {
+        return Err(Error::shape(format!(
+            "{what}: {} needs cols ({cols}) and ld ({ld}) to be multiples of its {b}-element block",
+            dtype.name()
+        )));
+    }
+    Ok(())
+}
+
 fn check_shape(what: &str, rows: usize, cols: usize, ld: usize, dtype: DType) -> Result<usize> {
     if ld < cols {
         return Err(Error::shape(format!("{what}: ld {ld} < cols {cols}")));
     }
-    let n = span_elems(rows, cols, ld)
-        .and_then(|e| e.checked_mul(dtype.size()))
+    check_blocks(what, cols, canonical_ld(rows, cols, ld), dtype)?;
+    let n = span_bytes(rows, cols, canonical_ld(rows, cols, ld), dtype)
         .filter(|&b| b <= isize::MAX as usize)
         .ok_or_else(|| Error::shape(format!("{what}: {rows} x {cols} (ld {ld}) overflows")))?;
     Ok(n)
@@ -134,22 +153,32 @@ impl<'a> MatRef<'a> {
     #[inline(always)]
     pub fn row_ptr(&self, i: usize) -> *const u8 {
         debug_assert!(i < self.rows);
-        // SAFETY: i < rows, so the offset stays inside the span.
-        unsafe { self.ptr.add(i * self.ld * self.dtype.size()) }
+        // SAFETY: i < rows, so the offset stays inside the span (whose byte size was checked;
+        // for quantized dtypes ld is whole blocks).
+        unsafe {
+            self.ptr
+                .add(i * (self.ld / self.dtype.block_elems()) * self.dtype.size())
+        }
     }
 
     /// Element (i, j) as f32.
     #[inline(always)]
     pub fn get(&self, i: usize, j: usize) -> f32 {
         assert!(i < self.rows && j < self.cols);
-        // SAFETY: bounds checked above; the view covers its span.
-        unsafe { dtype::load_f32(self.ptr, self.dtype, i * self.ld + j) }
+        // SAFETY: bounds checked above; the view covers its span. Row-relative, so a quantized
+        // element is found from its row's first block.
+        unsafe { dtype::load_f32(self.row_ptr(i), self.dtype, j) }
     }
 
     /// Copies row `i`, columns `c0..c0 + out.len()`, into `out` as f32.
     #[inline]
     pub fn row_f32(&self, i: usize, c0: usize, out: &mut [f32]) {
         assert!(i < self.rows && c0 + out.len() <= self.cols);
+        if self.dtype.is_quantized() {
+            // SAFETY: bounds checked above; rows are whole blocks.
+            unsafe { crate::quant::dequant_range(self.row_ptr(i), self.dtype, c0, out) };
+            return;
+        }
         // SAFETY: bounds checked above.
         unsafe {
             dtype::convert_to_f32(self.row_ptr(i).add(c0 * self.dtype.size()), self.dtype, out)
@@ -239,7 +268,10 @@ impl<'a> MatMut<'a> {
     pub fn row_ptr(&self, i: usize) -> *mut u8 {
         debug_assert!(i < self.rows);
         // SAFETY: i < rows keeps the offset inside the span.
-        unsafe { self.ptr.add(i * self.ld * self.dtype.size()) }
+        unsafe {
+            self.ptr
+                .add(i * (self.ld / self.dtype.block_elems()) * self.dtype.size())
+        }
     }
 
     #[inline(always)]
@@ -287,6 +319,13 @@ pub struct Matrix {
 
 impl Matrix {
     pub fn zeros(dtype: DType, rows: usize, cols: usize) -> Result<Self> {
+        if dtype.is_quantized() {
+            // Owned matrices are written element by element; blocks cannot be.
+            return Err(Error::dtype(format!(
+                "cannot make a {} matrix: block-quantized data is read from files only",
+                dtype.name()
+            )));
+        }
         let bytes = check_shape("matrix", rows, cols, cols.max(1), dtype)?;
         let mut data = Vec::new();
         data.try_reserve_exact(bytes)
@@ -313,7 +352,9 @@ impl Matrix {
         Ok(m)
     }
     pub fn from_bytes(dtype: DType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
-        if data.len() != rows * cols * dtype.size() {
+        check_blocks("matrix", cols, cols.max(1), dtype)?;
+        let want = rows.checked_mul(cols).and_then(|e| dtype.bytes(e));
+        if Some(data.len()) != want {
             return Err(Error::shape(format!(
                 "{} bytes for a {rows} x {cols} {} matrix",
                 data.len(),

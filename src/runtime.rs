@@ -160,6 +160,12 @@ impl Runtime {
                 Ok(())
             }
             #[cfg(feature = "cuda")]
+            Backend::Cuda(_) if p.w.dtype.is_quantized() => Err(Error::unsupported(format!(
+                "w is {}: block-quantized weights run on CPU runtimes only (the CUDA kernels \
+                 read F32/F16/BF16)",
+                p.w.dtype.name()
+            ))),
+            #[cfg(feature = "cuda")]
             Backend::Cuda(c) => c.linear(p, y),
         }
     }
@@ -168,6 +174,15 @@ impl Runtime {
     /// kernel table (`KernelTable::pack`), so a pack serves runtimes with the same table. CPU
     /// runtimes only: on a CUDA runtime W is device-resident and read in place by the kernels.
     pub fn pack(&self, w: &MatRef<'_>) -> Result<PackedW> {
+        if w.dtype.is_quantized() {
+            // Panels are f32/f16/bf16: a pack would hold 4-8x the quantized bytes, and decode
+            // already streams the blocks once.
+            return Err(Error::dtype(format!(
+                "w is {}: block-quantized weights are not packed; pass them to rf_linear as they \
+                 are",
+                w.dtype.name()
+            )));
+        }
         match &self.backend {
             Backend::Cpu => {
                 let spec = self.kernels.pack;

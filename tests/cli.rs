@@ -5,6 +5,7 @@ use common::{assert_close, fixture};
 use rankfuse::weights::{write_safetensors, TensorOut};
 use rankfuse::{DType, Weights};
 use std::borrow::Cow;
+use std::path::Path;
 use std::process::Command;
 
 fn rankfuse(args: &[&str]) -> (bool, String) {
@@ -54,6 +55,20 @@ fn inspect_file_and_adapter() {
     );
     let (ok, out) = rankfuse(&["inspect", "/no/such/file.safetensors"]);
     assert!(!ok && out.contains("/no/such/file.safetensors"), "{out}");
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tiny.gguf");
+    let (ok, out) = rankfuse(&["inspect", gguf.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    for want in [
+        "GGUF, 7 tensors",
+        "w.q4_k",
+        "Q4_K [3, 512] 864 bytes",
+        "metadata test.f64 = -2.5e-300",
+        "metadata test.u64 = 9223372036854775813",
+        "metadata test.array_str = [string; 3] [\"a\", \"bc\", \"\"]",
+        "metadata test.nested = [array; 2]",
+    ] {
+        assert!(out.contains(want), "'{want}' not in:\n{out}");
+    }
 }
 
 #[test]

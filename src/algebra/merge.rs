@@ -44,9 +44,25 @@ fn delta_block(slot: &Slot<'_>, a32: &[f32], r0: usize, rows: usize, out: &mut [
     matmul(dst, Accum::Replace, bm, am, slot.scale, Par::Seq);
 }
 
+/// A merge into a block-quantized base is refused: writing W + s·B·A back means re-quantizing
+/// every block, whose rounding (a step of d = max|w|/127 or /7) is larger than a typical LoRA
+/// update, so the adapter would be mostly lost. Serve it fused (rf_linear reads the blocks).
+fn refuse_quantized(dt: DType) -> Result<()> {
+    if dt.is_quantized() {
+        return Err(Error::dtype(format!(
+            "cannot merge into a {} (block-quantized) base: re-quantizing would round the \
+             adapter's update away; use the fused rf_linear on the quantized W instead, or merge \
+             into a dense (F32/F16/BF16) copy of the base",
+            dt.name()
+        )));
+    }
+    Ok(())
+}
+
 /// W ← W + sign·s·B·A for every element, f32 accumulation, one rounding to W's dtype.
 /// `sign` is +1 (merge) or -1 (unmerge). Row blocks run in parallel on the current rayon pool.
 pub fn merge_slot_into(slot: &Slot<'_>, w: &mut MatMut<'_>, sign: f32) -> Result<()> {
+    refuse_quantized(w.dtype)?;
     check_fit(slot, w.rows, w.cols, "the weight")?;
     let s = Slot {
         scale: slot.scale * sign,
@@ -92,6 +108,8 @@ pub fn merge_into(
 /// A merged copy of `w` in `dtype`: W's own dtype for the file, F32 for the unrounded merge the
 /// parity report compares with.
 pub fn merged_tensor(slot: &Slot<'_>, w: MatRef<'_>, sign: f32, dtype: DType) -> Result<Matrix> {
+    refuse_quantized(w.dtype)?;
+    refuse_quantized(dtype)?;
     check_fit(slot, w.rows, w.cols, "the weight")?;
     let mut m = Matrix::zeros(dtype, w.rows, w.cols)?;
     {

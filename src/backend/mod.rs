@@ -42,7 +42,7 @@ pub struct LinearProblem<'a> {
 
 fn span(m: &MatRef<'_>) -> (usize, usize) {
     let start = m.as_ptr() as usize;
-    let len = crate::matrix::span_elems(m.rows, m.cols, m.ld).unwrap_or(0) * m.dtype.size();
+    let len = crate::matrix::span_bytes(m.rows, m.cols, m.ld, m.dtype).unwrap_or(0);
     (start, start + len)
 }
 
@@ -60,6 +60,24 @@ impl LinearProblem<'_> {
     /// Checks every shape and index once, so kernels can trust them.
     pub fn check(&self, y: &MatMut<'_>) -> Result<()> {
         let (m, n, k) = (self.m(), self.n(), self.k());
+        // Only W may be block-quantized: every other operand is read or written per element.
+        let dense = [
+            ("x", Some(self.x.dtype)),
+            ("y", Some(y.dtype)),
+            ("bias", self.bias.map(|b| b.dtype)),
+        ];
+        for (name, dt) in dense {
+            if let Some(dt) = dt.filter(|d| d.is_quantized()) {
+                return Err(Error::dtype(format!(
+                    "{name} is {}: only w may be block-quantized",
+                    dt.name()
+                )));
+            }
+        }
+        if self.w.dtype.is_quantized() {
+            // Views are built checked, but a Rust caller may build one with from_raw.
+            crate::matrix::check_blocks("w", self.w.cols, self.w.ld, self.w.dtype)?;
+        }
         if self.w.cols != k {
             return Err(Error::shape(format!(
                 "w has {} columns, x has {k} (w is n x k, nn.Linear layout)",
@@ -99,6 +117,20 @@ impl LinearProblem<'_> {
                     "slot {i} (module '{}'): rank mismatch between A and B",
                     s.module
                 )));
+            }
+            let adapter = [
+                ("lora_A", Some(s.a)),
+                ("lora_B", Some(s.b)),
+                ("gains", s.gains),
+            ];
+            for (what, mat) in adapter {
+                if let Some(dt) = mat.map(|v| v.dtype).filter(|d| d.is_quantized()) {
+                    return Err(Error::dtype(format!(
+                        "slot {i} (module '{}'): {what} is {}: only w may be block-quantized",
+                        s.module,
+                        dt.name()
+                    )));
+                }
             }
             if let Some(g) = &s.gains {
                 if g.rows != 1 || g.cols != s.a.rows {

@@ -187,11 +187,11 @@ unsafe fn merge_common(
     let (ws, we) = (
         w.as_ref().as_ptr() as usize,
         w.as_ref().as_ptr() as usize
-            + crate::matrix::span_elems(w.rows, w.cols, w.ld).unwrap_or(0) * w.dtype.size(),
+            + crate::matrix::span_bytes(w.rows, w.cols, w.ld, w.dtype).unwrap_or(0),
     );
     for (name, m) in [("lora_A", slot.a), ("lora_B", slot.b)] {
         let s = m.as_ptr() as usize;
-        let e = s + crate::matrix::span_elems(m.rows, m.cols, m.ld).unwrap_or(0) * m.dtype.size();
+        let e = s + crate::matrix::span_bytes(m.rows, m.cols, m.ld, m.dtype).unwrap_or(0);
         if s < we && ws < e {
             return Err(Error::invalid(format!(
                 "w_inout overlaps module '{}' {name}",

@@ -17,6 +17,8 @@ pub struct rf_runtime {
 pub struct rf_weights {
     pub(crate) inner: Arc<Weights>,
     pub(crate) names: Vec<CString>,
+    /// Metadata keys and strings as C strings (made at open).
+    pub(crate) meta: super::meta::CMeta,
     /// Device copies when opened on a CUDA runtime (None = `rf_weights_get` gives host views).
     #[cfg(feature = "cuda")]
     pub(crate) device: Option<crate::backend::cuda::resident::DeviceWeights>,

@@ -19,18 +19,37 @@ pub struct Desc {
     pub ld: usize,
 }
 
-/// Reads and checks an `rf_matrix` argument.
+/// Reads and checks an `rf_matrix` argument of a dense dtype (F32, F16, BF16): every role but
+/// `rf_linear`'s w, which `read_matrix_w` reads.
 ///
 /// # Safety
 /// A non-NULL `p` must point to an `rf_matrix`.
 pub unsafe fn read_matrix(p: *const rf_matrix, name: &str) -> Result<Desc> {
+    let d = read_matrix_w(p, name)?;
+    if d.dtype.is_quantized() {
+        return Err(Error::dtype(format!(
+            "{name}: {} is block-quantized; only the w of rf_linear may be (this argument must \
+             be F32, F16 or BF16)",
+            d.dtype.name()
+        )));
+    }
+    Ok(d)
+}
+
+/// Reads and checks an `rf_matrix` argument that may also be block-quantized (Q8_0, Q4_0,
+/// Q4_K: cols and ld must then be whole blocks, else RF_STATUS_SHAPE).
+///
+/// # Safety
+/// A non-NULL `p` must point to an `rf_matrix`.
+pub unsafe fn read_matrix_w(p: *const rf_matrix, name: &str) -> Result<Desc> {
     if p.is_null() {
         return Err(Error::invalid(format!("argument '{name}' is NULL")));
     }
     let raw_dtype = (addr_of!((*p).dtype) as *const i32).read_unaligned();
-    let dtype = DType::from_raw(raw_dtype as i64).ok_or_else(|| {
+    let dtype = DType::from_raw_any(raw_dtype as i64).ok_or_else(|| {
         Error::dtype(format!(
-            "{name}: dtype {raw_dtype} is not an rf_dtype (0 = F32, 1 = F16, 2 = BF16)"
+            "{name}: dtype {raw_dtype} is not an rf_dtype (0 = F32, 1 = F16, 2 = BF16, 3 = Q8_0, \
+             4 = Q4_0, 5 = Q4_K)"
         ))
     })?;
     let data = addr_of!((*p).data).read_unaligned() as *mut u8;
@@ -47,8 +66,9 @@ pub unsafe fn read_matrix(p: *const rf_matrix, name: &str) -> Result<Desc> {
     }
     let (rows, cols, ld) = (rows as usize, cols as usize, ld as usize);
     // (MatRef/MatMut::from_raw canonicalise ld for empty and single-row matrices.)
-    let bytes = crate::matrix::span_elems(rows, cols, ld)
-        .and_then(|e| e.checked_mul(dtype.size()))
+    let ld_c = if rows <= 1 || cols == 0 { cols } else { ld };
+    crate::matrix::check_blocks(name, cols, ld_c, dtype)?;
+    let bytes = crate::matrix::span_bytes(rows, cols, ld_c, dtype)
         .filter(|&b| b <= isize::MAX as usize)
         .ok_or_else(|| {
             Error::shape(format!(
@@ -107,7 +127,10 @@ impl Desc {
 /// `row_slot == NULL`: every slot applies to every row (adapters stacked). Otherwise `row_slot`
 /// has m entries and row i uses `slots[row_slot[i]]` only; -1 = base only (mixed batch).
 /// scale(slot) = scale_mult * (alpha / r | alpha / sqrt(r) | fixed), r = the rank used.
-/// dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32.
+/// dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32. w may also be
+/// block-quantized (RF_DTYPE_Q8_0 / Q4_0 / Q4_K, e.g. a GGUF tensor from `rf_weights_get`):
+/// its blocks are dequantized in registers (m <= 8) or into f32 panels (larger m); CPU runtimes
+/// only (RF_STATUS_UNSUPPORTED on CUDA).
 /// Thread-safe: many threads may call it at once on shared weights and adapters.
 /// On a CUDA runtime x, w, bias and y are device pointers; a module of an adapter loaded on a
 /// CUDA runtime of the same device is read from its device copy, any other module is copied
@@ -126,7 +149,7 @@ pub unsafe extern "C" fn rf_linear(
     boundary!({
         let rt = arg_ref(rt, "rt")?;
         let xd = read_matrix(x, "x")?;
-        let wd = read_matrix(w, "w")?;
+        let wd = read_matrix_w(w, "w")?;
         let bd = read_opt_matrix(bias, "bias")?;
         let yd = read_matrix(y, "y")?;
         let resolved = resolve_slots(rt, slots, n_slots)?;

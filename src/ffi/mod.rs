@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod handles;
 pub mod linear;
+pub mod meta;
 pub mod packed;
 pub mod runtime;
 pub mod store;

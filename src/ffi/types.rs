@@ -37,6 +37,35 @@ pub enum rf_dtype {
     RF_DTYPE_F32 = 0,
     RF_DTYPE_F16 = 1,
     RF_DTYPE_BF16 = 2,
+    /// llama.cpp Q8_0: blocks of 32 weights in 34 bytes (f16 scale, 32 x int8). Block-quantized
+    /// dtypes are valid only as `w` of `rf_linear`; `cols` and `ld` count elements and must be
+    /// multiples of the block (32 here), else RF_STATUS_SHAPE.
+    RF_DTYPE_Q8_0 = 3,
+    /// llama.cpp Q4_0: blocks of 32 weights in 18 bytes (f16 scale, 16 bytes of 4-bit values).
+    RF_DTYPE_Q4_0 = 4,
+    /// llama.cpp Q4_K: super-blocks of 256 weights in 144 bytes; `cols`/`ld` multiples of 256.
+    RF_DTYPE_Q4_K = 5,
+}
+
+/// Types of metadata values (`rf_weights_meta_type`); the numbers are GGUF's value types.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum rf_meta_type {
+    RF_META_U8 = 0,
+    RF_META_I8 = 1,
+    RF_META_U16 = 2,
+    RF_META_I16 = 3,
+    RF_META_U32 = 4,
+    RF_META_I32 = 5,
+    RF_META_F32 = 6,
+    RF_META_BOOL = 7,
+    /// Length-prefixed bytes (safetensors `__metadata__` values are all strings).
+    RF_META_STRING = 8,
+    /// Elements of one type (arrays of arrays are possible); see `rf_weights_meta_array_len`.
+    RF_META_ARRAY = 9,
+    RF_META_U64 = 10,
+    RF_META_I64 = 11,
+    RF_META_F64 = 12,
 }
 
 /// Devices a runtime can drive.
@@ -136,6 +165,9 @@ impl From<crate::DType> for rf_dtype {
             crate::DType::F32 => rf_dtype::RF_DTYPE_F32,
             crate::DType::F16 => rf_dtype::RF_DTYPE_F16,
             crate::DType::BF16 => rf_dtype::RF_DTYPE_BF16,
+            crate::DType::Q8_0 => rf_dtype::RF_DTYPE_Q8_0,
+            crate::DType::Q4_0 => rf_dtype::RF_DTYPE_Q4_0,
+            crate::DType::Q4_K => rf_dtype::RF_DTYPE_Q4_K,
         }
     }
 }

@@ -10,7 +10,9 @@ use std::ffi::c_char;
 use std::ptr::addr_of;
 use std::sync::Arc;
 
-/// Opens a `*.safetensors` file or a sharded model's `*.safetensors.index.json`, memory-mapped
+/// Opens a `*.safetensors` file, a sharded model's `*.safetensors.index.json`, or a GGUF file
+/// (recognised by its magic "GGUF", any name; versions 3 and 2; validated completely before
+/// use: each failure is RF_STATUS_FORMAT naming the file, tensor or key, and field), memory-mapped
 /// (read into memory instead when the environment variable `RANKFUSE_NO_MMAP=1` is set; see
 /// `rf_weights_open_ex`). A mapped file that another process truncates while open makes later
 /// reads of it fault (SIGBUS): open files that may change with `RF_WEIGHTS_READ`.
@@ -157,9 +159,11 @@ fn open_handle(
     };
     #[cfg(not(feature = "cuda"))]
     let _ = (rt, upload);
+    let meta = super::meta::CMeta::new(&w).map_err(|e| e.context(format!("file '{path}'")))?;
     Ok(Box::into_raw(Box::new(rf_weights {
         inner: Arc::new(w),
         names,
+        meta,
         #[cfg(feature = "cuda")]
         device,
     })))
@@ -205,7 +209,9 @@ pub unsafe extern "C" fn rf_weights_name(
 }
 
 /// A view of a tensor: 1-D as 1 x n; more than 2 dims is RF_STATUS_FORMAT; a dtype other than
-/// F32/F16/BF16 is RF_STATUS_UNSUPPORTED. On a CPU runtime (and with `RF_WEIGHTS_HOST`)
+/// F32/F16/BF16/Q8_0/Q4_0/Q4_K is RF_STATUS_UNSUPPORTED. A GGUF tensor with dims [ne0, ne1]
+/// (innermost first) is an ne1 x ne0 matrix; a quantized one (RF_DTYPE_Q8_0/Q4_0/Q4_K) is
+/// valid only as `w` of `rf_linear`. On a CPU runtime (and with `RF_WEIGHTS_HOST`)
 /// `out->data` points into the mapping (zero-copy, read-only memory: do not write through it).
 /// On a CUDA runtime it is a device pointer into the weights' device copy (do not write through
 /// it either; NULL for a tensor with no elements); with `RF_WEIGHTS_LAZY` the first call for a

@@ -128,7 +128,7 @@ impl BackwardProblem<'_> {
 
 fn span(m: &MatRef<'_>) -> (usize, usize) {
     let start = m.as_ptr() as usize;
-    let len = crate::matrix::span_elems(m.rows, m.cols, m.ld).unwrap_or(0) * m.dtype.size();
+    let len = crate::matrix::span_bytes(m.rows, m.cols, m.ld, m.dtype).unwrap_or(0);
     (start, start + len)
 }
 

@@ -42,7 +42,29 @@ P = POINTER
 # Enum constants, by C type name: {C constant: value}.
 ENUMS = {
     "rf_scaling": {"RF_SCALING_LORA": 0, "RF_SCALING_RSLORA": 1, "RF_SCALING_FIXED": 2},
-    "rf_dtype": {"RF_DTYPE_F32": 0, "RF_DTYPE_F16": 1, "RF_DTYPE_BF16": 2},
+    "rf_dtype": {
+        "RF_DTYPE_F32": 0,
+        "RF_DTYPE_F16": 1,
+        "RF_DTYPE_BF16": 2,
+        "RF_DTYPE_Q8_0": 3,
+        "RF_DTYPE_Q4_0": 4,
+        "RF_DTYPE_Q4_K": 5,
+    },
+    "rf_meta_type": {
+        "RF_META_U8": 0,
+        "RF_META_I8": 1,
+        "RF_META_U16": 2,
+        "RF_META_I16": 3,
+        "RF_META_U32": 4,
+        "RF_META_I32": 5,
+        "RF_META_F32": 6,
+        "RF_META_BOOL": 7,
+        "RF_META_STRING": 8,
+        "RF_META_ARRAY": 9,
+        "RF_META_U64": 10,
+        "RF_META_I64": 11,
+        "RF_META_F64": 12,
+    },
     "rf_status": {
         "RF_STATUS_OK": 0,
         "RF_STATUS_INVALID_ARGUMENT": 1,
@@ -339,6 +361,19 @@ FUNCTIONS = {
     "rf_weights_count": (c_size_t, [P(rf_weights)]),
     "rf_weights_name": (ERR, [P(rf_weights), c_size_t, P(c_char_p)]),
     "rf_weights_get": (ERR, [P(rf_weights), c_char_p, P(rf_matrix)]),
+    "rf_weights_meta_count": (c_size_t, [P(rf_weights)]),
+    "rf_weights_meta_key": (ERR, [P(rf_weights), c_size_t, P(c_char_p)]),
+    "rf_weights_meta_type": (ERR, [P(rf_weights), c_char_p, P(c_enum)]),
+    "rf_weights_meta_array_len": (ERR, [P(rf_weights), c_char_p, P(c_enum), P(c_size_t)]),
+    "rf_weights_meta_get_u64": (ERR, [P(rf_weights), c_char_p, P(c_uint64)]),
+    "rf_weights_meta_get_i64": (ERR, [P(rf_weights), c_char_p, P(c_int64)]),
+    "rf_weights_meta_get_f64": (ERR, [P(rf_weights), c_char_p, P(c_double)]),
+    "rf_weights_meta_get_bool": (ERR, [P(rf_weights), c_char_p, P(c_bool)]),
+    "rf_weights_meta_get_str": (ERR, [P(rf_weights), c_char_p, P(c_char_p), P(c_size_t)]),
+    "rf_weights_meta_array_get_u64": (ERR, [P(rf_weights), c_char_p, c_size_t, P(c_uint64)]),
+    "rf_weights_meta_array_get_i64": (ERR, [P(rf_weights), c_char_p, c_size_t, P(c_int64)]),
+    "rf_weights_meta_array_get_f64": (ERR, [P(rf_weights), c_char_p, c_size_t, P(c_double)]),
+    "rf_weights_meta_array_get_str": (ERR, [P(rf_weights), c_char_p, c_size_t, P(c_char_p), P(c_size_t)]),
 }
 
 # ---------------------------------------------------------------- loading

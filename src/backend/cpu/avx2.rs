@@ -288,6 +288,8 @@ unsafe fn store_row_avx2(src: &[f32], dst: *mut u8, dt: DType) {
     match dt {
         // Bytes: y may be unaligned.
         DType::F32 => std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst, n * 4),
+        // Never an output (LinearProblem::check); the generic path handles every dtype.
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => dtype::convert_from_f32(src, dst, dt),
         DType::F16 => {
             let mut i = 0;
             while i < n8 {
@@ -333,6 +335,11 @@ impl MicroKernel for Avx2 {
             DType::F32 => pack_b_full::<LoadF32>(src, r0, c0, kc, Self::NR, dst),
             DType::F16 => pack_b_full::<LoadF16>(src, r0, c0, kc, Self::NR, dst),
             DType::BF16 => pack_b_full::<LoadBf16>(src, r0, c0, kc, Self::NR, dst),
+            // Quantized W is dequantized by backend::cpu::quant before it reaches a pack; the
+            // generic packer reads any dtype through MatRef::row_f32 all the same.
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+                pack_b_generic(src, r0, rows, c0, kc, Self::NR, dst)
+            }
         }
     }
     unsafe fn gemv(
@@ -352,7 +359,25 @@ impl MicroKernel for Avx2 {
             DType::F32 => gemv_dispatch::<LoadF32>(x, ldx, m, w, c0, k, out, ldo, acc),
             DType::F16 => gemv_dispatch::<LoadF16>(x, ldx, m, w, c0, k, out, ldo, acc),
             DType::BF16 => gemv_dispatch::<LoadBf16>(x, ldx, m, w, c0, k, out, ldo, acc),
+            // Quantized W has its own decode kernels (backend::cpu::quant); stay correct if one
+            // arrives here anyway.
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+                gemv_generic(x, ldx, m, w, c0, k, out, ldo, acc)
+            }
         }
+    }
+    unsafe fn gemv_quant(
+        x: *const f32,
+        ldx: usize,
+        m: usize,
+        w: &MatRef<'_>,
+        out: *mut f32,
+        ldo: usize,
+        acc: bool,
+    ) {
+        // SAFETY: installed only where AVX2, FMA and F16C were detected (every AVX-512 CPU
+        // this table is chosen on has them too).
+        super::avx2_quant::gemv(x, ldx, m, w, out, ldo, acc)
     }
     unsafe fn store_row(src: &[f32], dst: *mut u8, dt: DType) {
         // SAFETY: as above.

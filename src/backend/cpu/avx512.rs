@@ -58,6 +58,8 @@ unsafe fn load16(p: *const u8, dt: DType) -> __m512 {
         DType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
             _mm256_loadu_si256(p as *const __m256i),
         ))),
+        // `gemv` sends quantized W to the generic path before any load16.
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("quantized W in load16"),
     }
 }
 
@@ -156,6 +158,11 @@ impl MicroKernel for Avx512 {
             DType::F32 => pack_b_full::<LoadF32>(src, r0, c0, kc, NR, dst),
             DType::F16 => pack_b_full::<LoadF16>(src, r0, c0, kc, NR, dst),
             DType::BF16 => pack_b_full::<LoadBf16>(src, r0, c0, kc, NR, dst),
+            // Quantized W is dequantized by backend::cpu::quant before it reaches a pack; the
+            // generic packer reads any dtype through MatRef::row_f32 all the same.
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+                pack_b_generic(src, r0, rows, c0, kc, NR, dst)
+            }
         }
     }
     unsafe fn gemv(
@@ -170,6 +177,10 @@ impl MicroKernel for Avx512 {
         acc: bool,
     ) {
         debug_assert!(m <= DECODE_MAX_M);
+        if w.dtype.is_quantized() {
+            // Quantized W has its own decode kernels (backend::cpu::quant); stay correct here.
+            return gemv_generic(x, ldx, m, w, c0, k, out, ldo, acc);
+        }
         // SAFETY: as above. Blocking: M * NW + NW + 1 <= 32 zmm registers.
         match m {
             1 => gemv_rows::<1, 8>(x, ldx, w, c0, k, out, ldo, acc),
@@ -186,6 +197,19 @@ impl MicroKernel for Avx512 {
             }
             _ => gemv_generic(x, ldx, m, w, c0, k, out, ldo, acc),
         }
+    }
+    unsafe fn gemv_quant(
+        x: *const f32,
+        ldx: usize,
+        m: usize,
+        w: &MatRef<'_>,
+        out: *mut f32,
+        ldo: usize,
+        acc: bool,
+    ) {
+        // SAFETY: installed only where AVX2, FMA and F16C were detected (every AVX-512 CPU
+        // this table is chosen on has them too).
+        super::avx2_quant::gemv(x, ldx, m, w, out, ldo, acc)
     }
     unsafe fn store_row(src: &[f32], dst: *mut u8, dt: DType) {
         // SAFETY: as above (AVX2 + F16C are present on every AVX-512 CPU we select).

@@ -8,6 +8,8 @@ pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2_panel;
 #[cfg(target_arch = "x86_64")]
+pub mod avx2_quant;
+#[cfg(target_arch = "x86_64")]
 pub mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512bf16;
@@ -17,6 +19,7 @@ pub mod driver;
 pub mod neon;
 pub mod pack;
 pub mod portable;
+pub mod quant_gemv;
 pub mod reference;
 pub mod selfcheck;
 

@@ -230,6 +230,11 @@ impl MicroKernel for Neon {
             DType::F32 => gemv_dispatch::<LoadF32>(x, ldx, m, w, c0, k, out, ldo, acc),
             DType::F16 => gemv_dispatch::<LoadF16>(x, ldx, m, w, c0, k, out, ldo, acc),
             DType::BF16 => gemv_dispatch::<LoadBf16>(x, ldx, m, w, c0, k, out, ldo, acc),
+            // Quantized W has its own decode kernels (MicroKernel::gemv_quant); stay correct if
+            // one arrives here anyway.
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+                gemv_generic(x, ldx, m, w, c0, k, out, ldo, acc)
+            }
         }
     }
 }

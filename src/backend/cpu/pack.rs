@@ -35,6 +35,9 @@ impl PanelLayout {
             DType::F32 => PanelLayout::F32,
             DType::F16 => PanelLayout::F16,
             DType::BF16 => PanelLayout::Bf16Pairs,
+            // Runtime::pack refuses quantized W (a pack in f32 would quadruple its memory);
+            // were one packed, f32 panels hold its exactly dequantized values.
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => PanelLayout::F32,
         }
     }
     /// Bytes per element.

@@ -24,6 +24,16 @@ pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
     if m == 0 || n == 0 {
         return;
     }
+    if p.w.dtype.is_quantized() {
+        // Dequantize W exactly (crate::quant, llama.cpp's arithmetic) once, then the same f64
+        // sums: per-element block decoding would cost a whole block per element.
+        let wf = p.w.to_f32_vec();
+        let q = LinearProblem {
+            w: MatRef::from_slice(&wf, n, k, k.max(1)).expect("an n x k f32 matrix"),
+            ..*p
+        };
+        return linear(&q, y);
+    }
     let mut t: Vec<Vec<f64>> = vec![Vec::new(); p.slots.len()];
     for i in 0..m {
         for (s, slot) in p.slots.iter().enumerate() {

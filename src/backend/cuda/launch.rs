@@ -46,6 +46,9 @@ fn dtype_suffix(d: DType) -> &'static str {
         DType::F32 => "f32",
         DType::F16 => "f16",
         DType::BF16 => "bf16",
+        // No CUDA kernel reads block-quantized data: Runtime::linear refuses a quantized W on
+        // CUDA and LinearProblem::check refuses it in every other role.
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => "quantized",
     }
 }
 
@@ -258,6 +261,12 @@ pub fn base_kernel(path: Path, w_dtype: DType) -> Result<&'static str> {
                 "no tensor-core kernel for f32 (mma_eligible must reject it)",
             ))
         }
+        (_, DType::Q8_0 | DType::Q4_0 | DType::Q4_K) => {
+            return Err(Error::unsupported(format!(
+                "w is {}: block-quantized weights run on CPU runtimes only",
+                w_dtype.name()
+            )))
+        }
     })
 }
 
@@ -267,6 +276,8 @@ pub fn epilogue_kernel(y_dtype: DType) -> &'static str {
         DType::F32 => "decode_epilogue_f32",
         DType::F16 => "decode_epilogue_f16",
         DType::BF16 => "decode_epilogue_bf16",
+        // y is never quantized (LinearProblem::check).
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("a quantized y"),
     }
 }
 
@@ -276,6 +287,8 @@ pub fn shrink_kernel(x_dtype: DType) -> &'static str {
         DType::F32 => "lora_shrink_f32",
         DType::F16 => "lora_shrink_f16",
         DType::BF16 => "lora_shrink_bf16",
+        // x is never quantized (LinearProblem::check).
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("a quantized x"),
     }
 }
 

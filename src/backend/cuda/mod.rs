@@ -879,7 +879,7 @@ impl Drop for CudaBackend {
 }
 
 fn span_bytes(m: &MatRef<'_>) -> usize {
-    crate::matrix::span_elems(m.rows, m.cols, m.ld).unwrap_or(0) * m.dtype.size()
+    crate::matrix::span_bytes(m.rows, m.cols, m.ld, m.dtype).unwrap_or(0)
 }
 
 /// Device memory owned by Rust code; freed on drop.

@@ -36,6 +36,9 @@ pub(crate) fn dtype_suffix(d: DType) -> &'static str {
         DType::F32 => "f32",
         DType::F16 => "f16",
         DType::BF16 => "bf16",
+        // No CUDA kernel reads block-quantized data: Runtime::linear refuses a quantized W on
+        // CUDA and LinearProblem::check refuses it in every other role.
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => "quantized",
     }
 }
 

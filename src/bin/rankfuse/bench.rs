@@ -33,6 +33,10 @@ pub struct Args {
     /// Skip the mixed-batch case (64 rows over 16 adapters, ranks 8..64).
     #[arg(long)]
     no_mixed: bool,
+    /// Only time decode on block-quantized W (Q8_0, Q4_0, Q4_K) next to BF16 W: f32 x and y,
+    /// the --m values <= 8, every shape and rank; base and fused.
+    #[arg(long)]
+    quant: bool,
     /// Write the JSON here (default: stdout after the table).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -75,6 +79,9 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
         rt.kernels().linear_name,
         rt.threads()
     );
+    if a.quant {
+        return run_quant(rt, &opts, &a.json);
+    }
     let mut header = false;
     let report = run_bench(
         rt,
@@ -177,6 +184,67 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
     });
     let text = serde_json::to_string_pretty(&json).map_err(|e| Error::internal(e.to_string()))?;
     match &a.json {
+        Some(p) => std::fs::write(p, text).map_err(|e| Error::from_io(p, &e))?,
+        None => println!("{text}"),
+    }
+    Ok(())
+}
+
+/// `--quant`: one row per (shape, m, r, W dtype), BF16 first as the baseline.
+fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf>) -> Result<()> {
+    use rankfuse::bench::quant::run_quant_case;
+    eprintln!(
+        "{:>5} {:>3} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}",
+        "W",
+        "m",
+        "k",
+        "n",
+        "r",
+        "W MiB",
+        "base ms",
+        "fused ms",
+        "W GB/s",
+        "vs bf16",
+        "cpu ms",
+        "cpu vs"
+    );
+    let mut rows = Vec::new();
+    for &(k, n) in &opts.shapes {
+        for &m in opts.ms.iter().filter(|&&m| m <= 8) {
+            for &r in &opts.ranks {
+                let mut bf16_ms = None;
+                let mut bf16_cpu = None;
+                for dt in [DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_K] {
+                    if !k.is_multiple_of(dt.block_elems()) {
+                        continue;
+                    }
+                    let q = run_quant_case(rt, dt, m, k, n, r, opts.min_time, opts.max_iters)?;
+                    let base = *bf16_ms.get_or_insert(q.fused_ms);
+                    let base_cpu = *bf16_cpu.get_or_insert(q.fused_cpu_ms);
+                    eprintln!(
+                        "{:>5} {:>3} {:>6} {:>6} {:>4} {:>9.1} {:>9.3} {:>9.3} {:>8.1} {:>8.2}x {:>9.3} {:>8.2}x",
+                        q.dtype,
+                        m,
+                        k,
+                        n,
+                        r,
+                        q.w_bytes as f64 / (1 << 20) as f64,
+                        q.base_ms,
+                        q.fused_ms,
+                        q.fused_w_gbs,
+                        base / q.fused_ms,
+                        q.fused_cpu_ms,
+                        base_cpu / q.fused_cpu_ms
+                    );
+                    rows.push(q);
+                }
+            }
+        }
+    }
+    let info: serde_json::Value = serde_json::from_str(&rt.info_json()).unwrap_or_default();
+    let text = serde_json::to_string_pretty(&serde_json::json!({"runtime": info, "quant": rows}))
+        .map_err(|e| Error::internal(e.to_string()))?;
+    match json {
         Some(p) => std::fs::write(p, text).map_err(|e| Error::from_io(p, &e))?,
         None => println!("{text}"),
     }

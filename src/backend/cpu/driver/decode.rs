@@ -32,6 +32,11 @@ unsafe fn gemv_blocked<K: MicroKernel>(
         }
         return;
     }
+    if w.dtype.is_quantized() {
+        // Whole rows: blocks (up to 256 elements) must not be cut by k blocks, and the quant
+        // kernels keep the m x rows in L1/L2 themselves (one W row at a time).
+        return K::gemv_quant(x, ldx, m, w, out, ldo, acc);
+    }
     let kcd = decode_kc(m);
     let mut kb = 0;
     while kb < k {

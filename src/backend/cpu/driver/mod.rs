@@ -90,6 +90,25 @@ pub trait MicroKernel: Sync + Send + 'static {
         gemv_generic(x, ldx, m, w, c0, k, out, ldo, acc)
     }
 
+    /// `gemv` for a block-quantized W (Q8_0, Q4_0, Q4_K), over whole rows (c0 = 0, k =
+    /// w.cols): blocks are decoded in registers as they stream. The GEMM path needs no such
+    /// hook: `pack_b` dequantizes blocks into its f32 panels through `MatRef::row_f32`.
+    ///
+    /// # Safety
+    /// As `gemv` with c0 = 0 and k = w.cols; w is quantized.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemv_quant(
+        x: *const f32,
+        ldx: usize,
+        m: usize,
+        w: &MatRef<'_>,
+        out: *mut f32,
+        ldo: usize,
+        acc: bool,
+    ) {
+        super::quant_gemv::gemv_portable(x, ldx, m, w, out, ldo, acc)
+    }
+
     /// Whether `micro_panel` reads packed panels of `layout` natively (converting
     /// in registers). When false, the driver converts each packed block to f32 once per block
     /// and calls `micro`, and decode uses the portable `gemv_panel_generic`.

@@ -1,5 +1,5 @@
-//! Safetensors files, memory-mapped and zero-copy: a single `*.safetensors` file or a sharded
-//! model's `*.safetensors.index.json`. Headers are validated by the `safetensors` crate (header
+//! Weight files, memory-mapped and zero-copy: a single `*.safetensors` file, a sharded model's
+//! `*.safetensors.index.json`, or a GGUF file (recognised by its magic; `gguf.rs`). Headers are validated by the `safetensors` crate (header
 //! length inside the file, well-formed JSON, contiguous non-overlapping offsets, byte length =
 //! product(shape) x dtype size with overflow checks) before any view is handed out.
 
@@ -10,6 +10,9 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+pub mod gguf;
+pub use gguf::MetaValue;
 
 /// Largest sharded index JSON we read (real ones are well under 1 MiB).
 const MAX_INDEX_BYTES: u64 = 64 << 20;
@@ -95,6 +98,10 @@ pub struct Weights {
     shards: Vec<Shard>,
     tensors: Vec<TensorEntry>,
     by_name: HashMap<String, usize>,
+    /// Typed metadata: a GGUF file's key-value pairs in file order, or the first safetensors
+    /// file's `__metadata__` (strings) sorted by key.
+    meta: Vec<(String, MetaValue)>,
+    is_gguf: bool,
 }
 
 fn st_dtype_name(d: StDtype) -> String {
@@ -441,9 +448,20 @@ impl Weights {
             Self::open_index(path, mode, &mut shards, &mut tensors)?;
         } else {
             let backing = read_backing(path, mode)?;
-            shards.push(parse_shard(path, backing, 0, &mut tensors)?);
+            return Self::open_single(path.to_path_buf(), backing);
         }
-        Self::finish(path.to_path_buf(), shards, tensors)
+        Self::finish(path.to_path_buf(), shards, tensors, None)
+    }
+
+    /// One file: GGUF when it starts with the magic "GGUF", else safetensors.
+    fn open_single(path: PathBuf, backing: Backing) -> Result<Weights> {
+        let mut tensors = Vec::new();
+        if gguf::is_gguf(backing.bytes()) {
+            let (shard, meta) = gguf::parse(&path, backing, &mut tensors)?;
+            return Self::finish(path, vec![shard], tensors, Some(meta));
+        }
+        let shard = parse_shard(&path, backing, 0, &mut tensors)?;
+        Self::finish(path, vec![shard], tensors, None)
     }
 
     fn open_index(
@@ -489,10 +507,17 @@ impl Weights {
                 .ok_or_else(|| Error::not_found(format!("file '{file}': no such shard")))?;
             Ok((PathBuf::from(file), Backing::Owned(bytes.to_vec())))
         })?;
-        Self::finish(path, out_shards, tensors)
+        Self::finish(path, out_shards, tensors, None)
     }
 
-    fn finish(path: PathBuf, shards: Vec<Shard>, tensors: Vec<TensorEntry>) -> Result<Weights> {
+    /// `gguf_meta`: the typed metadata of a GGUF file (None: safetensors, whose string map
+    /// becomes the typed metadata).
+    fn finish(
+        path: PathBuf,
+        shards: Vec<Shard>,
+        tensors: Vec<TensorEntry>,
+        gguf_meta: Option<Vec<(String, MetaValue)>>,
+    ) -> Result<Weights> {
         let mut by_name = HashMap::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
             if by_name.insert(t.name.clone(), i).is_some() {
@@ -503,21 +528,46 @@ impl Weights {
                 )));
             }
         }
+        let is_gguf = gguf_meta.is_some();
+        let meta = gguf_meta.unwrap_or_else(|| {
+            let mut m: Vec<(String, MetaValue)> = shards
+                .first()
+                .map(|s| s.metadata.iter())
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), MetaValue::Str(v.as_bytes().to_vec())))
+                .collect();
+            m.sort_by(|a, b| a.0.cmp(&b.0));
+            m
+        });
         Ok(Weights {
             path,
             shards,
             tensors,
             by_name,
+            meta,
+            is_gguf,
         })
     }
 
     /// Weights from bytes already in memory (e.g. data embedded in a binary); `name` stands for
     /// the file in messages.
     pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Weights> {
-        let path = PathBuf::from(name);
-        let mut tensors = Vec::new();
-        let shard = parse_shard(&path, Backing::Owned(bytes), 0, &mut tensors)?;
-        Self::finish(path, vec![shard], tensors)
+        Self::open_single(PathBuf::from(name), Backing::Owned(bytes))
+    }
+
+    /// Whether the file is GGUF (else safetensors).
+    pub fn is_gguf(&self) -> bool {
+        self.is_gguf
+    }
+    /// Typed metadata (see the field): GGUF key-value pairs in file order, or safetensors'
+    /// `__metadata__` strings sorted by key.
+    pub fn meta(&self) -> &[(String, MetaValue)] {
+        &self.meta
+    }
+    /// A metadata value by key.
+    pub fn meta_get(&self, key: &str) -> Option<&MetaValue> {
+        self.meta.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
     pub fn path(&self) -> &Path {
@@ -574,7 +624,8 @@ impl Weights {
         let t = self.entry(name).ok_or_else(|| self.missing(name))?;
         let dtype = t.dtype.ok_or_else(|| {
             Error::unsupported(format!(
-                "file '{}': tensor '{name}' has dtype {}; rankfuse computes with F32, F16 and BF16",
+                "file '{}': tensor '{name}' has dtype {}; rankfuse computes with F32, F16, BF16, \
+                 Q8_0, Q4_0 and Q4_K",
                 self.path.display(),
                 t.dtype_name
             ))
@@ -609,6 +660,9 @@ impl safetensors::View for &TensorOut<'_> {
             DType::F32 => StDtype::F32,
             DType::F16 => StDtype::F16,
             DType::BF16 => StDtype::BF16,
+            // write_safetensors refuses these before serializing (safetensors has no block
+            // types); raw bytes are the honest fallback.
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => StDtype::U8,
         }
     }
     fn shape(&self) -> &[usize] {
@@ -630,6 +684,13 @@ pub fn write_safetensors(
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
     for t in tensors {
+        if t.dtype.is_quantized() {
+            return Err(Error::dtype(format!(
+                "tensor '{}': safetensors has no {} dtype (block-quantized data stays in GGUF)",
+                t.name,
+                t.dtype.name()
+            )));
+        }
         let n: usize = t.shape.iter().product();
         if n * t.dtype.size() != t.data.len() {
             return Err(Error::internal(format!(

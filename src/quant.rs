@@ -1,0 +1,174 @@
+//! llama.cpp's block-quantized weight formats (ggml-common.h layouts), decoded exactly as
+//! ggml-quants.c's `dequantize_row_*` does: the same f32 operations in the same order (no FMA),
+//! so a dequantized value is bit-identical to llama.cpp's and to the `gguf` Python package's.
+//!
+//! Blocks are read byte-wise (little-endian f16 scales at any address): GGUF aligns tensors,
+//! but a block inside a row is 18 or 34 bytes long, so nothing is naturally aligned.
+
+use crate::dtype::DType;
+use half::f16;
+
+/// Weights per Q8_0 / Q4_0 block.
+pub(crate) const QK: usize = 32;
+/// Weights per K-quant super-block.
+pub(crate) const QK_K: usize = 256;
+/// f16 d, then 32 x i8.
+pub(crate) const Q8_0_BYTES: usize = 2 + QK;
+/// f16 d, then 16 bytes: byte j holds element j (low nibble) and j + 16 (high nibble).
+pub(crate) const Q4_0_BYTES: usize = 2 + QK / 2;
+/// f16 d, f16 dmin, 12 bytes of packed 6-bit scales and mins, 128 bytes of nibbles.
+pub(crate) const Q4_K_BYTES: usize = 2 + 2 + 12 + QK_K / 2;
+
+#[inline(always)]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// One Q8_0 block: `y[j] = d * q[j]`.
+#[inline]
+pub fn dequant_q8_0(b: &[u8; Q8_0_BYTES], y: &mut [f32; QK]) {
+    let d = f16_at(b, 0);
+    for (j, v) in y.iter_mut().enumerate() {
+        *v = (b[2 + j] as i8) as f32 * d;
+    }
+}
+
+/// One Q4_0 block: `y[j] = d * (lo(q[j]) - 8)`, `y[j + 16] = d * (hi(q[j]) - 8)`.
+#[inline]
+pub fn dequant_q4_0(b: &[u8; Q4_0_BYTES], y: &mut [f32; QK]) {
+    let d = f16_at(b, 0);
+    for j in 0..QK / 2 {
+        let q = b[2 + j];
+        y[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
+        y[j + QK / 2] = ((q >> 4) as i32 - 8) as f32 * d;
+    }
+}
+
+/// Scale and min of sub-block `j` (0..8) of a Q4_K super-block (`get_scale_min_k4`): the first
+/// four are the low 6 bits of bytes 0..4 (scales) and 4..8 (mins); the last four take their low
+/// nibbles from bytes 8..12 and their top two bits from the spare bits of bytes 0..8.
+#[inline(always)]
+pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// One Q4_K super-block: eight 32-weight sub-blocks, `y = (d * sc) * q - (dmin * m)`; each
+/// 32-byte run of nibbles holds sub-block 2i in its low nibbles and 2i + 1 in its high ones.
+#[inline]
+pub fn dequant_q4_k(b: &[u8; Q4_K_BYTES], y: &mut [f32; QK_K]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    for c in 0..4 {
+        let q = &b[16 + 32 * c..16 + 32 * (c + 1)];
+        let (sc1, m1) = scale_min_k4(2 * c, scales);
+        let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
+        let (d1, mn1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, mn2) = (d * sc2 as f32, dmin * m2 as f32);
+        let out = &mut y[64 * c..64 * (c + 1)];
+        for l in 0..32 {
+            out[l] = d1 * (q[l] & 0x0F) as f32 - mn1;
+            out[l + 32] = d2 * (q[l] >> 4) as f32 - mn2;
+        }
+    }
+}
+
+/// Decodes block `blk` of a row at `p` into `y[..dtype.block_elems()]`.
+///
+/// # Safety
+/// `p` points to at least `blk + 1` blocks of `dtype` (quantized).
+#[inline]
+pub unsafe fn dequant_block(p: *const u8, dtype: DType, blk: usize, y: &mut [f32; QK_K]) {
+    let bytes = dtype.size();
+    let b = std::slice::from_raw_parts(p.add(blk * bytes), bytes);
+    match dtype {
+        DType::Q8_0 => dequant_q8_0(
+            b.try_into().expect("Q8_0 block"),
+            (&mut y[..QK]).try_into().expect("32"),
+        ),
+        DType::Q4_0 => dequant_q4_0(
+            b.try_into().expect("Q4_0 block"),
+            (&mut y[..QK]).try_into().expect("32"),
+        ),
+        DType::Q4_K => dequant_q4_k(b.try_into().expect("Q4_K block"), y),
+        DType::F32 | DType::F16 | DType::BF16 => unreachable!("dense dtype in dequant_block"),
+    }
+}
+
+/// Element `i` of quantized data starting (block-aligned) at `p`.
+///
+/// # Safety
+/// `p` points to the blocks up to and including the one holding element `i`.
+#[inline]
+pub unsafe fn load_elem(p: *const u8, dtype: DType, i: usize) -> f32 {
+    let be = dtype.block_elems();
+    let mut y = [0f32; QK_K];
+    dequant_block(p, dtype, i / be, &mut y);
+    y[i % be]
+}
+
+/// Decodes `dst.len()` elements starting at a block boundary `src` (the last block may be used
+/// in part).
+///
+/// # Safety
+/// `src` points to `ceil(dst.len() / block)` blocks of `dtype` (quantized).
+pub unsafe fn dequant(src: *const u8, dtype: DType, dst: &mut [f32]) {
+    let be = dtype.block_elems();
+    let mut y = [0f32; QK_K];
+    for (blk, out) in dst.chunks_mut(be).enumerate() {
+        dequant_block(src, dtype, blk, &mut y);
+        out.copy_from_slice(&y[..out.len()]);
+    }
+}
+
+/// Decodes elements `c0..c0 + dst.len()` of a row at `row` (any range; partial blocks at both
+/// ends are decoded whole and cut).
+///
+/// # Safety
+/// `row` points to a row holding at least `c0 + dst.len()` elements (whole blocks).
+pub unsafe fn dequant_range(row: *const u8, dtype: DType, c0: usize, dst: &mut [f32]) {
+    let be = dtype.block_elems();
+    let mut y = [0f32; QK_K];
+    let mut done = 0;
+    while done < dst.len() {
+        let e = c0 + done;
+        let (blk, off) = (e / be, e % be);
+        let take = (be - off).min(dst.len() - done);
+        dequant_block(row, dtype, blk, &mut y);
+        dst[done..done + take].copy_from_slice(&y[off..off + take]);
+        done += take;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_0_nibble_order_and_offset() {
+        let mut b = [0u8; Q4_0_BYTES];
+        b[..2].copy_from_slice(&f16::from_f32(0.5).to_bits().to_le_bytes());
+        b[2] = 0xF0; // element 0 = 0 - 8, element 16 = 15 - 8
+        let mut y = [0f32; QK];
+        dequant_q4_0(&b, &mut y);
+        assert_eq!((y[0], y[16], y[1]), (-4.0, 3.5, -4.0));
+    }
+
+    #[test]
+    fn q4_k_scale_packing() {
+        // Sub-block 5: low nibble from byte 9, top bits from byte 1 (scale) and 5 (min).
+        let mut q = [0u8; 12];
+        q[9] = 0x3A;
+        q[1] = 0b1100_0000 | 7;
+        q[5] = 0b0100_0000 | 9;
+        assert_eq!(scale_min_k4(5, &q), (0x0A | (3 << 4), 0x03 | (1 << 4)));
+        assert_eq!(scale_min_k4(1, &q), (7, 9));
+    }
+}

@@ -1,0 +1,205 @@
+//! The fused linear on block-quantized W (Q8_0, Q4_0, Q4_K), random blocks: every kernel
+//! variant this CPU runs against the f64 reference on the exactly dequantized W, decode (m <= 8)
+//! and GEMM (m > 8) paths, stacked and mixed slots, every x / y dtype; and the refusals.
+
+mod common;
+
+use common::{assert_close, runtimes};
+use half::f16;
+use rankfuse::backend::cpu::reference;
+use rankfuse::rng::SplitMix64;
+use rankfuse::{DType, LinearProblem, MatMut, MatRef, Matrix, Slot, Status};
+
+/// `rows` rows of `k` elements of random blocks with small, finite scales (random scale bytes
+/// could be NaN/inf f16s, which would test nothing but NaN propagation).
+fn random_quant(dt: DType, rows: usize, k: usize, rng: &mut SplitMix64) -> Vec<u8> {
+    let nb = k / dt.block_elems();
+    let mut out = vec![0u8; rows * nb * dt.size()];
+    for b in out.chunks_mut(dt.size()) {
+        for v in b.iter_mut() {
+            *v = rng.next_u64() as u8;
+        }
+        let d = f16::from_f32(rng.uniform(0.002, 0.03))
+            .to_bits()
+            .to_le_bytes();
+        b[..2].copy_from_slice(&d);
+        if dt == DType::Q4_K {
+            let dmin = f16::from_f32(rng.uniform(0.0, 0.02))
+                .to_bits()
+                .to_le_bytes();
+            b[2..4].copy_from_slice(&dmin);
+        }
+    }
+    out
+}
+
+fn mat(dt: DType, rows: usize, cols: usize, rng: &mut SplitMix64) -> Matrix {
+    Matrix::from_f32(dt, rows, cols, &rng.fill_uniform(rows * cols, -1.0, 1.0)).unwrap()
+}
+
+fn ytol(dt: DType) -> f32 {
+    match dt {
+        DType::F32 => 2e-5,
+        DType::F16 => 2e-3,
+        _ => 1.6e-2,
+    }
+}
+
+#[test]
+fn quantized_w_matches_the_reference_on_every_variant() {
+    let rts = runtimes();
+    let mut rng = SplitMix64::new(14);
+    for wdt in DType::QUANT {
+        // k: whole blocks, more than one super-block; n odd (thread chunks and panels have
+        // tails).
+        // ld one block wider than k: rows are addressed by whole blocks of ld, not of cols.
+        let (n, k) = (37, 512);
+        let ld = k + wdt.block_elems();
+        let wb = random_quant(wdt, n, ld, &mut rng);
+        let w = MatRef::from_bytes(&wb, wdt, n, k, ld).unwrap();
+        let a: Vec<Matrix> = [3, 8]
+            .iter()
+            .map(|&r| mat(DType::F32, r, k, &mut rng))
+            .collect();
+        let b: Vec<Matrix> = [3, 8]
+            .iter()
+            .map(|&r| mat(DType::BF16, n, r, &mut rng))
+            .collect();
+        let gains = mat(DType::F32, 1, 8, &mut rng);
+        let bias = mat(DType::F16, 1, n, &mut rng);
+        let slots = [
+            Some(Slot {
+                a: a[0].view(),
+                b: b[0].view(),
+                scale: 0.7,
+                gains: None,
+                module: "s0",
+            }),
+            None,
+            Some(Slot {
+                a: a[1].view(),
+                b: b[1].view(),
+                scale: -1.3,
+                gains: Some(gains.view()),
+                module: "s1",
+            }),
+        ];
+        // Every m of the decode kernels (each has its own register blocking), then GEMM.
+        for (m, xdt, ydt) in [
+            (1, DType::F32, DType::F32),
+            (2, DType::F32, DType::F32),
+            (3, DType::BF16, DType::F32),
+            (4, DType::F32, DType::F32),
+            (5, DType::F16, DType::F16),
+            (6, DType::F32, DType::F32),
+            (7, DType::F32, DType::F32),
+            (8, DType::F32, DType::BF16),
+            (9, DType::F32, DType::F32),
+            (40, DType::BF16, DType::F32),
+        ] {
+            let x = mat(xdt, m, k, &mut rng);
+            let rs: Vec<i32> = (0..m).map(|i| (i % 4) as i32 - 1).collect();
+            for row_slot in [None, Some(rs.as_slice())] {
+                let p = LinearProblem {
+                    x: x.view(),
+                    w,
+                    bias: Some(bias.view()),
+                    slots: &slots,
+                    row_slot,
+                };
+                let mut want = Matrix::zeros(DType::F32, m, n).unwrap();
+                reference::linear(&p, &mut want.view_mut());
+                let want = want.to_f32_vec();
+                for (isa, rt) in &rts {
+                    let mut y = Matrix::zeros(ydt, m, n).unwrap();
+                    rt.linear(&p, &mut y.view_mut()).unwrap();
+                    let what = format!(
+                        "{} w, {} m={m} x {} y {}, mixed={}",
+                        isa.name(),
+                        wdt.name(),
+                        xdt.name(),
+                        ydt.name(),
+                        row_slot.is_some()
+                    );
+                    assert_close(&what, &y.to_f32_vec(), &want, 1e-4, ytol(ydt));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn reference_dequantizes_exactly() {
+    // y = x W^T with x = e_j picks column j of W: the reference's W values are the decoded ones.
+    let mut rng = SplitMix64::new(3);
+    for wdt in DType::QUANT {
+        let (n, k) = (2, 256);
+        let wb = random_quant(wdt, n, k, &mut rng);
+        let w = MatRef::from_bytes(&wb, wdt, n, k, k).unwrap();
+        let wf = w.to_f32_vec();
+        for j in [0, 17, 31, 200, 255] {
+            let mut xv = vec![0f32; k];
+            xv[j] = 1.0;
+            let x = MatRef::from_slice(&xv, 1, k, k).unwrap();
+            let mut y = vec![0f32; n];
+            let p = LinearProblem {
+                x,
+                w,
+                bias: None,
+                slots: &[],
+                row_slot: None,
+            };
+            reference::linear(&p, &mut MatMut::from_slice(&mut y, 1, n, n).unwrap());
+            assert_eq!(y, vec![wf[j], wf[k + j]], "{} column {j}", wdt.name());
+            assert_eq!(w.get(1, j), wf[k + j]);
+        }
+    }
+}
+
+#[test]
+fn quantized_dtypes_are_refused_outside_w() {
+    let rt = &runtimes()[0].1;
+    let mut rng = SplitMix64::new(5);
+    let k = 64;
+    let wb = random_quant(DType::Q8_0, 4, k, &mut rng);
+    let w = MatRef::from_bytes(&wb, DType::Q8_0, 4, k, k).unwrap();
+    let x = mat(DType::F32, 2, k, &mut rng);
+    // As x (a quantized "x" of the right shape: 2 x 64 from the same bytes).
+    let xq = MatRef::from_bytes(&wb, DType::Q8_0, 2, k, k).unwrap();
+    let mut y = Matrix::zeros(DType::F32, 2, 4).unwrap();
+    let p = LinearProblem {
+        x: xq,
+        w,
+        bias: None,
+        slots: &[],
+        row_slot: None,
+    };
+    let e = rt.linear(&p, &mut y.view_mut()).unwrap_err();
+    assert_eq!(e.status, Status::DType, "{e}");
+    // Columns not a whole number of blocks: SHAPE at the view.
+    let e = MatRef::from_bytes(&wb, DType::Q8_0, 1, 48, 48).unwrap_err();
+    assert_eq!(e.status, Status::Shape, "{e}");
+    let e = MatRef::from_bytes(&wb, DType::Q4_K, 1, 64, 64).unwrap_err();
+    assert_eq!(e.status, Status::Shape, "{e}");
+    // No owned quantized matrices, no packs, no merges.
+    assert_eq!(
+        Matrix::zeros(DType::Q4_0, 1, 32).unwrap_err().status,
+        Status::DType
+    );
+    assert_eq!(rt.pack(&w).err().unwrap().status, Status::DType);
+    let a = mat(DType::F32, 2, k, &mut rng);
+    let b = mat(DType::F32, 4, 2, &mut rng);
+    let slot = Slot {
+        a: a.view(),
+        b: b.view(),
+        scale: 1.0,
+        gains: None,
+        module: "m",
+    };
+    let e = rankfuse::algebra::merge::merged_tensor(&slot, w, 1.0, DType::F32).unwrap_err();
+    assert_eq!(e.status, Status::DType);
+    assert!(e.message.contains("Q8_0"), "{e}");
+    // Good call for contrast: the same W as w works.
+    let p = LinearProblem { x: x.view(), ..p };
+    rt.linear(&p, &mut y.view_mut()).unwrap();
+}
