@@ -861,3 +861,62 @@ func TestStore(t *testing.T) {
 		t.Fatalf("stats %+v, %v", s, err)
 	}
 }
+
+// GGUF metadata through the typed getters (tests/fixtures/gguf/tiny.gguf, written by llama.cpp's
+// gguf package: scripts/make_gguf_fixtures.py).
+func TestGGUFMetadata(t *testing.T) {
+	rt, err := NewRuntime(&RuntimeOptions{NumThreads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	w, err := rt.OpenWeights(filepath.Join(fixture, "..", "gguf", "tiny.gguf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	keys := map[string]bool{}
+	for i := 0; i < w.MetaCount(); i++ {
+		k, err := w.MetaKey(i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys[k] = true
+	}
+	if !keys["test.u64"] || !keys["test.nested"] {
+		t.Fatalf("keys %v", keys)
+	}
+	if v, err := w.MetaU64("test.u64"); err != nil || v != 1<<63+5 {
+		t.Fatalf("test.u64 = %d, %v", v, err)
+	}
+	if v, err := w.MetaI64("test.i32"); err != nil || v != -2000000000 {
+		t.Fatalf("test.i32 = %d, %v", v, err)
+	}
+	if v, err := w.MetaF64("test.f64"); err != nil || v != -2.5e-300 {
+		t.Fatalf("test.f64 = %g, %v", v, err)
+	}
+	if v, err := w.MetaBool("test.bool"); err != nil || !v {
+		t.Fatalf("test.bool = %v, %v", v, err)
+	}
+	if v, err := w.MetaString("test.string"); err != nil || v != "grüße, gguf" {
+		t.Fatalf("test.string = %q, %v", v, err)
+	}
+	if ty, n, err := w.MetaArrayLen("test.array_str"); err != nil || ty != MetaString || n != 3 {
+		t.Fatalf("test.array_str: %d x %d, %v", ty, n, err)
+	}
+	if v, err := w.MetaArrayString("test.array_str", 1); err != nil || v != "bc" {
+		t.Fatalf("test.array_str[1] = %q, %v", v, err)
+	}
+	if v, err := w.MetaArrayI64("test.array_i32", 1); err != nil || v != -2 {
+		t.Fatalf("test.array_i32[1] = %d, %v", v, err)
+	}
+	if ty, err := w.MetaType("test.nested"); err != nil || ty != MetaArray {
+		t.Fatalf("test.nested type %d, %v", ty, err)
+	}
+	if _, err := w.MetaU64("test.string"); err == nil {
+		t.Fatal("a string read as u64")
+	}
+	if _, err := w.MetaU64("no.such.key"); err == nil {
+		t.Fatal("a missing key read")
+	}
+}
