@@ -109,7 +109,8 @@ fn dtype_raw(b: u8) -> i32 {
         0..=4 => 0,
         5..=9 => 1,
         10..=14 => 2,
-        _ => [3, -1, 1 << 30, i32::MIN][(b / 16 % 4) as usize],
+        // Numbers that are not an rf_dtype (3..5 are the block-quantized types, valid as w).
+        _ => [99, -1, 1 << 30, i32::MIN][(b / 16 % 4) as usize],
     }
 }
 
