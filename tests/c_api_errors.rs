@@ -2,6 +2,7 @@
 //! naming the culprit, never a crash. Calls the exported functions exactly as C does.
 
 mod common;
+use common::capi::{cs, expect, ok, take};
 use common::fixture;
 use rankfuse::ffi::adapter::*;
 use rankfuse::ffi::error::*;
@@ -14,38 +15,6 @@ use rankfuse::ffi::weights::*;
 use std::ffi::{c_void, CStr, CString};
 use std::path::Path;
 use std::ptr::{null, null_mut};
-
-/// Takes an error object: (status, message), freeing it.
-fn take(e: *mut rf_error) -> (rf_status, String) {
-    unsafe {
-        let st = rf_error_code(e);
-        let msg = CStr::from_ptr(rf_error_message(e))
-            .to_string_lossy()
-            .into_owned();
-        rf_error_free(e);
-        (st, msg)
-    }
-}
-
-fn expect(e: *mut rf_error, st: rf_status, needles: &[&str]) {
-    assert!(!e.is_null(), "expected {st:?}, got success");
-    let (got, msg) = take(e);
-    assert_eq!(got, st, "status for message: {msg}");
-    for n in needles {
-        assert!(msg.contains(n), "message '{msg}' should name '{n}'");
-    }
-}
-
-fn ok(e: *mut rf_error) {
-    if !e.is_null() {
-        let (st, msg) = take(e);
-        panic!("unexpected error {st:?}: {msg}");
-    }
-}
-
-fn cs(s: &str) -> CString {
-    CString::new(s).unwrap()
-}
 
 fn runtime() -> *mut rf_runtime {
     let mut rt = null_mut();

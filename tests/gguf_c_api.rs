@@ -2,7 +2,8 @@
 //! metadata getters (every type, wrong-type and missing-key errors), rf_weights_get of a
 //! quantized tensor and rf_linear on it, and the refusals of quantized dtypes elsewhere.
 
-use rankfuse::ffi::error::*;
+mod common;
+use common::capi::{cs, expect, ok};
 use rankfuse::ffi::handles::*;
 use rankfuse::ffi::linear::rf_linear;
 use rankfuse::ffi::meta::*;
@@ -11,39 +12,8 @@ use rankfuse::ffi::runtime::*;
 use rankfuse::ffi::types::rf_status::*;
 use rankfuse::ffi::types::*;
 use rankfuse::ffi::weights::*;
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CStr};
 use std::ptr::{null, null_mut};
-
-fn take(e: *mut rf_error) -> (rf_status, String) {
-    unsafe {
-        let st = rf_error_code(e);
-        let msg = CStr::from_ptr(rf_error_message(e))
-            .to_string_lossy()
-            .into_owned();
-        rf_error_free(e);
-        (st, msg)
-    }
-}
-
-fn expect(e: *mut rf_error, st: rf_status, needles: &[&str]) {
-    assert!(!e.is_null(), "expected {st:?}, got success");
-    let (got, msg) = take(e);
-    assert_eq!(got, st, "status for message: {msg}");
-    for n in needles {
-        assert!(msg.contains(n), "message '{msg}' should name '{n}'");
-    }
-}
-
-fn ok(e: *mut rf_error) {
-    if !e.is_null() {
-        let (st, msg) = take(e);
-        panic!("unexpected error {st:?}: {msg}");
-    }
-}
-
-fn cs(s: &str) -> CString {
-    CString::new(s).unwrap()
-}
 
 fn open() -> (*mut rf_runtime, *mut rf_weights) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf/tiny.gguf");

@@ -5,43 +5,20 @@
 //! add up. Bounded to a few seconds.
 
 mod common;
+use common::capi::{cs, expect, ok};
 use common::fixture;
 use rankfuse::ffi::adapter::*;
-use rankfuse::ffi::error::*;
 use rankfuse::ffi::handles::*;
 use rankfuse::ffi::linear::rf_linear;
 use rankfuse::ffi::runtime::*;
 use rankfuse::ffi::store::*;
 use rankfuse::ffi::types::*;
 use rankfuse::ffi::weights::*;
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_void, CString};
 use std::ptr::{null, null_mut};
 
 const ADAPTERS: [&str; 3] = ["lora-r8", "rslora-pattern", "lora-r64"];
 const MODULE: &str = "layers.1.mlp.down_proj";
-
-fn ok(e: *mut rf_error) {
-    if !e.is_null() {
-        let msg = unsafe {
-            CStr::from_ptr(rf_error_message(e))
-                .to_string_lossy()
-                .into_owned()
-        };
-        unsafe { rf_error_free(e) };
-        panic!("unexpected error: {msg}");
-    }
-}
-
-fn status(e: *mut rf_error) -> rf_status {
-    assert!(!e.is_null(), "expected an error");
-    let s = unsafe { rf_error_code(e) };
-    unsafe { rf_error_free(e) };
-    s
-}
-
-fn cs(s: &str) -> CString {
-    CString::new(s).unwrap()
-}
 
 /// y = x W^T + adapter(x) for module MODULE with a fixed x.
 unsafe fn apply(rt: *mut rf_runtime, base: *const rf_weights, ad: *mut rf_adapter) -> Vec<f32> {
@@ -116,26 +93,21 @@ fn store_under_load_serves_the_right_adapter_every_time() {
                 path(name).as_ptr(),
             ));
         }
-        assert_eq!(
-            status(rf_store_register(
-                store,
-                cs("lora-r8").as_ptr(),
-                path("lora-r8").as_ptr()
-            )),
-            rf_status::RF_STATUS_INVALID_ARGUMENT
+        expect(
+            rf_store_register(store, cs("lora-r8").as_ptr(), path("lora-r8").as_ptr()),
+            rf_status::RF_STATUS_INVALID_ARGUMENT,
+            &[],
         );
-        assert_eq!(
-            status(rf_store_register(
-                store,
-                cs("x").as_ptr(),
-                cs("/no/such/dir").as_ptr()
-            )),
-            rf_status::RF_STATUS_IO
+        expect(
+            rf_store_register(store, cs("x").as_ptr(), cs("/no/such/dir").as_ptr()),
+            rf_status::RF_STATUS_IO,
+            &[],
         );
         let mut ad = null_mut();
-        assert_eq!(
-            status(rf_store_acquire(store, cs("nope").as_ptr(), &mut ad)),
-            rf_status::RF_STATUS_NOT_FOUND
+        expect(
+            rf_store_acquire(store, cs("nope").as_ptr(), &mut ad),
+            rf_status::RF_STATUS_NOT_FOUND,
+            &[],
         );
 
         let (rt_u, base_u, store_u) = (rt as usize, base as usize, store as usize);
@@ -259,9 +231,10 @@ fn a_refused_publish_leaves_the_adapter_to_the_caller() {
         ok(rf_store_create(rt, 0, &mut store));
         let mut ad = null_mut();
         ok(rf_adapter_load_peft(rt, path("lora-r8").as_ptr(), &mut ad));
-        assert_eq!(
-            status(rf_store_publish(store, cs("").as_ptr(), ad, null_mut())),
-            rf_status::RF_STATUS_INVALID_ARGUMENT
+        expect(
+            rf_store_publish(store, cs("").as_ptr(), ad, null_mut()),
+            rf_status::RF_STATUS_INVALID_ARGUMENT,
+            &[],
         );
         let (mut id, mut g) = (1u64, 1u64);
         ok(rf_adapter_version(ad, &mut id, &mut g));

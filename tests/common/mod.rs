@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod capi;
+
 use rankfuse::backend::cpu::{self, Isa};
 use rankfuse::{Runtime, RuntimeOptions};
 use std::path::PathBuf;
