@@ -120,6 +120,11 @@ impl rf_adapter {
         Ok(h)
     }
 
+    /// Bytes the adapter keeps resident: A and B of every module, twice with a device copy.
+    pub fn resident_bytes(&self) -> usize {
+        self.inner.tensor_bytes() * if self.on_gpu() { 2 } else { 1 }
+    }
+
     /// Whether the adapter keeps a device copy (its bytes count twice in a store's budget).
     pub fn on_gpu(&self) -> bool {
         #[cfg(feature = "cuda")]

@@ -78,9 +78,8 @@ pub unsafe extern "C" fn rf_store_create(
             Box::new(move |name: &str, path: &Path| {
                 let mut a = peft::load(path)?;
                 a.name = name.to_string();
-                let bytes = a.tensor_bytes();
                 let h = rf_adapter::on_device(a, &dev)?;
-                let bytes = if h.on_gpu() { 2 * bytes } else { bytes };
+                let bytes = h.resident_bytes();
                 Ok((h, bytes))
             }),
         );
@@ -249,7 +248,7 @@ pub unsafe extern "C" fn rf_store_publish(
         if name.is_empty() {
             return Err(Error::invalid("store: an adapter name is empty"));
         }
-        let bytes = (*a).inner.tensor_bytes() * if (*a).on_gpu() { 2 } else { 1 };
+        let bytes = (*a).resident_bytes();
         // Moved out only once every check has passed, so an error leaves `a` to the caller.
         let v = s.inner.publish(name, *Box::from_raw(a), bytes)?;
         if !generation_out.is_null() {
