@@ -343,6 +343,8 @@ struct RuntimeOptions {
   int32_t device_index = 0;
   uint32_t num_threads = 0;
   void *cuda_stream = nullptr;
+  /** RF_ACT_QUANT_Q8: integer dots for decode on block-quantized W (x rounded per 32 values). */
+  rf_act_quant act_quant = RF_ACT_QUANT_EXACT;
 };
 
 /** A runtime. Declare it before the objects made with it so it is destroyed after them. */
@@ -360,6 +362,7 @@ class Runtime {
     opts.device_index = o.device_index;
     opts.num_threads = o.num_threads;
     opts.cuda_stream = o.cuda_stream;
+    opts.act_quant = o.act_quant;
     rf_runtime *rt = nullptr;
     check(rf_runtime_create(&opts, &rt));
     p_.reset(rt);

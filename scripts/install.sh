@@ -5,9 +5,10 @@
 #   PREFIX/include/rankfuse.h, rankfuse.hpp
 #   PREFIX/lib/pkgconfig/rankfuse.pc
 # Usage: scripts/install.sh PREFIX      (DESTDIR=/staging is honoured, as in `make install`)
-# Builds with `cargo rustc --release --lib` so the soname is set by a link argument of the cdylib
-# only (no build.rs, no global RUSTFLAGS); a later plain `cargo build --release` recompiles the
-# rankfuse crate alone (not its dependencies) without the soname.
+# Builds with `cargo build --release --lib` (build.rs gives the cdylib its soname, so this is the
+# same build as any other). RANKFUSE_INSTALL_PROFILE=dev installs the dev-profile library instead
+# (opt-level 2, debug assertions on): CI uses it to test the library `cargo test` already built
+# rather than build every dependency a second time in release.
 set -euo pipefail
 if [ $# -ne 1 ] || [ -z "$1" ]; then
   echo "usage: $0 PREFIX" >&2
@@ -26,9 +27,13 @@ SONAME="librankfuse.so.${MAJOR}"
 REAL="librankfuse.so.${VERSION}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 
-cargo rustc --release --lib -- -C "link-arg=-Wl,-soname,${SONAME}"
+case "${RANKFUSE_INSTALL_PROFILE:-release}" in
+  release) cargo build --release --lib; OUTDIR="${TARGET_DIR}/release" ;;
+  dev) cargo build --lib; OUTDIR="${TARGET_DIR}/debug" ;;
+  *) echo "RANKFUSE_INSTALL_PROFILE must be release or dev" >&2; exit 2 ;;
+esac
 
-built="${TARGET_DIR}/release/librankfuse.so"
+built="${OUTDIR}/librankfuse.so"
 if command -v readelf >/dev/null && ! readelf -d "$built" | grep -q "SONAME.*\[${SONAME}\]"; then
   echo "error: $built has no soname ${SONAME}" >&2
   exit 1
@@ -39,7 +44,7 @@ install -d "$dest/lib/pkgconfig" "$dest/include"
 install -m 0755 "$built" "$dest/lib/${REAL}"
 ln -sfn "${REAL}" "$dest/lib/${SONAME}"
 ln -sfn "${SONAME}" "$dest/lib/librankfuse.so"
-install -m 0644 "${TARGET_DIR}/release/librankfuse.a" "$dest/lib/librankfuse.a"
+install -m 0644 "${OUTDIR}/librankfuse.a" "$dest/lib/librankfuse.a"
 install -m 0644 include/rankfuse.h include/rankfuse.hpp "$dest/include/"
 
 # Libs.private: what the Rust staticlib needs from the system (rustc --print native-static-libs

@@ -20,7 +20,7 @@ pub mod train;
 pub mod weights;
 
 pub use adapter::{Adapter, Lora, Scaling};
-pub use backend::{LinearProblem, Slot};
+pub use backend::{ActQuant, LinearProblem, Slot};
 pub use dtype::DType;
 pub use error::{Error, Result, Status};
 pub use matrix::{MatMut, MatRef, Matrix};

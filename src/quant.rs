@@ -147,6 +147,109 @@ pub unsafe fn dequant_range(row: *const u8, dtype: DType, c0: usize, dst: &mut [
     }
 }
 
+/// x rows quantized for integer dot products with block-quantized W (the opt-in
+/// `ActQuant::Q8` mode): per 32 values, `d = max|x| / 127` and `q = round(x / d)`, as
+/// llama.cpp's `quantize_row_q8_0`, except that `d` stays f32 (llama.cpp rounds it to f16) and
+/// each block also keeps `d * sum(q)` for the min term of Q4_K. Each value is off by at most
+/// `d / 2 = max|x| / 254` of its block, so `|w.x - w.x_q| <= sum_b max|x_b| / 254 * sum_b |w|`.
+#[derive(Default)]
+pub struct Q8Rows {
+    /// m rows of k values, row-major (ld = k).
+    pub q: Vec<i8>,
+    /// m rows of k / 32 scales.
+    pub d: Vec<f32>,
+    /// m rows of k / 32 values `d * sum(q)`.
+    pub ds: Vec<f32>,
+    pub k: usize,
+}
+
+impl Q8Rows {
+    /// Quantizes m rows of k (a multiple of 32) values at stride `ldx`, reusing the buffers.
+    pub fn quantize(&mut self, x: &[f32], m: usize, k: usize, ldx: usize) {
+        assert!(k % QK == 0, "Q8 activations need k to be a multiple of {QK}");
+        let nb = k / QK;
+        self.k = k;
+        self.q.resize(m * k, 0);
+        self.d.resize(m * nb, 0.0);
+        self.ds.resize(m * nb, 0.0);
+        for i in 0..m {
+            let xr = &x[i * ldx..i * ldx + k];
+            for b in 0..nb {
+                let xb = &xr[b * QK..(b + 1) * QK];
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let qb = &mut self.q[i * k + b * QK..i * k + (b + 1) * QK];
+                let mut sum = 0i32;
+                for (q, &v) in qb.iter_mut().zip(xb) {
+                    // round() is half away from zero, as roundf in ggml; |v * id| <= 127 up to
+                    // one rounding of id, and the clamp keeps -128 out (the sign trick of the
+                    // AVX2 kernels needs |q| <= 127).
+                    *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+                    sum += *q as i32;
+                }
+                self.d[i * nb + b] = d;
+                self.ds[i * nb + b] = d * sum as f32;
+            }
+        }
+    }
+
+    /// Row i's quantized values.
+    #[inline]
+    pub fn row(&self, i: usize) -> &[i8] {
+        &self.q[i * self.k..(i + 1) * self.k]
+    }
+}
+
+/// The exact integer dot of block `b` of a quantized W row with a Q8 x row, as
+/// `(sum_of_scaled_int_dots, min_term)` in f64: `w.x_q = first - second`. The reference for the
+/// Q8 kernels (the integer parts are exact; only the final scaling rounds).
+///
+/// # Safety
+/// `row` holds block `b` (of `dtype`'s block size) and x covers it.
+pub unsafe fn q8_block_dot_f64(row: *const u8, dtype: DType, b: usize, x: &Q8Rows, i: usize) -> f64 {
+    let nb = x.k / QK;
+    let xq = x.row(i);
+    let bytes = dtype.size();
+    let blk = std::slice::from_raw_parts(row.add(b * bytes), bytes);
+    match dtype {
+        DType::Q8_0 => {
+            let dw = f16_at(blk, 0) as f64;
+            let dot: i32 = (0..QK).map(|j| (blk[2 + j] as i8) as i32 * xq[b * QK + j] as i32).sum();
+            dw * x.d[i * nb + b] as f64 * dot as f64
+        }
+        DType::Q4_0 => {
+            let dw = f16_at(blk, 0) as f64;
+            let mut dot = 0i32;
+            for j in 0..QK / 2 {
+                let q = blk[2 + j];
+                dot += ((q & 0x0F) as i32 - 8) * xq[b * QK + j] as i32;
+                dot += ((q >> 4) as i32 - 8) * xq[b * QK + j + QK / 2] as i32;
+            }
+            dw * x.d[i * nb + b] as f64 * dot as f64
+        }
+        DType::Q4_K => {
+            let (d, dmin) = (f16_at(blk, 0) as f64, f16_at(blk, 2) as f64);
+            let scales = &blk[4..16];
+            let mut total = 0f64;
+            for c in 0..4 {
+                let q = &blk[16 + 32 * c..16 + 32 * (c + 1)];
+                for h in 0..2 {
+                    let sub = b * (QK_K / QK) + 2 * c + h;
+                    let (sc, mn) = scale_min_k4(2 * c + h, scales);
+                    let dot: i32 = (0..QK)
+                        .map(|l| ((q[l] >> (4 * h)) & 0x0F) as i32 * xq[sub * QK + l] as i32)
+                        .sum();
+                    total += d * sc as f64 * x.d[i * nb + sub] as f64 * dot as f64
+                        - dmin * mn as f64 * x.ds[i * nb + sub] as f64;
+                }
+            }
+            total
+        }
+        DType::F32 | DType::F16 | DType::BF16 => unreachable!("dense dtype in q8_block_dot_f64"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 use crate::adapter::Lora;
 use crate::backend::cpu::pack::PackedW;
 use crate::backend::cpu::{self, KernelTable};
-use crate::backend::{LinearProblem, Slot};
+use crate::backend::{ActQuant, LinearProblem, Slot};
 use crate::error::{Error, Result};
 use crate::matrix::{MatMut, MatRef};
 
@@ -22,6 +22,8 @@ pub struct RuntimeOptions {
     pub num_threads: usize,
     /// The host engine's `CUstream` (as an address); 0 = the runtime's own stream.
     pub cuda_stream: usize,
+    /// How decode on a block-quantized W reads x (exact by default).
+    pub act_quant: ActQuant,
 }
 
 /// Where `linear` runs.
@@ -38,6 +40,7 @@ pub struct Runtime {
     kernels: KernelTable,
     threads: usize,
     backend: Backend,
+    act_quant: ActQuant,
 }
 
 impl Runtime {
@@ -96,6 +99,7 @@ impl Runtime {
             kernels,
             threads,
             backend: Backend::Cpu,
+            act_quant: opts.act_quant,
         })
     }
 
@@ -104,6 +108,10 @@ impl Runtime {
     }
     pub fn threads(&self) -> usize {
         self.threads
+    }
+    /// How decode on a block-quantized W reads x.
+    pub fn act_quant(&self) -> ActQuant {
+        self.act_quant
     }
     pub fn device(&self) -> Device {
         match self.backend {
@@ -155,7 +163,10 @@ impl Runtime {
         p.check(y)?;
         match &self.backend {
             Backend::Cpu => {
-                let f = self.kernels.linear;
+                let f = match self.act_quant {
+                    ActQuant::Q8 if p.w.dtype.is_quantized() => self.kernels.linear_act_q8,
+                    _ => self.kernels.linear,
+                };
                 self.pool.install(|| f(p, y));
                 Ok(())
             }

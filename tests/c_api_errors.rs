@@ -652,13 +652,28 @@ fn options_struct_size_and_devices() {
         device_index: 0,
         num_threads: 1,
         cuda_stream: null_mut(),
+        act_quant: rf_act_quant::RF_ACT_QUANT_EXACT,
     };
     expect(
         unsafe { rf_runtime_create(&o, &mut rt) },
         RF_STATUS_INVALID_ARGUMENT,
         &["struct_size = 4"],
     );
+    // A host built against the 0.1 layout (ending at cuda_stream) still creates runtimes; the
+    // field past its struct_size is not read (garbage there must not matter).
+    o.struct_size = std::mem::offset_of!(rf_runtime_options, act_quant) as u32;
+    unsafe { (std::ptr::addr_of_mut!(o.act_quant) as *mut i32).write(77) };
+    ok(unsafe { rf_runtime_create(&o, &mut rt) });
+    unsafe { rf_runtime_free(rt) };
+    rt = null_mut();
     o.struct_size = std::mem::size_of::<rf_runtime_options>() as u32;
+    expect(
+        unsafe { rf_runtime_create(&o, &mut rt) },
+        RF_STATUS_INVALID_ARGUMENT,
+        &["act_quant = 77"],
+    );
+    assert!(rt.is_null());
+    o.act_quant = rf_act_quant::RF_ACT_QUANT_Q8;
     unsafe { (std::ptr::addr_of_mut!(o.device) as *mut i32).write(9) };
     expect(
         unsafe { rf_runtime_create(&o, &mut rt) },

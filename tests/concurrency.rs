@@ -172,6 +172,7 @@ impl Handles {
                 device_index: 0,
                 num_threads: threads,
                 cuda_stream: null_mut(),
+                act_quant: rf_act_quant::RF_ACT_QUANT_EXACT,
             };
             let mut rt = null_mut();
             ok(rf_runtime_create(&opts, &mut rt));

@@ -86,6 +86,7 @@ fn c_abi_cuda_runtime_create_reports_device_or_unsupported() {
         device_index: 4096,
         num_threads: 0,
         cuda_stream: std::ptr::null_mut(),
+        act_quant: rf_act_quant::RF_ACT_QUANT_EXACT,
     };
     let mut rt: *mut rf_runtime = std::ptr::null_mut();
     // SAFETY: valid options and out-pointer.
@@ -433,6 +434,7 @@ fn weights_and_adapters_without_a_cuda_runtime() {
         device_index: 0,
         num_threads: 0,
         cuda_stream: std::ptr::null_mut(),
+        act_quant: rf_act_quant::RF_ACT_QUANT_EXACT,
     };
     // SAFETY: valid arguments or deliberately NULL runtime.
     unsafe {
@@ -878,6 +880,7 @@ mod gpu {
             device_index: 0,
             num_threads: 0,
             cuda_stream: std::ptr::null_mut(),
+            act_quant: rf_act_quant::RF_ACT_QUANT_EXACT,
         };
         let mut rt: *mut rf_runtime = std::ptr::null_mut();
         match take(rf_runtime_create(&opts, &mut rt)) {

@@ -207,6 +207,24 @@ fn quantized_tensor_as_w_of_rf_linear_only() {
             RF_STATUS_SHAPE,
             &["w", "block"],
         );
+        // RF_ACT_QUANT_Q8: x = 0.25 everywhere quantizes exactly (d = 0.25 / 127, q = 127),
+        // so the Q8 runtime's integer dots give the exact result too, up to rounding.
+        let opts = rf_runtime_options {
+            struct_size: std::mem::size_of::<rf_runtime_options>() as u32,
+            device: rf_device::RF_DEVICE_CPU,
+            device_index: 0,
+            num_threads: 2,
+            cuda_stream: std::ptr::null_mut(),
+            act_quant: rf_act_quant::RF_ACT_QUANT_Q8,
+        };
+        let mut rq = std::ptr::null_mut();
+        ok(rf_runtime_create(&opts, &mut rq));
+        let exact = y.clone();
+        ok(rf_linear(rq, &xm, &wm, null(), null(), 0, null(), &mut ym));
+        for (g, e) in y.iter().zip(&exact) {
+            assert!((g - e).abs() <= 1e-5 * e.abs().max(1.0), "{g} vs {e}");
+        }
+        rf_runtime_free(rq);
         rf_weights_free(w);
         rf_runtime_free(rt);
     }

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The C smoke program, linked against the release shared library, under valgrind: zero errors
+# The C smoke program, linked against the shared library
+# (release, or the dev profile when RANKFUSE_INSTALL_PROFILE=dev as in CI), under valgrind: zero errors
 # and no definite/indirect leaks. (Thread-pool stacks still exiting can show as "possibly lost";
 # those are not counted.)
 set -euo pipefail
-cargo build --release --lib --quiet
+if [ "${RANKFUSE_INSTALL_PROFILE:-release}" = dev ]; then
+  cargo build --lib --quiet; lib="$PWD/target/debug"
+else
+  cargo build --release --lib --quiet; lib="$PWD/target/release"
+fi
 out=$(mktemp -d)
-cc -std=c11 -O1 -g -Wall -Wextra -Werror -Iinclude -o "$out/smoke" tests/c/smoke.c -Ltarget/release -lrankfuse -lm \
-   -Wl,-rpath,"$PWD/target/release"
+cc -std=c11 -O1 -g -Wall -Wextra -Werror -Iinclude -o "$out/smoke" tests/c/smoke.c -L"$lib" -lrankfuse -lm \
+   -Wl,-rpath,"$lib"
 valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect \
    --show-leak-kinds=definite,indirect "$out/smoke" tests/fixtures/peft-tiny 2>&1 | tail -25
 rc=${PIPESTATUS[0]}

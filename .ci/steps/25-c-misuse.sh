@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # tests/c/misuse.c (C ABI misuse: NULLs, wrong struct_size, bad slots/ranks/shapes/dtypes,
-# hostile files from tests/corpus/) against the release shared library, twice:
+# hostile files from tests/corpus/) against the shared library
+# (release, or the dev profile when RANKFUSE_INSTALL_PROFILE=dev as in CI), twice:
 #  1. built with -fsanitize=address,undefined, LeakSanitizer on: no memory error, no UB in the C
 #     side, no leak on any error path (Rust allocations go through the same intercepted malloc);
 #  2. built without sanitizers, under valgrind: zero errors, no definite/indirect leaks.
 # No suppressions are used.
 set -euo pipefail
-cargo build --release --lib --quiet
+if [ "${RANKFUSE_INSTALL_PROFILE:-release}" = dev ]; then
+  cargo build --lib --quiet; lib="$PWD/target/debug"
+else
+  cargo build --release --lib --quiet; lib="$PWD/target/release"
+fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-lib="$PWD/target/release"
 cc -std=c11 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
    -Wall -Wextra -Werror -Iinclude -o "$out/misuse-asan" tests/c/misuse.c -L"$lib" -lrankfuse -lm \
    -Wl,-rpath,"$lib"

@@ -291,7 +291,15 @@ type RuntimeOptions struct {
 	Device      int32 // 0 = CPU, 1 = CUDA (rf_device)
 	DeviceIndex int32
 	NumThreads  uint32 // CPU threads; 0 = all cores
+	// ActQuant: ActQuantExact (default) or ActQuantQ8, integer dots for decode on
+	// block-quantized W with x rounded to int8 per 32 values (rf_act_quant).
+	ActQuant int32
 }
+
+const (
+	ActQuantExact int32 = C.RF_ACT_QUANT_EXACT
+	ActQuantQ8    int32 = C.RF_ACT_QUANT_Q8
+)
 
 const (
 	DeviceCPU  int32 = C.RF_DEVICE_CPU
@@ -319,6 +327,7 @@ func NewRuntime(opts *RuntimeOptions) (*Runtime, error) {
 		o.device = C.rf_device(opts.Device)
 		o.device_index = C.int32_t(opts.DeviceIndex)
 		o.num_threads = C.uint32_t(opts.NumThreads)
+		o.act_quant = C.rf_act_quant(opts.ActQuant)
 		err = check(C.rf_runtime_create(&o, &p))
 	}
 	if err != nil {

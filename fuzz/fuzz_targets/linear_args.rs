@@ -69,7 +69,12 @@ fn runtimes() -> &'static [usize] {
     static RTS: OnceLock<Vec<usize>> = OnceLock::new();
     RTS.get_or_init(|| {
         let mut v = Vec::new();
-        for isa in ["reference", "portable", "avx2", "avx512"] {
+        use rankfuse::ffi::types::rf_act_quant::{RF_ACT_QUANT_EXACT, RF_ACT_QUANT_Q8};
+        // Every variant, exact and with Q8 activations (integer dots on quantized W).
+        let variants = ["reference", "portable", "avx2", "avx512"]
+            .into_iter()
+            .flat_map(|isa| [(isa, RF_ACT_QUANT_EXACT), (isa, RF_ACT_QUANT_Q8)]);
+        for (isa, act_quant) in variants {
             std::env::set_var("RANKFUSE_ISA", isa);
             let opts = rankfuse::ffi::types::rf_runtime_options {
                 struct_size: std::mem::size_of::<rankfuse::ffi::types::rf_runtime_options>() as u32,
@@ -77,6 +82,7 @@ fn runtimes() -> &'static [usize] {
                 device_index: 0,
                 num_threads: 2,
                 cuda_stream: std::ptr::null_mut(),
+                act_quant,
             };
             let mut rt: *mut rf_runtime = std::ptr::null_mut();
             // SAFETY: valid options and out-pointer.

@@ -31,6 +31,19 @@ impl Slot<'_> {
 /// `y = x W^T + bias + sum over slots of scale * (x A^T) B^T`.
 /// `row_slot == None`: every slot applies to every row (stacked adapters).
 /// `row_slot == Some(rs)`: row i uses `slots[rs[i]]` only; -1 (or an empty slot) = base only.
+/// How the base product reads x when W is block-quantized (Q8_0 / Q4_0 / Q4_K).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ActQuant {
+    /// x as given, in f32: the result is the exactly dequantized W times x (the default).
+    #[default]
+    Exact,
+    /// Decode calls (m <= 8) quantize each 32-value block of x to int8 with an f32 scale
+    /// (llama.cpp's Q8_0 activations) and take integer dot products with W's blocks. Each x
+    /// value moves by at most max|x_block| / 254; the adapter's shrink stays exact. Larger
+    /// batches and dense W run as `Exact`.
+    Q8,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct LinearProblem<'a> {
     pub x: MatRef<'a>,

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug, Serialize)]
 pub struct QuantResult {
     pub dtype: &'static str,
+    /// How x was read: "exact", or "q8" (the runtime's `ActQuant::Q8`, integer dots).
+    pub act: &'static str,
     pub m: usize,
     pub k: usize,
     pub n: usize,
@@ -117,6 +119,10 @@ pub fn run_quant_case(
     let (base_ms, fused_ms) = (median(&mut tb), median(&mut tf));
     Ok(QuantResult {
         dtype: dt.name(),
+        act: match rt.act_quant() {
+            crate::backend::ActQuant::Q8 if dt.is_quantized() => "q8",
+            _ => "exact",
+        },
         m,
         k,
         n,

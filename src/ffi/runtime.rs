@@ -4,6 +4,7 @@ use super::boundary::{arg_out, arg_ref};
 use super::error::rf_error;
 use super::handles::rf_runtime;
 use super::types::*;
+use crate::backend::ActQuant;
 use crate::error::Error;
 use crate::runtime::{Device, Runtime, RuntimeOptions};
 use std::ffi::c_char;
@@ -27,12 +28,28 @@ unsafe fn read_options(p: *const rf_runtime_options) -> crate::Result<RuntimeOpt
         return Ok(RuntimeOptions::default());
     }
     let size = addr_of!((*p).struct_size).read_unaligned() as usize;
-    if size < std::mem::size_of::<rf_runtime_options>() || size > 1 << 16 {
+    // The 0.1 layout ended after cuda_stream; fields past `size` keep their defaults.
+    let v1 = std::mem::offset_of!(rf_runtime_options, act_quant);
+    if size < v1 || size > 1 << 16 {
         return Err(Error::invalid(format!(
             "opts->struct_size = {size}; set it to sizeof(rf_runtime_options) = {}",
             std::mem::size_of::<rf_runtime_options>()
         )));
     }
+    let has = |end: usize| size >= end;
+    let act_quant = if has(v1 + 4) {
+        match (addr_of!((*p).act_quant) as *const i32).read_unaligned() {
+            0 => ActQuant::Exact,
+            1 => ActQuant::Q8,
+            a => {
+                return Err(Error::invalid(format!(
+                    "opts->act_quant = {a} is not an rf_act_quant"
+                )))
+            }
+        }
+    } else {
+        ActQuant::Exact
+    };
     let device = match (addr_of!((*p).device) as *const i32).read_unaligned() {
         0 => Device::Cpu,
         1 => Device::Cuda,
@@ -47,6 +64,7 @@ unsafe fn read_options(p: *const rf_runtime_options) -> crate::Result<RuntimeOpt
         device_index: addr_of!((*p).device_index).read_unaligned(),
         num_threads: addr_of!((*p).num_threads).read_unaligned() as usize,
         cuda_stream: addr_of!((*p).cuda_stream).read_unaligned() as usize,
+        act_quant,
     })
 }
 

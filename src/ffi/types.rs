@@ -76,6 +76,19 @@ pub enum rf_device {
     RF_DEVICE_CUDA = 1,
 }
 
+/// How decode on a block-quantized W (Q8_0 / Q4_0 / Q4_K) reads x (`rf_runtime_options`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum rf_act_quant {
+    /// x as given: the result is the exactly dequantized W times x (the default).
+    RF_ACT_QUANT_EXACT = 0,
+    /// Calls with m <= 8 rows quantize each 32-value block of x to int8 with an f32 scale
+    /// (llama.cpp's Q8_0 activations) and take integer dot products with W's blocks: faster,
+    /// and each x value moves by at most max|x_block| / 254. The adapter part stays exact;
+    /// larger batches and dense W are computed exactly.
+    RF_ACT_QUANT_Q8 = 1,
+}
+
 /// How a LoRA's scale follows the rank in use.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,7 +114,9 @@ pub struct rf_matrix {
     pub ld: i64,
 }
 
-/// Options of `rf_runtime_create`. Set `struct_size = sizeof(rf_runtime_options)`.
+/// Options of `rf_runtime_create`. Set `struct_size = sizeof(rf_runtime_options)`; a
+/// `struct_size` of the 0.1 layout (without `act_quant`, 24 bytes on LP64) is accepted and the
+/// missing fields take their defaults.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct rf_runtime_options {
@@ -112,6 +127,8 @@ pub struct rf_runtime_options {
     pub num_threads: u32,
     /// CUstream to run on; NULL = the runtime's own.
     pub cuda_stream: *mut c_void,
+    /// How decode on a block-quantized W reads x; 0 = RF_ACT_QUANT_EXACT.
+    pub act_quant: rf_act_quant,
 }
 
 /// What `rf_lora_info_get` reports. `scale` is the scale at the current `rank`.

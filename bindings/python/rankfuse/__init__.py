@@ -37,6 +37,7 @@ __all__ = [
     "BackwardMode",
     "DType",
     "Device",
+    "ActQuant",
     "Error",
     "Lora",
     "LoraInfo",
@@ -68,6 +69,7 @@ def _enum(name: str, cname: str, prefix: str):
 Status = _enum("Status", "rf_status", "RF_STATUS_")
 DType = _enum("DType", "rf_dtype", "RF_DTYPE_")
 Device = _enum("Device", "rf_device", "RF_DEVICE_")
+ActQuant = _enum("ActQuant", "rf_act_quant", "RF_ACT_QUANT_")
 Scaling = _enum("Scaling", "rf_scaling", "RF_SCALING_")
 BackwardMode = _enum("BackwardMode", "rf_backward_mode", "RF_BACKWARD_")
 
@@ -252,9 +254,22 @@ class Runtime(_Handle):
 
     _what = "runtime"
 
-    def __init__(self, threads: int = 0, device: Device = Device.CPU, device_index: int = 0):
+    def __init__(
+        self,
+        threads: int = 0,
+        device: Device = Device.CPU,
+        device_index: int = 0,
+        act_quant: ActQuant = ActQuant.EXACT,
+    ):
+        """act_quant=ActQuant.Q8: decode on block-quantized W quantizes x to int8 per 32 values
+        (faster; each x value moves by at most max|block| / 254). The default is exact."""
         opts = _ffi.rf_runtime_options(
-            ctypes.sizeof(_ffi.rf_runtime_options), int(device), device_index, threads, None
+            ctypes.sizeof(_ffi.rf_runtime_options),
+            int(device),
+            device_index,
+            threads,
+            None,
+            int(act_quant),
         )
         ptr = ctypes.POINTER(_ffi.rf_runtime)()
         _check(_lib.rf_runtime_create(ctypes.byref(opts), ctypes.byref(ptr)))

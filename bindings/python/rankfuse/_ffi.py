@@ -80,6 +80,7 @@ ENUMS = {
         "RF_STATUS_INTERNAL": 11,
     },
     "rf_device": {"RF_DEVICE_CPU": 0, "RF_DEVICE_CUDA": 1},
+    "rf_act_quant": {"RF_ACT_QUANT_EXACT": 0, "RF_ACT_QUANT_Q8": 1},
     "rf_backward_mode": {"RF_BACKWARD_NESTED": 0, "RF_BACKWARD_FROZEN": 1},
 }
 
@@ -228,6 +229,7 @@ class rf_runtime_options(ctypes.Structure):
         ("device_index", c_int32),
         ("num_threads", c_uint32),
         ("cuda_stream", c_void_p),
+        ("act_quant", c_enum),
     ]
 
 

@@ -379,6 +379,17 @@ impl MicroKernel for Avx2 {
         // this table is chosen on has them too).
         super::avx2_quant::gemv(x, ldx, m, w, out, ldo, acc)
     }
+    unsafe fn gemv_quant_q8(
+        x: &crate::quant::Q8Rows,
+        m: usize,
+        w: &MatRef<'_>,
+        out: *mut f32,
+        ldo: usize,
+        acc: bool,
+    ) {
+        // SAFETY: as gemv_quant.
+        super::avx2_q8::gemv(x, m, w, out, ldo, acc)
+    }
     unsafe fn store_row(src: &[f32], dst: *mut u8, dt: DType) {
         // SAFETY: as above.
         store_row_avx2(src, dst, dt)

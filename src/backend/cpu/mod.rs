@@ -10,6 +10,8 @@ pub mod avx2_panel;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2_quant;
 #[cfg(target_arch = "x86_64")]
+pub mod avx2_q8;
+#[cfg(target_arch = "x86_64")]
 pub mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512bf16;
@@ -96,6 +98,8 @@ pub struct KernelTable {
     /// The layout `PackedW::pack` produces for these kernels, and the linear that reads it.
     pub pack: PackSpec,
     pub linear_packed: PackedLinearFn,
+    /// `linear` in the `ActQuant::Q8` mode (x quantized to Q8 blocks for quantized-W decode).
+    pub linear_act_q8: LinearFn,
     /// Variants that were better for this CPU but failed the start-up self-check (empty when
     /// the table was not chosen by `select` or nothing was rejected).
     pub rejected: &'static [Rejected],
@@ -171,6 +175,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
             kgran: 2,
         },
         linear_packed: reference::linear_packed,
+        linear_act_q8: reference::linear_act_q8,
         rejected: &[],
     };
     if isa >= Isa::Portable {
@@ -184,6 +189,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 kgran: 2,
             },
             linear_packed: driver::linear_packed::<portable::Portable>,
+            linear_act_q8: driver::linear_act_q8::<portable::Portable>,
             rejected: &[],
         };
     }
@@ -199,6 +205,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 kgran: 2,
             },
             linear_packed: driver::linear_packed::<neon::Neon>,
+            linear_act_q8: driver::linear_act_q8::<neon::Neon>,
             rejected: &[],
         };
     }
@@ -215,6 +222,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                     kgran: 2,
                 },
                 linear_packed: driver::linear_packed::<avx2::Avx2>,
+                linear_act_q8: driver::linear_act_q8::<avx2::Avx2>,
                 rejected: &[],
             };
         }
@@ -229,6 +237,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                     kgran: 2,
                 },
                 linear_packed: driver::linear_packed::<avx512::Avx512>,
+                linear_act_q8: driver::linear_act_q8::<avx512::Avx512>,
                 rejected: &[],
             };
         }
@@ -243,6 +252,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                     kgran: 32,
                 },
                 linear_packed: avx512bf16::linear_packed,
+                linear_act_q8: driver::linear_act_q8::<avx512::Avx512>,
                 rejected: &[],
             };
         }
@@ -257,6 +267,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                     kgran: 32,
                 },
                 linear_packed: amx::linear_packed,
+                linear_act_q8: driver::linear_act_q8::<avx512::Avx512>,
                 rejected: &[],
             };
         }

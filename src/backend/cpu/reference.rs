@@ -20,6 +20,33 @@ pub fn linear_packed(p: &LinearProblem<'_>, packed: &PackedW, y: &mut MatMut<'_>
 }
 
 pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+    linear_base_x(p, y, None)
+}
+
+/// The reference of `ActQuant::Q8`: on a quantized W with m <= DECODE_MAX_M rows, the base
+/// product reads x quantized to Q8 blocks (`Q8Rows`, values `d * q` in f64, so the sums are the
+/// kernels' exact integer dots); bias and adapters read x as given. Otherwise `linear`.
+pub fn linear_act_q8(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+    let (m, k) = (p.m(), p.k());
+    if !p.w.dtype.is_quantized() || m > super::driver::DECODE_MAX_M || m == 0 || k == 0 {
+        return linear(p, y);
+    }
+    let mut xf = vec![0f32; m * k];
+    for i in 0..m {
+        p.x.row_f32(i, 0, &mut xf[i * k..(i + 1) * k]);
+    }
+    let mut xq = crate::quant::Q8Rows::default();
+    xq.quantize(&xf, m, k, k);
+    let nb = k / crate::quant::QK;
+    let xb: Vec<f64> = (0..m * k)
+        .map(|e| xq.d[(e / k) * nb + (e % k) / crate::quant::QK] as f64 * xq.q[e] as f64)
+        .collect();
+    linear_base_x(p, y, Some(&xb))
+}
+
+/// `linear`, with the base product `x W^T` reading `xbase` (m x k, row-major) instead of x
+/// when given.
+fn linear_base_x(p: &LinearProblem<'_>, y: &mut MatMut<'_>, xbase: Option<&[f64]>) {
     let (m, n, k) = (p.m(), p.n(), p.k());
     if m == 0 || n == 0 {
         return;
@@ -32,7 +59,7 @@ pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
             w: MatRef::from_slice(&wf, n, k, k.max(1)).expect("an n x k f32 matrix"),
             ..*p
         };
-        return linear(&q, y);
+        return linear_base_x(&q, y, xbase);
     }
     let mut t: Vec<Vec<f64>> = vec![Vec::new(); p.slots.len()];
     for i in 0..m {
@@ -56,7 +83,11 @@ pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
         for j in 0..n {
             let mut acc = 0f64;
             for kk in 0..k {
-                acc += p.x.get(i, kk) as f64 * p.w.get(j, kk) as f64;
+                let xv = match xbase {
+                    Some(xb) => xb[i * k + kk],
+                    None => p.x.get(i, kk) as f64,
+                };
+                acc += xv * p.w.get(j, kk) as f64;
             }
             if let Some(b) = &p.bias {
                 acc += b.get(0, j) as f64;

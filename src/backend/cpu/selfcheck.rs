@@ -379,6 +379,7 @@ pub(crate) fn verify_bf16_gemm(
         linear,
         pack: spec,
         linear_packed,
+        linear_act_q8: reference::linear_act_q8,
         rejected: &[],
     };
     verify(&t)?;
@@ -443,6 +444,7 @@ mod tests {
                 linear: f,
                 pack: spec,
                 linear_packed: fp,
+                linear_act_q8: reference::linear_act_q8,
                 rejected: &[],
             };
             verify(&t).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -193,8 +193,27 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
 /// `--quant`: one row per (shape, m, r, W dtype), BF16 first as the baseline.
 fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf>) -> Result<()> {
     use rankfuse::bench::quant::run_quant_case;
+    // The same kernels and threads with x quantized to Q8 blocks (RF_ACT_QUANT_Q8).
+    let rt_q8 = Runtime::with_kernels(
+        rankfuse::RuntimeOptions {
+            num_threads: rt.threads(),
+            act_quant: rankfuse::ActQuant::Q8,
+            ..Default::default()
+        },
+        rt.kernels(),
+    )?;
+    let bw = if opts.bandwidth_mib > 0 {
+        let b = rankfuse::bench::measure_bandwidth(opts.bandwidth_mib, rt.threads())?;
+        eprintln!(
+            "streaming read bandwidth ({} MiB, {} threads): {:.1} GB/s",
+            b.mib, b.threads, b.read_gbs
+        );
+        Some(b.read_gbs)
+    } else {
+        None
+    };
     eprintln!(
-        "{:>5} {:>3} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}",
+        "{:>9} {:>3} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6} {:>9} {:>9} {:>9}",
         "W",
         "m",
         "k",
@@ -203,7 +222,9 @@ fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf
         "W MiB",
         "base ms",
         "fused ms",
+        "f/base",
         "W GB/s",
+        "%bw",
         "vs bf16",
         "cpu ms",
         "cpu vs"
@@ -218,31 +239,58 @@ fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf
                     if !k.is_multiple_of(dt.block_elems()) {
                         continue;
                     }
-                    let q = run_quant_case(rt, dt, m, k, n, r, opts.min_time, opts.max_iters)?;
-                    let base = *bf16_ms.get_or_insert(q.fused_ms);
-                    let base_cpu = *bf16_cpu.get_or_insert(q.fused_cpu_ms);
-                    eprintln!(
-                        "{:>5} {:>3} {:>6} {:>6} {:>4} {:>9.1} {:>9.3} {:>9.3} {:>8.1} {:>8.2}x {:>9.3} {:>8.2}x",
-                        q.dtype,
-                        m,
-                        k,
-                        n,
-                        r,
-                        q.w_bytes as f64 / (1 << 20) as f64,
-                        q.base_ms,
-                        q.fused_ms,
-                        q.fused_w_gbs,
-                        base / q.fused_ms,
-                        q.fused_cpu_ms,
-                        base_cpu / q.fused_cpu_ms
-                    );
-                    rows.push(q);
+                    let runtimes: &[&Runtime] = if dt.is_quantized() {
+                        &[rt, &rt_q8]
+                    } else {
+                        &[rt]
+                    };
+                    for run_rt in runtimes {
+                        let q = run_quant_case(
+                            run_rt,
+                            dt,
+                            m,
+                            k,
+                            n,
+                            r,
+                            opts.min_time,
+                            opts.max_iters,
+                        )?;
+                        let base = *bf16_ms.get_or_insert(q.fused_ms);
+                        let base_cpu = *bf16_cpu.get_or_insert(q.fused_cpu_ms);
+                        let label = match q.act {
+                            "q8" => format!("{}+q8x", q.dtype),
+                            _ => q.dtype.to_string(),
+                        };
+                        let pct = bw.map_or("-".to_string(), |b| {
+                            format!("{:.0}%", 100.0 * q.fused_w_gbs / b)
+                        });
+                        eprintln!(
+                            "{:>9} {:>3} {:>6} {:>6} {:>4} {:>9.1} {:>9.3} {:>9.3} {:>7.3} {:>8.1} {:>6} {:>8.2}x {:>9.3} {:>8.2}x",
+                            label,
+                            m,
+                            k,
+                            n,
+                            r,
+                            q.w_bytes as f64 / (1 << 20) as f64,
+                            q.base_ms,
+                            q.fused_ms,
+                            q.fused_ms / q.base_ms,
+                            q.fused_w_gbs,
+                            pct,
+                            base / q.fused_ms,
+                            q.fused_cpu_ms,
+                            base_cpu / q.fused_cpu_ms
+                        );
+                        rows.push(q);
+                    }
                 }
             }
         }
     }
     let info: serde_json::Value = serde_json::from_str(&rt.info_json()).unwrap_or_default();
-    let text = serde_json::to_string_pretty(&serde_json::json!({"runtime": info, "quant": rows}))
+    let text = serde_json::to_string_pretty(
+        &serde_json::json!({"runtime": info, "read_bandwidth_gbs": bw, "quant": rows}),
+    )
         .map_err(|e| Error::internal(e.to_string()))?;
     match json {
         Some(p) => std::fs::write(p, text).map_err(|e| Error::from_io(p, &e))?,

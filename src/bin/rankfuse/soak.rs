@@ -135,6 +135,7 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
             device_index: 0,
             num_threads: threads as u32,
             cuda_stream: null_mut(),
+            act_quant: rf_act_quant::RF_ACT_QUANT_EXACT,
         };
         let mut rt = null_mut();
         check(rf_runtime_create(&opts, &mut rt))?;

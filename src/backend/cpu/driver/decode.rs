@@ -113,14 +113,23 @@ pub(super) fn decode<K: MicroKernel>(
     packed: Option<&PackedW>,
     y: &mut MatMut<'_>,
     ws: &mut CallWs,
+    act: ActQuant,
 ) {
     let (m, n, k) = (p.m(), p.n(), p.k());
-    let CallWs { xpack, t, toff, .. } = ws;
+    let CallWs {
+        xpack, t, toff, xq, ..
+    } = ws;
     let xf = grow(xpack, m * k.max(1));
     for i in 0..m {
         p.x.row_f32(i, 0, &mut xf[i * k..(i + 1) * k]);
     }
     let xf: &[f32] = xf;
+    // Q8 activations: x is quantized once per call, before the n split.
+    let q8 = act == ActQuant::Q8 && p.w.dtype.is_quantized() && packed.is_none() && k > 0;
+    if q8 {
+        xq.quantize(xf, m, k, k);
+    }
+    let xq: &crate::quant::Q8Rows = xq;
     // Shrink: T (m x rsum, dense per slot), rows that do not use a slot are zero there.
     toff.clear();
     let mut rsum = 0;
@@ -205,10 +214,15 @@ pub(super) fn decode<K: MicroKernel>(
                 },
                 None => {
                     let wv = p.w.row_range(j0, nt);
-                    // SAFETY: x is m x k; out is m x nt at ld nt.
-                    unsafe {
-                        gemv_blocked::<K>(xf.as_ptr(), k, m, &wv, out.as_mut_ptr(), ldo, false)
-                    };
+                    if q8 {
+                        // SAFETY: xq holds m rows of k = wv.cols; out is m x nt at ld nt.
+                        unsafe { K::gemv_quant_q8(xq, m, &wv, out.as_mut_ptr(), ldo, false) };
+                    } else {
+                        // SAFETY: x is m x k; out is m x nt at ld nt.
+                        unsafe {
+                            gemv_blocked::<K>(xf.as_ptr(), k, m, &wv, out.as_mut_ptr(), ldo, false)
+                        };
+                    }
                 }
             }
             for (s, sl) in p.slots.iter().enumerate() {

@@ -26,7 +26,7 @@
 //! the hot path allocates nothing.
 
 use super::pack::{PackedW, PanelLayout};
-use crate::backend::{LinearProblem, Slot};
+use crate::backend::{ActQuant, LinearProblem, Slot};
 use crate::dtype::{self, DType};
 use crate::matrix::{MatMut, MatRef};
 use rayon::prelude::*;
@@ -107,6 +107,22 @@ pub trait MicroKernel: Sync + Send + 'static {
         acc: bool,
     ) {
         super::quant_gemv::gemv_portable(x, ldx, m, w, out, ldo, acc)
+    }
+
+    /// `gemv_quant` with x quantized to Q8 blocks (`ActQuant::Q8`): integer dot products.
+    ///
+    /// # Safety
+    /// out has m rows of w.rows writable floats at stride ldo; w is quantized with
+    /// `w.cols == x.k`; x holds m rows.
+    unsafe fn gemv_quant_q8(
+        x: &crate::quant::Q8Rows,
+        m: usize,
+        w: &MatRef<'_>,
+        out: *mut f32,
+        ldo: usize,
+        acc: bool,
+    ) {
+        super::quant_gemv::gemv_q8_portable(x, m, w, out, ldo, acc)
     }
 
     /// Whether `micro_panel` reads packed panels of `layout` natively (converting
@@ -291,6 +307,8 @@ thread_local! {
 #[derive(Default)]
 struct CallWs {
     xpack: Vec<f32>,
+    /// x quantized for `ActQuant::Q8` decode.
+    xq: crate::quant::Q8Rows,
     t: Vec<f32>,
     tpack: Vec<f32>,
     perm: Vec<usize>,
@@ -527,7 +545,24 @@ pub fn linear_with<K: MicroKernel>(
     p: &LinearProblem<'_>,
     packed: Option<&PackedW>,
     y: &mut MatMut<'_>,
+    native: Option<&mut dyn NativeGemm>,
+) {
+    linear_with_act::<K>(p, packed, y, native, ActQuant::Exact)
+}
+
+/// `linear` with x quantized to Q8 blocks for the base product of decode calls on a
+/// block-quantized W (`ActQuant::Q8`); everything else as `linear`.
+pub fn linear_act_q8<K: MicroKernel>(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
+    linear_with_act::<K>(p, None, y, None, ActQuant::Q8)
+}
+
+/// `linear_with`, with the activation mode of quantized-W decode.
+pub fn linear_with_act<K: MicroKernel>(
+    p: &LinearProblem<'_>,
+    packed: Option<&PackedW>,
+    y: &mut MatMut<'_>,
     mut native: Option<&mut dyn NativeGemm>,
+    act: ActQuant,
 ) {
     let (m, n) = (p.m(), p.n());
     if m == 0 || n == 0 {
@@ -541,7 +576,7 @@ pub fn linear_with<K: MicroKernel>(
     }
     let mut ws = take_ws();
     if m <= DECODE_MAX_M {
-        decode::<K>(p, packed, y, &mut ws);
+        decode::<K>(p, packed, y, &mut ws, act);
     } else {
         plan_rows(p, &mut ws);
         let mut m0 = 0;

@@ -1,0 +1,169 @@
+//! AVX2 decode on block-quantized W with x quantized to Q8 blocks (`Q8Rows`; the opt-in
+//! `ActQuant::Q8` mode): integer dot products as llama.cpp does them on AVX2. Each 32-weight
+//! block becomes 32 bytes in one register (Q4: nibbles unpacked with and/shift; Q4_0 re-centred
+//! by -8), then per x row `vpmaddubsw` (u8 x i8 pairs -> i16) and `vpmaddwd` (-> 8 i32), one
+//! convert and one FMA by `d_w * d_x`. Per 32 weights that is ~12 instructions against ~40 for
+//! the exact f32 path (widen to i32, convert, FMA in four 8-lane parts), so one core decodes
+//! faster than memory delivers the blocks.
+//!
+//! `vpmaddubsw` takes unsigned x signed: signed pairs go through the sign trick
+//! (`|w| * sign(x, w)`), exact because |x_q| <= 127 (Q8Rows clamps) and |w| <= 128, so a pair
+//! sum stays below the i16 limit (2 * 128 * 127 = 32512). Q4_K nibbles are unsigned already;
+//! its min term uses each x block's `d * sum(q)` (`Q8Rows::ds`).
+
+use super::driver::DECODE_MAX_M;
+use crate::dtype::DType;
+use crate::matrix::MatRef;
+use crate::quant::{scale_min_k4, Q8Rows, Q4_0_BYTES, Q4_K_BYTES, Q8_0_BYTES, QK, QK_K};
+use std::arch::x86_64::*;
+
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Signed w . signed x over 32 bytes, as 8 f32 lanes of exact i32 partial sums.
+#[inline(always)]
+unsafe fn dot_i8(w: __m256i, x: __m256i) -> __m256 {
+    let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+}
+
+/// Unsigned w (0..15) . signed x over 32 bytes, as 8 f32 lanes of exact i32 partial sums.
+#[inline(always)]
+unsafe fn dot_u4(w: __m256i, x: __m256i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(
+        _mm256_maddubs_epi16(w, x),
+        _mm256_set1_epi16(1),
+    ))
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Block `b` of a Q8_0 / Q4_0 row as 32 signed bytes in element order, and its scale.
+#[inline(always)]
+unsafe fn block_i8(row: *const u8, dt: DType, b: usize) -> (__m256i, f32) {
+    if dt == DType::Q8_0 {
+        let bp = row.add(b * Q8_0_BYTES);
+        (_mm256_loadu_si256(bp.add(2) as *const __m256i), f16_at(bp))
+    } else {
+        let bp = row.add(b * Q4_0_BYTES);
+        let v = _mm_loadu_si128(bp.add(2) as *const __m128i);
+        let low = _mm_set1_epi8(0x0F);
+        // Elements 0..16 are the low nibbles, 16..32 the high ones.
+        let lo = _mm_and_si128(v, low);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low);
+        let w = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+        (w, f16_at(bp))
+    }
+}
+
+/// Dot products of one quantized W row with M Q8 x rows; A accumulators per row (2 overlap
+/// the FMA latency when few rows share a block).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_dot<const M: usize, const A: usize>(
+    row: *const u8,
+    dt: DType,
+    x: &Q8Rows,
+) -> [f32; DECODE_MAX_M] {
+    let (k, nb) = (x.k, x.k / QK);
+    let (xq, xd, xds) = (x.q.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); A]; M];
+    let mut mins = [0f32; M];
+    match dt {
+        DType::Q8_0 | DType::Q4_0 => {
+            let mut b = 0;
+            while b + A <= nb {
+                for u in 0..A {
+                    let (w, dw) = block_i8(row, dt, b + u);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_si256(xq.add(i * k + (b + u) * QK) as *const __m256i);
+                        let s = _mm256_set1_ps(dw * *xd.add(i * nb + b + u));
+                        a[u] = _mm256_fmadd_ps(s, dot_i8(w, xv), a[u]);
+                    }
+                }
+                b += A;
+            }
+            while b < nb {
+                let (w, dw) = block_i8(row, dt, b);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_si256(xq.add(i * k + b * QK) as *const __m256i);
+                    let s = _mm256_set1_ps(dw * *xd.add(i * nb + b));
+                    a[0] = _mm256_fmadd_ps(s, dot_i8(w, xv), a[0]);
+                }
+                b += 1;
+            }
+        }
+        DType::Q4_K => {
+            let low = _mm256_set1_epi8(0x0F);
+            for sb in 0..k / QK_K {
+                let bp = row.add(sb * Q4_K_BYTES);
+                let (d, dmin) = (f16_at(bp), f16_at(bp.add(2)));
+                let scales = std::slice::from_raw_parts(bp.add(4), 12);
+                for c in 0..4 {
+                    let v = _mm256_loadu_si256(bp.add(16 + 32 * c) as *const __m256i);
+                    // Sub-block 2c: the low nibbles of the 32 bytes; 2c + 1: the high ones.
+                    let halves = [
+                        _mm256_and_si256(v, low),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), low),
+                    ];
+                    for (h, w) in halves.into_iter().enumerate() {
+                        let sub = sb * (QK_K / QK) + 2 * c + h;
+                        let (sc, mn) = scale_min_k4(2 * c + h, scales);
+                        let (dsc, mm) = (d * sc as f32, dmin * mn as f32);
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let xv = _mm256_loadu_si256(xq.add(i * k + sub * QK) as *const __m256i);
+                            let s = _mm256_set1_ps(dsc * *xd.add(i * nb + sub));
+                            a[h % A] = _mm256_fmadd_ps(s, dot_u4(w, xv), a[h % A]);
+                            mins[i] += mm * *xds.add(i * nb + sub);
+                        }
+                    }
+                }
+            }
+        }
+        DType::F32 | DType::F16 | DType::BF16 => unreachable!("dense W in the Q8 gemv"),
+    }
+    let mut r = [0f32; DECODE_MAX_M];
+    for (i, a) in acc.iter().enumerate() {
+        let mut v = a[0];
+        for &more in &a[1..] {
+            v = _mm256_add_ps(v, more);
+        }
+        r[i] = hsum(v) - mins[i];
+    }
+    r
+}
+
+/// As `quant_gemv::gemv_q8_portable`, with AVX2 + FMA + F16C.
+///
+/// # Safety
+/// As `gemv_q8_portable`, and the CPU has AVX2, FMA and F16C (the kernel table checks).
+pub unsafe fn gemv(x: &Q8Rows, m: usize, w: &MatRef<'_>, out: *mut f32, ldo: usize, acc: bool) {
+    debug_assert!(w.dtype.is_quantized() && m <= DECODE_MAX_M && w.cols == x.k);
+    debug_assert!(x.q.len() >= m * x.k);
+    let dt = w.dtype;
+    for j in 0..w.rows {
+        let row = w.row_ptr(j);
+        let r = match m {
+            1 => row_dot::<1, 2>(row, dt, x),
+            2 => row_dot::<2, 2>(row, dt, x),
+            3 => row_dot::<3, 2>(row, dt, x),
+            4 => row_dot::<4, 2>(row, dt, x),
+            5 => row_dot::<5, 1>(row, dt, x),
+            6 => row_dot::<6, 1>(row, dt, x),
+            7 => row_dot::<7, 1>(row, dt, x),
+            _ => row_dot::<8, 1>(row, dt, x),
+        };
+        for (i, &v) in r.iter().enumerate().take(m) {
+            let o = out.add(i * ldo + j);
+            *o = if acc { *o + v } else { v };
+        }
+    }
+}
