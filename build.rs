@@ -12,7 +12,9 @@ fn main() {
             println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,librankfuse.so.{major}");
         }
         "macos" | "ios" => {
-            println!("cargo:rustc-cdylib-link-arg=-Wl,-install_name,@rpath/librankfuse.{major}.dylib");
+            println!(
+                "cargo:rustc-cdylib-link-arg=-Wl,-install_name,@rpath/librankfuse.{major}.dylib"
+            );
         }
         _ => {}
     }

@@ -139,6 +139,23 @@ typedef enum {
 } rf_device;
 
 /*
+ How decode on a block-quantized W (Q8_0 / Q4_0 / Q4_K) reads x (`rf_runtime_options`).
+ */
+typedef enum {
+  /*
+   x as given: the result is the exactly dequantized W times x (the default).
+   */
+  RF_ACT_QUANT_EXACT = 0,
+  /*
+   Calls with m <= 8 rows quantize each 32-value block of x to int8 with an f32 scale
+   (llama.cpp's Q8_0 activations) and take integer dot products with W's blocks: faster,
+   and each x value moves by at most max|x_block| / 254. The adapter part stays exact;
+   larger batches and dense W are computed exactly.
+   */
+  RF_ACT_QUANT_Q8 = 1,
+} rf_act_quant;
+
+/*
  Backward modes: which components get gradients.
  */
 typedef enum {
@@ -342,7 +359,9 @@ typedef struct {
 } rf_packed_info;
 
 /*
- Options of `rf_runtime_create`. Set `struct_size = sizeof(rf_runtime_options)`.
+ Options of `rf_runtime_create`. Set `struct_size = sizeof(rf_runtime_options)`; a
+ `struct_size` of the 0.1 layout (without `act_quant`, 24 bytes on LP64) is accepted and the
+ missing fields take their defaults.
  */
 typedef struct {
   uint32_t struct_size;
@@ -356,6 +375,10 @@ typedef struct {
    CUstream to run on; NULL = the runtime's own.
    */
   void *cuda_stream;
+  /*
+   How decode on a block-quantized W reads x; 0 = RF_ACT_QUANT_EXACT.
+   */
+  rf_act_quant act_quant;
 } rf_runtime_options;
 
 /*

@@ -166,7 +166,10 @@ pub struct Q8Rows {
 impl Q8Rows {
     /// Quantizes m rows of k (a multiple of 32) values at stride `ldx`, reusing the buffers.
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize, ldx: usize) {
-        assert!(k % QK == 0, "Q8 activations need k to be a multiple of {QK}");
+        assert!(
+            k.is_multiple_of(QK),
+            "Q8 activations need k to be a multiple of {QK}"
+        );
         let nb = k / QK;
         self.k = k;
         self.q.resize(m * k, 0);
@@ -207,7 +210,13 @@ impl Q8Rows {
 ///
 /// # Safety
 /// `row` holds block `b` (of `dtype`'s block size) and x covers it.
-pub unsafe fn q8_block_dot_f64(row: *const u8, dtype: DType, b: usize, x: &Q8Rows, i: usize) -> f64 {
+pub unsafe fn q8_block_dot_f64(
+    row: *const u8,
+    dtype: DType,
+    b: usize,
+    x: &Q8Rows,
+    i: usize,
+) -> f64 {
     let nb = x.k / QK;
     let xq = x.row(i);
     let bytes = dtype.size();
@@ -215,7 +224,9 @@ pub unsafe fn q8_block_dot_f64(row: *const u8, dtype: DType, b: usize, x: &Q8Row
     match dtype {
         DType::Q8_0 => {
             let dw = f16_at(blk, 0) as f64;
-            let dot: i32 = (0..QK).map(|j| (blk[2 + j] as i8) as i32 * xq[b * QK + j] as i32).sum();
+            let dot: i32 = (0..QK)
+                .map(|j| (blk[2 + j] as i8) as i32 * xq[b * QK + j] as i32)
+                .sum();
             dw * x.d[i * nb + b] as f64 * dot as f64
         }
         DType::Q4_0 => {

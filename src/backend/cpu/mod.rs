@@ -8,9 +8,9 @@ pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2_panel;
 #[cfg(target_arch = "x86_64")]
-pub mod avx2_quant;
-#[cfg(target_arch = "x86_64")]
 pub mod avx2_q8;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2_quant;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 #[cfg(target_arch = "x86_64")]

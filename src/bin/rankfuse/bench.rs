@@ -245,16 +245,8 @@ fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf
                         &[rt]
                     };
                     for run_rt in runtimes {
-                        let q = run_quant_case(
-                            run_rt,
-                            dt,
-                            m,
-                            k,
-                            n,
-                            r,
-                            opts.min_time,
-                            opts.max_iters,
-                        )?;
+                        let q =
+                            run_quant_case(run_rt, dt, m, k, n, r, opts.min_time, opts.max_iters)?;
                         let base = *bf16_ms.get_or_insert(q.fused_ms);
                         let base_cpu = *bf16_cpu.get_or_insert(q.fused_cpu_ms);
                         let label = match q.act {
@@ -291,7 +283,7 @@ fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf
     let text = serde_json::to_string_pretty(
         &serde_json::json!({"runtime": info, "read_bandwidth_gbs": bw, "quant": rows}),
     )
-        .map_err(|e| Error::internal(e.to_string()))?;
+    .map_err(|e| Error::internal(e.to_string()))?;
     match json {
         Some(p) => std::fs::write(p, text).map_err(|e| Error::from_io(p, &e))?,
         None => println!("{text}"),
