@@ -5,10 +5,12 @@
 #   PREFIX/include/rankfuse.h, rankfuse.hpp
 #   PREFIX/lib/pkgconfig/rankfuse.pc
 # Usage: scripts/install.sh PREFIX      (DESTDIR=/staging is honoured, as in `make install`)
-# Builds with `cargo build --release --lib` (build.rs gives the cdylib its soname, so this is the
-# same build as any other). RANKFUSE_INSTALL_PROFILE=dev installs the dev-profile library instead
-# (opt-level 2, debug assertions on): CI uses it to test the library `cargo test` already built
-# rather than build every dependency a second time in release.
+# Builds with `cargo rustc --release --lib` so the soname is set by a link argument of the cdylib
+# only (no build.rs, no global RUSTFLAGS); a later plain `cargo build --release` recompiles the
+# rankfuse crate alone (not its dependencies) without the soname.
+# RANKFUSE_INSTALL_PROFILE=dev installs the dev-profile library instead (opt-level 2, debug
+# assertions on): CI uses it so the dependencies `cargo test` built serve again, instead of
+# building every dependency a second time in release.
 set -euo pipefail
 if [ $# -ne 1 ] || [ -z "$1" ]; then
   echo "usage: $0 PREFIX" >&2
@@ -28,10 +30,11 @@ REAL="librankfuse.so.${VERSION}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 
 case "${RANKFUSE_INSTALL_PROFILE:-release}" in
-  release) cargo build --release --lib; OUTDIR="${TARGET_DIR}/release" ;;
-  dev) cargo build --lib; OUTDIR="${TARGET_DIR}/debug" ;;
+  release) PROFILE_ARGS=(--release); OUTDIR="${TARGET_DIR}/release" ;;
+  dev) PROFILE_ARGS=(); OUTDIR="${TARGET_DIR}/debug" ;;
   *) echo "RANKFUSE_INSTALL_PROFILE must be release or dev" >&2; exit 2 ;;
 esac
+cargo rustc "${PROFILE_ARGS[@]}" --lib -- -C "link-arg=-Wl,-soname,${SONAME}"
 
 built="${OUTDIR}/librankfuse.so"
 if command -v readelf >/dev/null && ! readelf -d "$built" | grep -q "SONAME.*\[${SONAME}\]"; then

@@ -4,11 +4,11 @@
 # and no definite/indirect leaks. (Thread-pool stacks still exiting can show as "possibly lost";
 # those are not counted.)
 set -euo pipefail
-if [ "${RANKFUSE_INSTALL_PROFILE:-release}" = dev ]; then
-  cargo build --lib --quiet; lib="$PWD/target/debug"
-else
-  cargo build --release --lib --quiet; lib="$PWD/target/release"
-fi
+# The library as scripts/install.sh installs it (soname, symlinks); its build is shared with the
+# other C, Go and Python steps.
+prefix=$(mktemp -d)
+bash scripts/install.sh "$prefix" >/dev/null
+lib="$prefix/lib"
 out=$(mktemp -d)
 cc -std=c11 -O1 -g -Wall -Wextra -Werror -Iinclude -o "$out/smoke" tests/c/smoke.c -L"$lib" -lrankfuse -lm \
    -Wl,-rpath,"$lib"

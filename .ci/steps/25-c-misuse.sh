@@ -7,13 +7,13 @@
 #  2. built without sanitizers, under valgrind: zero errors, no definite/indirect leaks.
 # No suppressions are used.
 set -euo pipefail
-if [ "${RANKFUSE_INSTALL_PROFILE:-release}" = dev ]; then
-  cargo build --lib --quiet; lib="$PWD/target/debug"
-else
-  cargo build --release --lib --quiet; lib="$PWD/target/release"
-fi
+# The library as scripts/install.sh installs it (soname, symlinks); its build is shared with the
+# other C, Go and Python steps.
+prefix=$(mktemp -d)
+bash scripts/install.sh "$prefix" >/dev/null
+lib="$prefix/lib"
 out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+trap 'rm -rf "$out" "$prefix"' EXIT
 cc -std=c11 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
    -Wall -Wextra -Werror -Iinclude -o "$out/misuse-asan" tests/c/misuse.c -L"$lib" -lrankfuse -lm \
    -Wl,-rpath,"$lib"

@@ -65,7 +65,7 @@ int main(int argc, char **argv) {
   /* Runtime creation. */
   rf_runtime *rt = NULL, *sentinel = (rf_runtime *)&checks;
   expect(rf_runtime_create(NULL, NULL), RF_STATUS_INVALID_ARGUMENT, "'out'", "create out NULL");
-  rf_runtime_options opts = {sizeof(rf_runtime_options), RF_DEVICE_CPU, 0, 2, NULL};
+  rf_runtime_options opts = {sizeof(rf_runtime_options), RF_DEVICE_CPU, 0, 2, NULL, RF_ACT_QUANT_EXACT};
   rf_runtime_options bad_opts = opts;
   bad_opts.struct_size = 4;
   rt = sentinel;
@@ -77,6 +77,14 @@ int main(int argc, char **argv) {
   bad_opts = opts;
   *(int32_t *)&bad_opts.device = 77;
   expect(rf_runtime_create(&bad_opts, &rt), RF_STATUS_INVALID_ARGUMENT, "device", "device 77");
+  bad_opts = opts;
+  *(int32_t *)&bad_opts.act_quant = 9;
+  expect(rf_runtime_create(&bad_opts, &rt), RF_STATUS_INVALID_ARGUMENT, "act_quant", "act_quant 9");
+  /* A host compiled against the 0.1 layout (no act_quant): accepted, the tail is not read. */
+  bad_opts.struct_size = (uint32_t)offsetof(rf_runtime_options, act_quant);
+  rt = NULL;
+  if (ok(rf_runtime_create(&bad_opts, &rt), "0.1 options layout")) rf_runtime_free(rt);
+  rt = sentinel;
   bad_opts = opts;
   bad_opts.num_threads = 100000;
   expect(rf_runtime_create(&bad_opts, &rt), RF_STATUS_INVALID_ARGUMENT, "num_threads", "num_threads 100000");

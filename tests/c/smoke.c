@@ -37,7 +37,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "version mismatch\n");
     return 1;
   }
-  rf_runtime_options opts = {sizeof(rf_runtime_options), RF_DEVICE_CPU, 0, 2, NULL};
+  rf_runtime_options opts = {sizeof(rf_runtime_options), RF_DEVICE_CPU, 0, 2, NULL, RF_ACT_QUANT_EXACT};
   rf_runtime *rt = NULL;
   if (!check(rf_runtime_create(&opts, &rt), "runtime")) return 1;
   char info[2048];
