@@ -157,6 +157,20 @@ func TestVersion(t *testing.T) {
 	}
 }
 
+// The opt-in Q8 activation mode is accepted; a value that is not an rf_act_quant is refused.
+func TestActQuantOption(t *testing.T) {
+	rt, err := NewRuntime(&RuntimeOptions{NumThreads: 1, ActQuant: ActQuantQ8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt.Close()
+	_, err = NewRuntime(&RuntimeOptions{NumThreads: 1, ActQuant: 9})
+	var e *Error
+	if !errors.As(err, &e) || e.Status != StatusInvalidArgument || !strings.Contains(e.Message, "act_quant") {
+		t.Fatalf("act_quant 9: got %v", err)
+	}
+}
+
 // Every module of every fixture adapter, f32, against PEFT's own outputs.
 func TestFixtureParity(t *testing.T) {
 	e := open(t, "base.safetensors")

@@ -93,7 +93,8 @@ def test_struct_sizes_are_the_c_layout():
     assert ctypes.sizeof(_ffi.rf_matrix) == 40
     assert ctypes.sizeof(_ffi.rf_lora_info) == 40
     assert ctypes.sizeof(_ffi.rf_lora_slot) == 16
-    assert ctypes.sizeof(_ffi.rf_runtime_options) == 24
+    assert ctypes.sizeof(_ffi.rf_runtime_options) == 32
+    assert _ffi.rf_runtime_options.act_quant.offset == 24  # the 0.1 layout ended here
     assert ctypes.sizeof(_ffi.rf_adamw_options) == 24
     assert ctypes.sizeof(_ffi.rf_extract_options) == 64
     assert _ffi.rf_extract_options.seed.offset == 48
@@ -182,3 +183,12 @@ def test_unknown_constructs_fail_loudly():
         _cheader.parse("typedef void (*rf_cb)(void *user);\ntypedef rf_cb rf_cb2;\n")
     with pytest.raises(ValueError):
         _cheader.ctypes_expr("rf_unknown *", _cheader.Header())
+
+
+def test_q8_activation_runtime():
+    # The opt-in mode is accepted and an out-of-range value is refused with its name.
+    rt = rankfuse.Runtime(threads=1, act_quant=rankfuse.ActQuant.Q8)
+    assert rt.info()["threads"] == 1
+    rt.close()
+    with pytest.raises(rankfuse.Error, match="act_quant"):
+        rankfuse.Runtime(threads=1, act_quant=5)
