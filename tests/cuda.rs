@@ -849,7 +849,7 @@ mod gpu {
                 case += 1;
                 let (k, ld) = (blocks * be, blocks * be + be);
                 let (xdt, ydt, abdt) = (dts[case % 3], dts[(case / 3) % 3], dts[(case + 1) % 3]);
-                let mixed = case % 2 == 0;
+                let mixed = case.is_multiple_of(2);
                 let ranks = [3usize, 40, 16];
                 let x = random(&mut rng, xdt, m, k, 1);
                 let wb = random_quant(wdt, n, ld, &mut rng);
@@ -892,7 +892,7 @@ mod gpu {
                     .iter()
                     .map(|v| cuda.upload_matrix(v.view()).unwrap())
                     .collect();
-                let dev_slots: Vec<Option<Slot<'_>>> = if case % 3 == 0 {
+                let dev_slots: Vec<Option<Slot<'_>>> = if case.is_multiple_of(3) {
                     host_slots.clone()
                 } else {
                     (0..ranks.len())
