@@ -6,7 +6,8 @@
 // the block (so k is too), and W is 2-byte (Q8_0, Q4_0) or 4-byte (Q4_K) aligned: launch checks.
 //
 // quant_decode_* (m = 1..8): a GEMV streaming each row of W once. Warp w of a block owns output
-// columns (blockIdx.x * 8 + w) * 2 + {0, 1}; its 32 lanes walk 8 groups of 32 weights per step
+// columns (blockIdx.x * 8 + w) * 2 + {0, 1}, walked together; its 32 lanes walk 8 groups of 32
+// weights per step
 // (lane = group (lane / 4) of the step, piece lane % 4), so one step reads 256 consecutive
 // weights' blocks (a Q4_K super-block, 8 Q8_0 / Q4_0 blocks). K is split across grid.y when the
 // columns alone give too few blocks (k_chunk elements per split, a multiple of 256); inside a
@@ -68,23 +69,26 @@ __device__ __forceinline__ void quant_decode(const LinearParams &p) {
     }
     __syncthreads();
     const int g0 = s0 >> 5, ngroups = len >> 5;
+    if (j0 < p.n) {  // uniform over the warp
+      // Both columns in one loop: twice the W loads in flight, one x read for both. A second
+      // column past n re-reads the first (always valid) and is never stored.
+      const u8 *wr[QD_COLS_PER_WARP];
 #pragma unroll
-    for (int q = 0; q < QD_COLS_PER_WARP; ++q) {
-      const int j = j0 + q;
-      if (j >= p.n) continue;
-      const u8 *wr = w + (i64)j * row_bytes;
+      for (int q = 0; q < QD_COLS_PER_WARP; ++q) wr[q] = w + (i64)min(j0 + q, p.n - 1) * row_bytes;
       // Unrolled so each lane keeps several blocks' loads in flight (memory-bound).
-#pragma unroll 4
+#pragma unroll 2
       for (int gg = sub; gg < ngroups; gg += 8) {
-        QPiece pc;
-        QT::piece(wr, g0 + gg, li, pc);
+        QPiece pc[QD_COLS_PER_WARP];
+#pragma unroll
+        for (int q = 0; q < QD_COLS_PER_WARP; ++q) QT::piece(wr[q], g0 + gg, li, pc[q]);
         const float *xg = xs + gg * 32;
 #pragma unroll
         for (int mi = 0; mi < QD_MAX_M; ++mi) {
           if (mi < p.m) {
             const float4 xa = *(const float4 *)(xg + mi * stage + o0);
             const float4 xb = *(const float4 *)(xg + mi * stage + o1);
-            acc[q][mi] += dot4(pc.w, xa) + dot4(pc.w + 4, xb);
+#pragma unroll
+            for (int q = 0; q < QD_COLS_PER_WARP; ++q) acc[q][mi] += dot4(pc[q].w, xa) + dot4(pc[q].w + 4, xb);
           }
         }
       }
