@@ -150,7 +150,7 @@ typedef enum {
    Calls with m <= 8 rows quantize each 32-value block of x to int8 with an f32 scale
    (llama.cpp's Q8_0 activations) and take integer dot products with W's blocks: faster,
    and each x value moves by at most max|x_block| / 254. The adapter part stays exact;
-   larger batches and dense W are computed exactly.
+   larger batches, dense W and CUDA runtimes are computed exactly.
    */
   RF_ACT_QUANT_Q8 = 1,
 } rf_act_quant;
@@ -668,8 +668,8 @@ void rf_error_free(rf_error *e);
  scale(slot) = scale_mult * (alpha / r | alpha / sqrt(r) | fixed), r = the rank used.
  dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32. w may also be
  block-quantized (RF_DTYPE_Q8_0 / Q4_0 / Q4_K, e.g. a GGUF tensor from `rf_weights_get`):
- its blocks are dequantized in registers (m <= 8) or into f32 panels (larger m); CPU runtimes
- only (RF_STATUS_UNSUPPORTED on CUDA).
+ its blocks are dequantized in registers (m <= 8) or into f32 panels / shared-memory tiles
+ (larger m), on CPU and CUDA runtimes (CUDA: w's data 2-byte aligned, 4-byte for Q4_K).
  Thread-safe: many threads may call it at once on shared weights and adapters.
  On a CUDA runtime x, w, bias and y are device pointers; a module of an adapter loaded on a
  CUDA runtime of the same device is read from its device copy, any other module is copied

@@ -158,6 +158,13 @@ __device__ __forceinline__ u16 load_as_16(const void *p, i64 i, int dt) {
   return f32_to_16<DT>(load_as_f32(p, i, dt));
 }
 
+// The launch's dynamic shared memory as `type *name` (kernels/emu: a buffer of the emulator).
+#ifdef RF_CPU_EMULATION
+#define RF_DYNAMIC_SHARED(type, name) type *name = (type *)emu_dynamic_shared()
+#else
+#define RF_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -36,7 +36,7 @@ template <typename WT>
 __device__ __forceinline__ void decode_linear(const LinearParams &p) {
   typedef typename WT::storage ws;
   const int VE = 16 / (int)sizeof(ws);  // elements per 128-bit load
-  extern __shared__ float4 dyn_smem[];
+  RF_DYNAMIC_SHARED(float4, dyn_smem);
   float *xs = (float *)dyn_smem;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int split = blockIdx.y;

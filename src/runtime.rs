@@ -171,12 +171,6 @@ impl Runtime {
                 Ok(())
             }
             #[cfg(feature = "cuda")]
-            Backend::Cuda(_) if p.w.dtype.is_quantized() => Err(Error::unsupported(format!(
-                "w is {}: block-quantized weights run on CPU runtimes only (the CUDA kernels \
-                 read F32/F16/BF16)",
-                p.w.dtype.name()
-            ))),
-            #[cfg(feature = "cuda")]
             Backend::Cuda(c) => c.linear(p, y),
         }
     }

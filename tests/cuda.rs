@@ -3,8 +3,8 @@
 //! Without a GPU (this machine, CI): a CUDA runtime is an error with a message (DEVICE without a
 //! driver, UNSUPPORTED without feature `cuda`), never a panic; the device-memory C ABI answers
 //! with the documented errors. With a GPU (feature `cuda`): every kernel path (decode, FMA
-//! tiles, tensor cores, shrink/expand, mixed batches) against the f64 reference, and the PEFT
-//! fixtures. GPU tests print one `skipped:` line when no device is there.
+//! tiles, tensor cores, shrink/expand, mixed batches, block-quantized W) against the f64
+//! reference, and the PEFT fixtures. GPU tests print one `skipped:` line when no device is there.
 
 use rankfuse::ffi::device::*;
 use rankfuse::ffi::error::{rf_error_code, rf_error_free, rf_error_message};
@@ -804,6 +804,145 @@ mod gpu {
                     };
                     run_case(&rt, &c, seed);
                     seed += 1;
+                }
+            }
+        }
+    }
+
+    /// `rows` rows of `ld` elements of random blocks with small finite f16 scales (random scale
+    /// bytes could be NaN / inf), as tests/quant_linear.rs.
+    fn random_quant(dt: DType, rows: usize, ld: usize, rng: &mut SplitMix64) -> Vec<u8> {
+        let mut out = vec![0u8; rows * ld / dt.block_elems() * dt.size()];
+        for b in out.chunks_mut(dt.size()) {
+            for v in b.iter_mut() {
+                *v = rng.next_u64() as u8;
+            }
+            let d = half::f16::from_f32(rng.uniform(0.002, 0.03));
+            b[..2].copy_from_slice(&d.to_le_bytes());
+            if dt == DType::Q4_K {
+                let dmin = half::f16::from_f32(rng.uniform(0.0, 0.02));
+                b[2..4].copy_from_slice(&dmin.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// A block-quantized W (Q8_0, Q4_0, Q4_K) through quant_decode_* (one split with the expand
+    /// in the CTA, K splits with the epilogue) and quant_linear_*, against the f64 reference on
+    /// the exactly dequantized W; ld one block wider than k, stacked and mixed slots, host and
+    /// device adapters, every x / y dtype.
+    #[test]
+    fn quantized_w_matches_the_reference() {
+        let Some(rt) = runtime() else { return };
+        let cuda = rt.cuda().expect("CUDA runtime");
+        let mut rng = SplitMix64::new(1400);
+        let dts = [DType::F32, DType::F16, DType::BF16];
+        let mut case = 0usize;
+        for wdt in DType::QUANT {
+            let be = wdt.block_elems();
+            for &(m, n, blocks) in &[
+                (1usize, 37usize, 3usize),
+                (3, 300, 5),
+                (8, 17, 33),
+                (8, 4100, 16),
+                (9, 65, 3),
+                (130, 257, 4),
+            ] {
+                case += 1;
+                let (k, ld) = (blocks * be, blocks * be + be);
+                let (xdt, ydt, abdt) = (dts[case % 3], dts[(case / 3) % 3], dts[(case + 1) % 3]);
+                let mixed = case.is_multiple_of(2);
+                let ranks = [3usize, 40, 16];
+                let x = random(&mut rng, xdt, m, k, 1);
+                let wb = random_quant(wdt, n, ld, &mut rng);
+                let bias = random(&mut rng, ydt, 1, n, 0);
+                let a: Vec<Matrix> = ranks
+                    .iter()
+                    .map(|&r| random(&mut rng, abdt, r, k, 0))
+                    .collect();
+                let b: Vec<Matrix> = ranks
+                    .iter()
+                    .map(|&r| random(&mut rng, abdt, n, r, 0))
+                    .collect();
+                let row_slot: Vec<i32> = (0..m)
+                    .map(|_| (rng.next_u64() % (ranks.len() as u64 + 1)) as i32 - 1)
+                    .collect();
+                let host_slots: Vec<Option<Slot<'_>>> = (0..ranks.len())
+                    .map(|i| Some(slot(a[i].view(), b[i].view(), None, 2.0 / ranks[i] as f32)))
+                    .collect();
+                let hw = MatRef::from_bytes(&wb, wdt, n, k, ld).unwrap();
+                let hp = LinearProblem {
+                    x: view(&x, k),
+                    w: hw,
+                    bias: Some(bias.view()),
+                    slots: &host_slots,
+                    row_slot: mixed.then_some(&row_slot[..]),
+                };
+                let mut want = Matrix::zeros(DType::F32, m, n).unwrap();
+                reference::linear(&hp, &mut want.view_mut());
+
+                let dx = cuda.upload_matrix(view(&x, k)).unwrap();
+                let dwb = cuda.upload(&wb).unwrap();
+                // SAFETY: dwb holds the n rows of ld elements of wb on the device.
+                let dw = unsafe { MatRef::from_raw(dwb.as_ptr() as *const u8, wdt, n, k, ld) };
+                let dbias = cuda.upload_matrix(bias.view()).unwrap();
+                let da: Vec<DeviceMatrix<'_>> = a
+                    .iter()
+                    .map(|v| cuda.upload_matrix(v.view()).unwrap())
+                    .collect();
+                let db: Vec<DeviceMatrix<'_>> = b
+                    .iter()
+                    .map(|v| cuda.upload_matrix(v.view()).unwrap())
+                    .collect();
+                let dev_slots: Vec<Option<Slot<'_>>> = if case.is_multiple_of(3) {
+                    host_slots.clone()
+                } else {
+                    (0..ranks.len())
+                        .map(|i| {
+                            Some(slot(
+                                da[i].view(),
+                                db[i].view(),
+                                None,
+                                2.0 / ranks[i] as f32,
+                            ))
+                        })
+                        .collect()
+                };
+                let dp = LinearProblem {
+                    x: dx.view(),
+                    w: dw,
+                    bias: Some(dbias.view()),
+                    slots: &dev_slots,
+                    row_slot: mixed.then_some(&row_slot[..]),
+                };
+                let sentinel = Matrix::from_f32(ydt, m, n + 1, &vec![7.0; m * (n + 1)]).unwrap();
+                let dy = cuda.upload_matrix(sentinel.view()).unwrap();
+                // SAFETY: dy is device memory of m x (n + 1); the view covers m x n of it.
+                let mut yv =
+                    unsafe { MatMut::from_raw(dy.buf.as_ptr() as *mut u8, ydt, m, n, n + 1) };
+                let what = format!(
+                    "{} m={m} n={n} k={k} x={xdt:?} y={ydt:?} mixed={mixed}",
+                    wdt.name()
+                );
+                rt.linear(&dp, &mut yv)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let got = download(cuda, &dy);
+                let rt_ = rtol(ydt).max(1e-5);
+                let max_ref = want.to_f32_vec().iter().fold(0f32, |a, v| a.max(v.abs()));
+                let atol = 4.0 * rt_ * max_ref.max(1.0);
+                for i in 0..m {
+                    assert_eq!(
+                        got.view().get(i, n),
+                        7.0,
+                        "{what}: padding of row {i} overwritten"
+                    );
+                    for j in 0..n {
+                        let (v, r) = (got.view().get(i, j), want.view().get(i, j));
+                        assert!(
+                            (v - r).abs() <= atol + rt_ * r.abs(),
+                            "{what}: y[{i}][{j}] = {v}, reference {r}"
+                        );
+                    }
                 }
             }
         }

@@ -2,8 +2,9 @@
 # CUDA kernels without a GPU: regenerate the PTX with the pinned NVRTC and require it to match
 # kernels/ptx/, assemble every PTX with ptxas for sm_70/72/75/80/86/87/89/90 and require
 # kernels/REPORT.md (registers, shared memory, spills) to match, fail on any ptxas error or spill.
-# Then kernels/emu/run.sh (the training / algebra kernels on a CPU emulator), the CUDA backend's
-# host tests (launch geometry, PTX symbol table, no-device path) and clippy with feature cuda.
+# Then kernels/emu/run.sh (the training / algebra and block-quantized linear kernels on a CPU
+# emulator), the CUDA backend's host tests (launch geometry, PTX symbol table, no-device path)
+# and clippy with feature cuda.
 # Installs the pinned wheels itself (kernels/build-ptx.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,8 +38,9 @@ if ! grep -q "Total spill bytes over all kernels and targets: 0\." kernels/REPOR
 fi
 echo "ptxas report is current, no spills ($(( $(date +%s) - start ))s)"
 
-# The training / algebra kernels executed on a CPU emulation of the CUDA execution model against
-# f64 references (logic only: indexing, tiles, splits, masks, AdamW bit-exactness); ~1 minute.
+# The training / algebra kernels and the block-quantized linear kernels executed on a CPU
+# emulation of the CUDA execution model against f64 references (logic only: indexing, tiles,
+# splits, masks, AdamW and dequantization bit-exactness); ~1-2 minutes.
 command -v g++ >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; }
 kernels/emu/run.sh
 echo "kernel emulation passed ($(( $(date +%s) - start ))s)"

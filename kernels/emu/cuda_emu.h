@@ -4,8 +4,11 @@
 // not returned yet; `__shared__` variables are function statics (blocks run one
 // after another); atomics take a global mutex; the _rn intrinsics are plain IEEE operations
 // (compiled with -ffp-contract=off); f16 conversions use the host's _Float16 (common.cuh under
-// RF_CPU_EMULATION). Not emulated: warps (shuffles), the memory model, inline PTX. Nothing here
-// says anything about performance or about what ptxas / the driver do.
+// RF_CPU_EMULATION). Warp shuffles (__shfl_xor_sync) are emulated with a barrier per warp, so they
+// are correct only when all 32 lanes of the warp call them (the kernels only use them so);
+// dynamic shared memory is one buffer per launch (`emu_dynamic_shared`). Not emulated: the memory
+// model, inline PTX. Nothing here says anything about performance or about what ptxas / the
+// driver do.
 #pragma once
 #include <algorithm>
 #include <barrier>
@@ -52,6 +55,24 @@ struct EmuBlockSync {
 inline EmuBlockSync *emu_sync = nullptr;
 inline std::mutex emu_atomic_lock;
 
+// One warp's shuffle exchange: each lane publishes its value, all 32 meet, each reads its
+// partner's, all 32 meet again (so the slots can be reused by the next shuffle).
+struct EmuWarp {
+  std::barrier<> bar{32};
+  float v[32];
+};
+inline EmuWarp *emu_warps = nullptr;
+// The launch's dynamic shared memory (`extern __shared__` in CUDA), 16-byte aligned.
+inline float *emu_dyn_shared = nullptr;
+inline void *emu_dynamic_shared() { return emu_dyn_shared; }
+
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -71,7 +92,15 @@ inline float __uint_as_float(unsigned u) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-inline float __shfl_xor_sync(unsigned, float v, int) { return v; }  // unused by emulated kernels
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  EmuWarp &w = emu_warps[threadIdx.x >> 5];
+  const unsigned lane = threadIdx.x & 31;
+  w.v[lane] = v;
+  w.bar.arrive_and_wait();
+  const float r = w.v[lane ^ (unsigned)lane_mask];
+  w.bar.arrive_and_wait();
+  return r;
+}
 template <class T>
 inline T atomicAdd(T *p, T v) {
   std::lock_guard<std::mutex> g(emu_atomic_lock);
@@ -100,14 +129,19 @@ using std::max;
 using std::min;
 
 // Runs kernel(p) over `grid` with 256-thread blocks: 256 worker threads run the blocks one after
-// another (a std::barrier separates blocks).
+// another (a std::barrier separates blocks). `shared_bytes` of dynamic shared memory, filled with
+// NaN at launch (a kernel reading what it did not write shows up in the results).
 template <class P>
-void emu_launch(void (*kernel)(P), dim3 grid, const P &p) {
+void emu_launch(void (*kernel)(P), dim3 grid, const P &p, size_t shared_bytes = 0) {
   gridDim = grid;
   blockDim = dim3{256, 1, 1};
   EmuBlockSync bs;
   bs.active = 256;
   emu_sync = &bs;
+  std::vector<EmuWarp> warps(8);
+  emu_warps = warps.data();
+  std::vector<float4> dyn((shared_bytes + 15) / 16, float4{NAN, NAN, NAN, NAN});
+  emu_dyn_shared = (float *)dyn.data();
   std::barrier end(256, [&]() noexcept { bs.active = 256; });
   std::vector<std::thread> ts;
   ts.reserve(256);

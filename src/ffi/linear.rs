@@ -129,8 +129,8 @@ impl Desc {
 /// scale(slot) = scale_mult * (alpha / r | alpha / sqrt(r) | fixed), r = the rank used.
 /// dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32. w may also be
 /// block-quantized (RF_DTYPE_Q8_0 / Q4_0 / Q4_K, e.g. a GGUF tensor from `rf_weights_get`):
-/// its blocks are dequantized in registers (m <= 8) or into f32 panels (larger m); CPU runtimes
-/// only (RF_STATUS_UNSUPPORTED on CUDA).
+/// its blocks are dequantized in registers (m <= 8) or into f32 panels / shared-memory tiles
+/// (larger m), on CPU and CUDA runtimes (CUDA: w's data 2-byte aligned, 4-byte for Q4_K).
 /// Thread-safe: many threads may call it at once on shared weights and adapters.
 /// On a CUDA runtime x, w, bias and y are device pointers; a module of an adapter loaded on a
 /// CUDA runtime of the same device is read from its device copy, any other module is copied

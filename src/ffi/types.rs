@@ -85,7 +85,7 @@ pub enum rf_act_quant {
     /// Calls with m <= 8 rows quantize each 32-value block of x to int8 with an f32 scale
     /// (llama.cpp's Q8_0 activations) and take integer dot products with W's blocks: faster,
     /// and each x value moves by at most max|x_block| / 254. The adapter part stays exact;
-    /// larger batches and dense W are computed exactly.
+    /// larger batches, dense W and CUDA runtimes are computed exactly.
     RF_ACT_QUANT_Q8 = 1,
 }
 

@@ -46,8 +46,8 @@ fn dtype_suffix(d: DType) -> &'static str {
         DType::F32 => "f32",
         DType::F16 => "f16",
         DType::BF16 => "bf16",
-        // No CUDA kernel reads block-quantized data: Runtime::linear refuses a quantized W on
-        // CUDA and LinearProblem::check refuses it in every other role.
+        // Only W may be block-quantized (LinearProblem::check); its kernels are named in
+        // quant.rs. Never asked for: kernels_for_sm walks the dense dtypes here.
         DType::Q8_0 | DType::Q4_0 | DType::Q4_K => "quantized",
     }
 }
@@ -261,12 +261,7 @@ pub fn base_kernel(path: Path, w_dtype: DType) -> Result<&'static str> {
                 "no tensor-core kernel for f32 (mma_eligible must reject it)",
             ))
         }
-        (_, DType::Q8_0 | DType::Q4_0 | DType::Q4_K) => {
-            return Err(Error::unsupported(format!(
-                "w is {}: block-quantized weights run on CPU runtimes only",
-                w_dtype.name()
-            )))
-        }
+        (_, DType::Q8_0 | DType::Q4_0 | DType::Q4_K) => return super::quant::kernel(path, w_dtype),
     })
 }
 
@@ -305,6 +300,7 @@ pub fn kernels_for_sm(sm: u32) -> Vec<String> {
             v.push(format!("fused_linear_mma_{s}"));
         }
     }
+    v.extend(super::quant::kernels_for_sm(sm));
     v
 }
 

@@ -9,6 +9,7 @@
 pub mod algebra_ops;
 pub mod launch;
 pub mod modules;
+pub mod quant;
 pub mod resident;
 pub mod train;
 
@@ -413,6 +414,10 @@ impl CudaBackend {
         }
         let upload_bytes: Vec<usize> = uploads.iter().map(span_bytes).collect();
 
+        let quantized = p.w.dtype.is_quantized();
+        if quantized {
+            quant::check_w(p.w.as_ptr() as u64, p.w.cols, p.w.ld, p.w.dtype)?;
+        }
         let mma_ok = launch::mma_eligible(
             self.info.sm,
             p.x.dtype,
@@ -423,12 +428,22 @@ impl CudaBackend {
             p.w.ld,
         );
         let path = launch::choose_path(m, mma_ok);
-        let split = if path == Path::Decode {
-            Some(launch::decode_split(m, n, k, self.info.sm_count)?)
-        } else {
-            None
+        // Quantized decode splits K for parallelism only (x is staged inside the block); with
+        // one split it needs no partial sums.
+        let split = match path {
+            Path::Decode if quantized => {
+                Some(quant::decode_plan(m, n, k, self.info.sm_count)?.split)
+            }
+            Path::Decode => Some(launch::decode_split(m, n, k, self.info.sm_count)?),
+            _ => None,
         };
-        let partial_elems = split.map_or(0, |s| s.splits * m * n);
+        let partial_elems = split.map_or(0, |s| {
+            if quantized && s.splits == 1 {
+                0
+            } else {
+                s.splits * m * n
+            }
+        });
         let mixed = grouping.row_slot.is_some();
         let layout = launch::scratch_layout(m, total_rank, mixed, partial_elems, &upload_bytes)?;
         let scratch = if layout.total > 0 {
@@ -553,6 +568,10 @@ impl CudaBackend {
             params.shrink_k_chunk = s.k_chunk as i32;
             params.shrink_c_chunks = s.c_chunks as i32;
             self.launch(launch::shrink_kernel(p.x.dtype), g, &params)?;
+        }
+        if p.w.dtype.is_quantized() {
+            let partial = at(layout.partial) as *mut f32;
+            return self.run_quant(&mut params, path, partial, (p.w.dtype, y.dtype), (m, n, k));
         }
         match path {
             Path::Decode => {

@@ -40,6 +40,9 @@ pub static PTX: &[PtxModule] = &[
     ptx!("fused_linear", 90),
     ptx!("fused_linear_mma", 80),
     ptx!("fused_linear_mma", 90),
+    ptx!("quant_linear", 70),
+    ptx!("quant_linear", 80),
+    ptx!("quant_linear", 90),
     ptx!("lora_shrink", 70),
     ptx!("lora_shrink", 80),
     ptx!("lora_shrink", 90),
@@ -75,6 +78,8 @@ pub fn stem_of(kernel: &str) -> Option<&'static str> {
         Some("fused_linear_mma")
     } else if kernel.starts_with("fused_linear_") {
         Some("fused_linear")
+    } else if kernel.starts_with("quant_decode_") || kernel.starts_with("quant_linear_") {
+        Some("quant_linear")
     } else if kernel.starts_with("lora_shrink_") {
         Some("lora_shrink")
     } else if kernel.starts_with("decode_") {
