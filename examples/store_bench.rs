@@ -11,7 +11,7 @@
 //! Reports, asserts nothing.
 //!
 //!   cargo run --release --example store_bench -- [--adapters 1000] [--k 4096] [--n 4096]
-//!       [--r 16] [--budget-mib 256] [--seconds 3]
+//!       [--r 16] [--budget-mib 256] [--seconds 3] [--rounds 3]
 
 use rankfuse::adapter::{peft, Adapter, Lora, Scaling, TensorData};
 use rankfuse::ffi::handles::*;
@@ -110,6 +110,7 @@ fn main() {
     );
     let budget = num("--budget-mib", "256") as u64 * 1024 * 1024;
     let secs: f64 = get("--seconds", "3").parse().unwrap();
+    let rounds = num("--rounds", "3");
     let dir = tempfile::tempdir().unwrap();
     let mut rng = SplitMix64::new(7);
     let t0 = Instant::now();
@@ -269,17 +270,30 @@ fn main() {
             cs("live").as_ptr(),
             paths[0].as_ptr(),
         ));
-        let (quiet, _) = run(0);
-        let (busy_peft, pubs_peft) = run(1);
-        let (busy_mem, pubs_mem) = run(2);
-        let (quiet2, _) = run(0);
-        let q = 0.5 * (quiet + quiet2);
+        // Quiet and busy runs alternate, `rounds` times: on a shared machine the load drifts, so
+        // each busy run is compared with the mean of the quiet runs either side of it.
+        let mut quiet = vec![run(0).0];
+        let (mut mem, mut peft) = (Vec::new(), Vec::new());
+        let mut pubs = (0u64, 0u64);
+        for _ in 0..rounds {
+            let (b, p) = run(2);
+            pubs.0 += p;
+            let (c, p2) = run(1);
+            pubs.1 += p2;
+            quiet.push(run(0).0);
+            let q = 0.5 * (quiet[quiet.len() - 2] + quiet[quiet.len() - 1]);
+            mem.push(b / q);
+            peft.push(c / q);
+        }
+        let q = median(quiet.clone());
         println!(
-            "rf_linear m=1 {k} -> {n} bf16, 2 caller threads: {q:.0} calls/s without a publisher ({quiet:.0}, {quiet2:.0}); \
-             publishing a version every ms from memory: {busy_mem:.0} calls/s (x{:.3}, {pubs_mem} versions); \
-             from a folder (callers load each version): {busy_peft:.0} calls/s (x{:.3}, {pubs_peft} versions)",
-            busy_mem / q,
-            busy_peft / q
+            "rf_linear m=1 {k} -> {n} bf16, 2 caller threads, {rounds} rounds of {secs} s: {q:.0} calls/s without a publisher \
+             (median of {quiet:.0?}); publishing a version every ms from memory: x{:.3} (median; rounds {mem:.3?}, \
+             {} versions); from a folder (callers load each version): x{:.3} (rounds {peft:.3?}, {} versions)",
+            median(mem.clone()),
+            pubs.0,
+            median(peft.clone()),
+            pubs.1
         );
         rf_store_free(store);
         rf_runtime_free(rt);
