@@ -47,9 +47,16 @@ impl Item {
 
     /// What a call does with its version: every part read must belong to one version.
     fn read(&self) -> u64 {
-        assert_eq!(self.alive.load(Ordering::SeqCst), 1, "a held version was freed");
+        assert_eq!(
+            self.alive.load(Ordering::SeqCst),
+            1,
+            "a held version was freed"
+        );
         let t = self.tag;
-        assert!(self.a == [t; 2] && self.b == [t * 10; 2] && self.rank == t + 1, "torn read");
+        assert!(
+            self.a == [t; 2] && self.b == [t * 10; 2] && self.rank == t + 1,
+            "torn read"
+        );
         self.version.generation
     }
 }
@@ -92,7 +99,11 @@ fn reader(s: &Store<Item>, want_tag: impl Fn(u64) -> u64) -> u64 {
     for _ in 0..2 {
         let it = s.acquire("a").unwrap();
         let g = it.read();
-        assert_eq!(it.tag, want_tag(g), "generation {g} holds the wrong version");
+        assert_eq!(
+            it.tag,
+            want_tag(g),
+            "generation {g} holds the wrong version"
+        );
         assert!(g >= last, "generation {g} after {last}");
         last = g;
         drop(it);
@@ -134,7 +145,11 @@ fn publish_from_memory_against_a_reader_and_a_retirer() {
         drop(s);
         held.read();
         drop(held);
-        assert_eq!(live.0.load(Ordering::SeqCst), 0, "a version was never freed");
+        assert_eq!(
+            live.0.load(Ordering::SeqCst),
+            0,
+            "a version was never freed"
+        );
     });
 }
 
@@ -169,9 +184,21 @@ fn publish_from_a_folder_against_a_loading_reader_and_a_retirer() {
         // Released: only the current version is left (it fits the budget), then nothing.
         s.trim();
         let st = s.stats();
-        assert_eq!((st.resident, st.bytes_resident, st.in_use), (1, 1, 0), "{st:?}");
-        assert_eq!(live.0.load(Ordering::SeqCst), 1, "an old version was never freed");
+        assert_eq!(
+            (st.resident, st.bytes_resident, st.in_use),
+            (1, 1, 0),
+            "{st:?}"
+        );
+        assert_eq!(
+            live.0.load(Ordering::SeqCst),
+            1,
+            "an old version was never freed"
+        );
         drop(s);
-        assert_eq!(live.0.load(Ordering::SeqCst), 0, "a version outlived the store");
+        assert_eq!(
+            live.0.load(Ordering::SeqCst),
+            0,
+            "a version outlived the store"
+        );
     });
 }
