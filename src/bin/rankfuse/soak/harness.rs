@@ -7,7 +7,8 @@
 //!    pins / trims (the budget is 1 byte: every unheld folder version is evicted at once);
 //!  - a retirer creates short-lived stores, acquires from them, publishes over what it holds,
 //!    frees the store while its adapters are held and still computes with them, and frees
-//!    acquisitions with rf_adapter_free (a release) - all while the callers run.
+//!    acquisitions with rf_adapter_free (a release), and loads, uses and evicts a second name
+//!    every round - all while the callers run.
 //!
 //! Generation g of the name is version g % 4, so every call checks its output, bit for bit,
 //! against the serial result of the version it reports (rf_adapter_version), and that the
@@ -56,7 +57,8 @@ pub struct Report {
     pub publishes: u64,
     /// Distinct generations the callers computed with.
     pub generations_seen: u64,
-    /// Retirer rounds (each: a store freed with two versions held, two deferred frees).
+    /// Retirer rounds (each: a store freed with two versions held, two deferred frees, an
+    /// eviction).
     pub retire_rounds: u64,
     pub stats: rf_store_stats,
 }
@@ -251,7 +253,8 @@ unsafe fn generation(ad: *const rf_adapter, id: &mut Option<u64>) -> Result<u64>
 
 /// One retirer round with short-lived store `k`: publish, acquire, publish over it, free the
 /// store while two versions are held, compute with both, free both acquisitions (one by
-/// rf_adapter_free, which releases). Also acquires and frees one version of the soaked name.
+/// rf_adapter_free, which releases). Also acquires and frees one version of the soaked name,
+/// and loads, uses and evicts a second name.
 unsafe fn retire_round(
     h: Handles,
     fixture: &std::path::Path,
@@ -263,7 +266,7 @@ unsafe fn retire_round(
     let (v0, v1) = (k % 4, (k + 1) % 4);
     let (mut a0, mut a1) = (null_mut(), null_mut());
     let r = (|| {
-        publish(h, ts, fixture, "t", v0, k % 2 == 0)?;
+        publish(h, ts, fixture, "t", v0, k.is_multiple_of(2))?;
         check(rf_store_acquire(ts, cs("t").as_ptr(), &mut a0))?;
         publish(h, ts, fixture, "t", v1, k % 2 == 1)?;
         check(rf_store_acquire(ts, cs("t").as_ptr(), &mut a1))?;
@@ -287,7 +290,18 @@ unsafe fn retire_round(
     let mut live = null_mut();
     check(rf_store_acquire(h.store(), cs("live").as_ptr(), &mut live))?;
     rf_adapter_free(live);
-    Ok(())
+    // Eviction under load: "side" (version 2's folder) is loaded, used, released and, unheld
+    // under the 1-byte budget, evicted by this trim (or by a load elsewhere) every round.
+    let mut side = null_mut();
+    check(rf_store_acquire(h.store(), cs("side").as_ptr(), &mut side))?;
+    let r = apply(h, side);
+    rf_store_release(side);
+    if !bits_equal(&r?, &want[2]) {
+        return Err(Error::internal(format!(
+            "soak: retirer round {k}: the reloaded side adapter differs"
+        )));
+    }
+    check(rf_store_trim(h.store(), null_mut()))
 }
 
 pub fn run(c: &Config) -> Result<Report> {
@@ -355,6 +369,16 @@ unsafe fn soak_with(c: &Config, h: Handles) -> Result<Report> {
         h.store(),
         cs("live").as_ptr(),
         first.as_ptr(),
+    ))?;
+    let side = cs(fx
+        .join("adapters")
+        .join(VERSIONS[2].0)
+        .to_str()
+        .unwrap_or(""));
+    check(rf_store_register(
+        h.store(),
+        cs("side").as_ptr(),
+        side.as_ptr(),
     ))?;
     let deadline = Instant::now() + Duration::from_secs_f64(c.seconds);
     let calls = AtomicU64::new(0);
@@ -449,7 +473,8 @@ unsafe fn soak_with(c: &Config, h: Handles) -> Result<Report> {
     let seen = seen.into_inner().unwrap_or_default();
     if st.publishes != publishes
         || st.in_use != 0
-        || st.hits + st.loads != n + retire_rounds
+        || st.hits + st.loads != n + 2 * retire_rounds
+        || st.evictions < retire_rounds
         || seen.last().is_some_and(|&g| g > publishes)
     {
         return Err(Error::internal(format!(
