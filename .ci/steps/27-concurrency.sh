@@ -12,7 +12,7 @@ RUSTFLAGS="--cfg loom" cargo test --quiet --manifest-path loom/Cargo.toml --targ
 t1=$(date +%s)
 echo "loom: clean in $(( t1 - t0 ))s"
 RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=thread -Cunsafe-allow-abi-mismatch=sanitizer" \
-TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/.ci/tsan.supp" \
+TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
 RANKFUSE_SOAK_SECONDS=2 \
   cargo test --quiet --no-default-features --target x86_64-unknown-linux-gnu \
     --target-dir target/tsan --test store --test soak --test concurrency
