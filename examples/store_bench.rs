@@ -11,7 +11,7 @@
 //! Reports, asserts nothing.
 //!
 //!   cargo run --release --example store_bench -- [--adapters 1000] [--k 4096] [--n 4096]
-//!       [--r 16] [--budget-mib 256] [--seconds 3]
+//!       [--r 16] [--budget-mib 256] [--seconds 3] [--rounds 3]
 
 use rankfuse::adapter::{peft, Adapter, Lora, Scaling, TensorData};
 use rankfuse::ffi::handles::*;
@@ -35,6 +35,17 @@ fn ok(e: *mut rankfuse::ffi::error::rf_error) {
 
 fn cs(s: &str) -> CString {
     CString::new(s).unwrap()
+}
+
+/// CPU time of clock `clock` (ns).
+fn cpu_ns(clock: libc::clockid_t) -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_THREAD_CPUTIME_ID exists on every Linux.
+    unsafe { libc::clock_gettime(clock, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -110,6 +121,7 @@ fn main() {
     );
     let budget = num("--budget-mib", "256") as u64 * 1024 * 1024;
     let secs: f64 = get("--seconds", "3").parse().unwrap();
+    let rounds = num("--rounds", "3");
     let dir = tempfile::tempdir().unwrap();
     let mut rng = SplitMix64::new(7);
     let t0 = Instant::now();
@@ -209,7 +221,11 @@ fn main() {
             .collect();
         // publish: 0 = none, 1 = rf_store_publish_peft (the callers load each new version once),
         // 2 = rf_store_publish of an adapter the publisher thread loads itself.
-        let run = |publish: u32| -> (f64, u64) {
+        // Returns calls/s, versions published, and the CPU time per call (µs) of the whole
+        // process (callers, the runtime's pool and the publisher): CPU time does not count time
+        // spent descheduled, so it holds on a busy shared machine where calls/s does not.
+        let run = |publish: u32| -> (f64, u64, f64) {
+            let proc0 = cpu_ns(libc::CLOCK_PROCESS_CPUTIME_ID);
             let stop = std::sync::atomic::AtomicBool::new(false);
             let calls = std::sync::atomic::AtomicU64::new(0);
             let (rt_u, st_u) = (rt as usize, store as usize);
@@ -262,24 +278,56 @@ fn main() {
                 }
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
             });
-            (calls.into_inner() as f64 / secs, pubs)
+            let c = calls.into_inner().max(1) as f64;
+            let proc = cpu_ns(libc::CLOCK_PROCESS_CPUTIME_ID) - proc0;
+            (c / secs, pubs, proc as f64 / 1e3 / c)
         };
         ok(rf_store_register(
             store,
             cs("live").as_ptr(),
             paths[0].as_ptr(),
         ));
-        let (quiet, _) = run(0);
-        let (busy_peft, pubs_peft) = run(1);
-        let (busy_mem, pubs_mem) = run(2);
-        let (quiet2, _) = run(0);
-        let q = 0.5 * (quiet + quiet2);
+        // Quiet and busy runs alternate, `rounds` times: on a shared machine the load drifts, so
+        // each busy run is compared with the mean of the quiet runs either side of it.
+        let first = run(0);
+        let (mut quiet, mut quiet_cpu) = (vec![first.0], vec![first.2]);
+        let (mut mem, mut peft, mut mem_cpu, mut peft_cpu) = (vec![], vec![], vec![], vec![]);
+        let mut pubs = (0u64, 0u64);
+        for _ in 0..rounds {
+            let b = run(2);
+            let c = run(1);
+            let z = run(0);
+            pubs.0 += b.1;
+            pubs.1 += c.1;
+            quiet.push(z.0);
+            quiet_cpu.push(z.2);
+            let l = quiet.len();
+            let q = 0.5 * (quiet[l - 2] + quiet[l - 1]);
+            let qc = 0.5 * (quiet_cpu[l - 2] + quiet_cpu[l - 1]);
+            mem.push(b.0 / q);
+            peft.push(c.0 / q);
+            mem_cpu.push(b.2 / qc);
+            peft_cpu.push(c.2 / qc);
+        }
         println!(
-            "rf_linear m=1 {k} -> {n} bf16, 2 caller threads: {q:.0} calls/s without a publisher ({quiet:.0}, {quiet2:.0}); \
-             publishing a version every ms from memory: {busy_mem:.0} calls/s (x{:.3}, {pubs_mem} versions); \
-             from a folder (callers load each version): {busy_peft:.0} calls/s (x{:.3}, {pubs_peft} versions)",
-            busy_mem / q,
-            busy_peft / q
+            "rf_linear m=1 {k} -> {n} bf16, 2 caller threads, {rounds} rounds of {secs} s: {:.0} calls/s without a publisher \
+             (median of {quiet:.0?}), {:.0} CPU-µs per call (process)",
+            median(quiet.clone()),
+            median(quiet_cpu.clone())
+        );
+        println!(
+            "  publishing a version every ms from memory ({} versions): throughput x{:.3} (rounds {mem:.3?}), \
+             CPU per call x{:.3} (rounds {mem_cpu:.3?})",
+            pubs.0,
+            median(mem.clone()),
+            median(mem_cpu.clone())
+        );
+        println!(
+            "  from a folder, callers load each version ({} versions): throughput x{:.3} (rounds {peft:.3?}), \
+             CPU per call x{:.3} (rounds {peft_cpu:.3?})",
+            pubs.1,
+            median(peft.clone()),
+            median(peft_cpu.clone())
         );
         rf_store_free(store);
         rf_runtime_free(rt);

@@ -508,6 +508,9 @@ rf_error *rf_adapter_save_peft(const rf_adapter *a, const char *dir);
 /*
  Frees an adapter and every `rf_lora` borrowed from it; NULL is accepted. An adapter loaded on
  a CUDA runtime frees its device memory here after waiting for the device's queued work.
+ An adapter from `rf_store_acquire` is released instead, as by `rf_store_release`: it is freed
+ only with its last holder, so other threads' calls with their acquisitions of it run on.
+ No call may be using `a` itself (this acquisition) when it is freed.
  */
 void rf_adapter_free(rf_adapter *a);
 
@@ -842,17 +845,19 @@ rf_error *rf_store_register(const rf_store *s, const char *name, const char *pat
  threads asking at once share one load; a failed load is the error, naming the adapter, and a
  later call tries again). RF_STATUS_NOT_FOUND for an unknown name.
  `*out` is shared and read-only: use it with `rf_adapter_module`, `rf_lora_info_get` and
- `rf_linear` from any thread; do not pass it to `rf_adapter_free` or to a call that changes an
- adapter (training, `rf_lora_set_rank`: load a private copy with `rf_adapter_load_peft` for
- that). It is never evicted while acquired; release it once per acquisition with
- `rf_store_release`, after the calls using it have returned.
+ `rf_linear` from any thread; do not pass it to a call that changes an adapter (training,
+ `rf_lora_set_rank`: load a private copy with `rf_adapter_load_peft` for that). It is never
+ evicted while acquired; release it once per acquisition with `rf_store_release` (or
+ `rf_adapter_free`, which releases it), after the calls using this acquisition have returned.
+ Publishing, evicting or freeing the store meanwhile never frees it under a running call.
  */
 rf_error *rf_store_acquire(const rf_store *s, const char *name, rf_adapter **out);
 
 /*
  Releases one acquisition of `a` (from `rf_store_acquire`); NULL is accepted. The adapter
  becomes evictable when no acquisition remains, and is freed here if its store was freed or
- evicted it meanwhile. Thread-safe; needs no store.
+ evicted it meanwhile (`rf_adapter_free` on an acquired adapter does the same). Thread-safe;
+ needs no store.
  */
 void rf_store_release(rf_adapter *a);
 

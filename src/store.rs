@@ -18,6 +18,11 @@
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+// loom's primitives when loom/ (a crate of its own) compiles this file under `--cfg loom` to
+// model-check every interleaving of acquire, publish and evict; std's otherwise.
+#[cfg(loom)]
+use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
+#[cfg(not(loom))]
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Loads the adapter registered as `name` from `path`; returns it and the bytes it keeps resident.
@@ -403,7 +408,7 @@ impl<T: Send + Sync + Versioned> Store<T> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};

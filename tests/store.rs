@@ -186,42 +186,6 @@ fn store_under_load_serves_the_right_adapter_every_time() {
     }
 }
 
-/// Publish under load, through `rankfuse soak` (src/bin/rankfuse/soak.rs): 8 callers acquire a
-/// stored name, run a mixed batch and release while a publisher publishes a version every 0.3 ms
-/// (alternately from a folder and from memory) and pins / trims; every output must equal, bit for
-/// bit, the serial result of the version that call reported, generations never go back, and the
-/// counters add up. Seconds: RANKFUSE_SOAK_SECONDS (default 2); the long soak is
-/// `rankfuse soak --seconds 60`.
-#[test]
-fn publish_under_load_every_call_sees_one_whole_version() {
-    let secs = std::env::var("RANKFUSE_SOAK_SECONDS").unwrap_or_else(|_| "2".into());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rankfuse"))
-        .args([
-            "soak",
-            "--callers",
-            "8",
-            "--publish-us",
-            "300",
-            "--seconds",
-            &secs,
-        ])
-        .arg("--fixture")
-        .arg(fixture(""))
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("every output equal to its version's serial result"),
-        "{text}"
-    );
-    eprintln!("{text}");
-}
-
 #[test]
 fn a_refused_publish_leaves_the_adapter_to_the_caller() {
     unsafe {

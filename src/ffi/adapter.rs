@@ -49,11 +49,19 @@ pub unsafe extern "C" fn rf_adapter_save_peft(
 
 /// Frees an adapter and every `rf_lora` borrowed from it; NULL is accepted. An adapter loaded on
 /// a CUDA runtime frees its device memory here after waiting for the device's queued work.
+/// An adapter from `rf_store_acquire` is released instead, as by `rf_store_release`: it is freed
+/// only with its last holder, so other threads' calls with their acquisitions of it run on.
+/// No call may be using `a` itself (this acquisition) when it is freed.
 #[no_mangle]
 pub unsafe extern "C" fn rf_adapter_free(a: *mut rf_adapter) {
     boundary_value!((), {
         if !a.is_null() {
-            drop(Box::from_raw(a));
+            if (*a).version.id != 0 {
+                // Only a store makes versioned adapters, and hands them out as `Arc`s.
+                drop(std::sync::Arc::from_raw(a as *const rf_adapter));
+            } else {
+                drop(Box::from_raw(a));
+            }
         }
     })
 }

@@ -41,6 +41,21 @@ pub struct rf_adapter {
     pub(crate) version: crate::store::Version,
 }
 
+/// Adapters alive in the process: counted so soak tests can tell every adapter was freed (one
+/// relaxed atomic add per adapter made or freed).
+static LIVE_ADAPTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many `rf_adapter`s are alive in the process (made and not yet freed), whoever owns them.
+pub fn live_adapters() -> usize {
+    LIVE_ADAPTERS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+impl Drop for rf_adapter {
+    fn drop(&mut self) {
+        LIVE_ADAPTERS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl crate::store::Versioned for rf_adapter {
     fn set_version(&mut self, v: crate::store::Version) {
         self.version = v;
@@ -88,6 +103,7 @@ impl rf_adapter {
             .modules()
             .map(|l| c_name(&l.name, "module name"))
             .collect::<Result<_>>()?;
+        LIVE_ADAPTERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(rf_adapter {
             inner,
             names,

@@ -120,10 +120,11 @@ pub unsafe extern "C" fn rf_store_register(
 /// threads asking at once share one load; a failed load is the error, naming the adapter, and a
 /// later call tries again). RF_STATUS_NOT_FOUND for an unknown name.
 /// `*out` is shared and read-only: use it with `rf_adapter_module`, `rf_lora_info_get` and
-/// `rf_linear` from any thread; do not pass it to `rf_adapter_free` or to a call that changes an
-/// adapter (training, `rf_lora_set_rank`: load a private copy with `rf_adapter_load_peft` for
-/// that). It is never evicted while acquired; release it once per acquisition with
-/// `rf_store_release`, after the calls using it have returned.
+/// `rf_linear` from any thread; do not pass it to a call that changes an adapter (training,
+/// `rf_lora_set_rank`: load a private copy with `rf_adapter_load_peft` for that). It is never
+/// evicted while acquired; release it once per acquisition with `rf_store_release` (or
+/// `rf_adapter_free`, which releases it), after the calls using this acquisition have returned.
+/// Publishing, evicting or freeing the store meanwhile never frees it under a running call.
 #[no_mangle]
 pub unsafe extern "C" fn rf_store_acquire(
     s: *const rf_store,
@@ -142,7 +143,8 @@ pub unsafe extern "C" fn rf_store_acquire(
 
 /// Releases one acquisition of `a` (from `rf_store_acquire`); NULL is accepted. The adapter
 /// becomes evictable when no acquisition remains, and is freed here if its store was freed or
-/// evicted it meanwhile. Thread-safe; needs no store.
+/// evicted it meanwhile (`rf_adapter_free` on an acquired adapter does the same). Thread-safe;
+/// needs no store.
 #[no_mangle]
 pub unsafe extern "C" fn rf_store_release(a: *mut rf_adapter) {
     boundary_value!((), {

@@ -306,7 +306,8 @@ int main(int argc, char **argv) {
     rf_lora_slot hs = {la, 0, 1.0f};
     ok(rf_linear(rt, &x, &wm, &bm, &hs, 1, NULL, &y), "linear with an adapter held across rf_store_free");
     rf_store_release(sa);
-    rf_store_release(sb);
+    /* rf_adapter_free on an acquired adapter releases it (no double free, no leak). */
+    rf_adapter_free(sb);
     rf_store_release(NULL);
   }
   rf_store_free(NULL);

@@ -72,7 +72,7 @@ fn main() {
         Cmd::ExtractBench(a) => extract::bench(&rt, &a),
         Cmd::Merge(a) => merge::run(&rt, &a),
         Cmd::Eigen(a) => eigen::run(&rt, &a),
-        Cmd::Soak(a) => soak::run(rt.threads(), &a),
+        Cmd::Soak(a) => soak::run(cli.threads, &a),
     };
     if let Err(e) = r {
         fail(e)
