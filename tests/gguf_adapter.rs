@@ -350,14 +350,15 @@ fn c_abi_load_save_architecture_and_errors() {
             ("missing.gguf", RF_STATUS_NOT_FOUND, "missing.gguf"),
         ];
         for (f, st, needle) in cases {
-            let mut out: *mut rf_adapter = 8 as *mut rf_adapter;
+            let sentinel = std::ptr::dangling_mut::<rf_adapter>();
+            let mut out = sentinel;
             let p = cs(gfix(f).to_str().unwrap());
             expect(
                 rf_adapter_load_gguf(rt, p.as_ptr(), &mut out),
                 st,
                 &[needle],
             );
-            assert_eq!(out as usize, 8, "{f}: *out written on failure");
+            assert_eq!(out, sentinel, "{f}: *out written on failure");
         }
         expect(
             rf_adapter_load_gguf(rt, null(), &mut null_mut()),
@@ -400,7 +401,7 @@ fn c_abi_load_save_architecture_and_errors() {
         let mut pa: *mut rf_adapter = null_mut();
         let dir = cs(fixture("adapters/lora-r8").to_str().unwrap());
         ok(rf_adapter_load_peft(rt, dir.as_ptr(), &mut pa));
-        let mut none = 8 as *const std::ffi::c_char;
+        let mut none = std::ptr::dangling::<std::ffi::c_char>();
         ok(rf_adapter_architecture(pa, &mut none));
         assert!(none.is_null());
         expect(

@@ -309,14 +309,12 @@ pub fn from_weights(name: &str, w: &Arc<Weights>) -> Result<Adapter> {
         }
         ad.add(lora)?;
     }
-    if let Some(v) = w.meta_get(KEY_RF_PEFT_NAMES) {
-        if let MetaValue::Array { items, .. } = v {
-            for it in items {
-                let s = it.as_bytes().and_then(|b| std::str::from_utf8(b).ok());
-                if let Some((g, p)) = s.and_then(|s| s.split_once('\t')) {
-                    if ad.get(g).is_some() {
-                        ad.peft_names.insert(g.to_string(), p.to_string());
-                    }
+    if let Some(MetaValue::Array { items, .. }) = w.meta_get(KEY_RF_PEFT_NAMES) {
+        for it in items {
+            let s = it.as_bytes().and_then(|b| std::str::from_utf8(b).ok());
+            if let Some((g, p)) = s.and_then(|s| s.split_once('\t')) {
+                if ad.get(g).is_some() {
+                    ad.peft_names.insert(g.to_string(), p.to_string());
                 }
             }
         }

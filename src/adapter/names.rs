@@ -71,7 +71,7 @@ pub fn qk_kind(gguf: &str) -> Option<bool> {
 /// heads: GGUF row `h*dh + 2j + i` is Hugging Face row `h*dh + i*dh/2 + j` (i in 0..2).
 /// `inverse` gives the opposite direction. Errors if rows do not split into heads x 2.
 pub fn qk_permutation(rows: usize, heads: usize, inverse: bool) -> Result<Vec<usize>> {
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(Error::shape(format!(
             "{rows} rows do not split into {heads} heads of an even size (rotary q/k permutation)"
         )));
