@@ -47,11 +47,6 @@
 #define RF_WEIGHTS_HOST 4
 
 /*
- The alignment written (llama.cpp's and gguf-py's default).
- */
-#define ALIGNMENT 32
-
-/*
  How a LoRA's scale follows the rank in use.
  */
 typedef enum {

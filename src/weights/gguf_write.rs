@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::Path;
 
 /// The alignment written (llama.cpp's and gguf-py's default).
-pub const ALIGNMENT: u64 = 32;
+pub(crate) const ALIGNMENT: u64 = 32;
 
 /// One tensor to write: `shape` row-major (outermost first, as safetensors and [`super::Weights`]
 /// give it; GGUF stores it reversed), `data` the dense bytes of that shape in `dtype`.
