@@ -6,9 +6,10 @@
 # produced. Everything lives under target/llama-cpp (nothing cached outside the clone). Skips,
 # saying why, only when the sdist or the Python tools cannot be downloaded; any other failure
 # fails the step. RANKFUSE_CI_CONVERT_LORA=1 also runs llama.cpp's convert_lora_to_gguf.py,
-# which needs torch + transformers (a multi-GB download from PyPI: off by default).
-# Cost on the 2-core CI machine: ~9 min building llama.cpp (measured 2026-12, printed below),
-# ~1 min for the rest.
+# which imports torch, transformers and mistral_common (torch from PyPI is a multi-GB download
+# with its CUDA wheels: off by default; with torch present the rest installs in ~75 s).
+# Cost: the llama.cpp build dominates (printed below; 40 min measured on the 2 shared cores of
+# the dev machine at nice 10 while other builds ran); the checks themselves take ~40 s.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LLAMA_CPP_PYTHON_VERSION=0.3.16
@@ -54,7 +55,7 @@ cc -O1 -o "$w/logits" tests/llama/logits.c -I"$src/include" -I"$src/ggml/include
 cargo build --quiet --bin rankfuse
 extra=()
 if [ "${RANKFUSE_CI_CONVERT_LORA:-0}" = 1 ]; then
-  "${pip[@]}" install torch transformers sentencepiece
+  "${pip[@]}" install torch transformers mistral_common "numpy==$NUMPY_VERSION"
   extra=(--convert-lora "$src")
 else
   echo "note: convert_lora_to_gguf.py check not run (needs torch + transformers; set RANKFUSE_CI_CONVERT_LORA=1)"
