@@ -8,8 +8,9 @@
 # fails the step. RANKFUSE_CI_CONVERT_LORA=1 also runs llama.cpp's convert_lora_to_gguf.py,
 # which imports torch, transformers and mistral_common (torch from PyPI is a multi-GB download
 # with its CUDA wheels: off by default; with torch present the rest installs in ~75 s).
-# Cost: the llama.cpp build dominates (printed below; 40 min measured on the 2 shared cores of
-# the dev machine at nice 10 while other builds ran); the checks themselves take ~40 s.
+# Cost, measured on the 2-core dev machine (Zen 3, load 10-20 from other builds): llama.cpp build
+# 1040 s, whole step 1209 s on a fresh clone; the build is incremental in target/llama-cpp, so a
+# rerun on the same clone costs ~1-2 min. The checks themselves take ~40 s.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LLAMA_CPP_PYTHON_VERSION=0.3.16
