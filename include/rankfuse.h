@@ -88,6 +88,22 @@ typedef enum {
 } rf_dtype;
 
 /*
+ How `rf_adapter_save_gguf` chooses the file's single `adapter.lora.alpha` (llama.cpp applies
+ scale = alpha / rank to every module; alpha 0 = scale 1).
+ */
+typedef enum {
+  /*
+   The alpha that reproduces the most modules' scales exactly; every other module's scale
+   ratio is folded into its lora_b (its values change, its product does not).
+   */
+  RF_GGUF_ALPHA_AUTO = 0,
+  /*
+   alpha = 0 (scale 1) and every module's scale folded into lora_b.
+   */
+  RF_GGUF_ALPHA_FOLD = 1,
+} rf_gguf_alpha;
+
+/*
  Stable status numbers; append-only, retired numbers are never reused.
  */
 typedef enum {
@@ -242,6 +258,36 @@ typedef struct {
   rf_scaling scaling;
   rf_dtype dtype;
 } rf_lora_info;
+
+/*
+ Options of `rf_adapter_save_gguf`. Fill with `rf_gguf_save_options_default`, then change
+ fields. NULL options = the defaults.
+ */
+typedef struct {
+  /*
+   sizeof(rf_gguf_save_options).
+   */
+  uint32_t struct_size;
+  /*
+   Default RF_GGUF_ALPHA_AUTO.
+   */
+  rf_gguf_alpha alpha;
+  /*
+   `general.architecture` of the base model ("llama", "qwen2", "bert", ...); it also picks
+   the Hugging Face -> GGUF module-name table. NULL or "" = the adapter's own (set when it
+   was loaded from a GGUF file); neither is an error.
+   */
+  const char *architecture;
+  /*
+   The base model's attention heads and key/value heads (config.json's
+   num_attention_heads, num_key_value_heads; kv 0 = same as heads). Required (else
+   RF_STATUS_INVALID_ARGUMENT) when Hugging Face q_proj/k_proj modules of a llama or mistral
+   adapter are written: llama.cpp's converter permutes those rows per head (rotary layout),
+   so lora_b's rows are permuted the same way. Default 0.
+   */
+  uint32_t n_head;
+  uint32_t n_head_kv;
+} rf_gguf_save_options;
 
 /*
  Options of `rf_extract_peft`. Fill with `rf_extract_options_default`, then change fields.
@@ -540,6 +586,50 @@ rf_error *rf_lora_info_get(const rf_lora *l, rf_lora_info *out);
  not call while another thread runs `rf_linear` with it.
  */
 rf_error *rf_lora_set_rank(rf_lora *l, uint32_t rank);
+
+/*
+ Fills `*out` with the defaults (struct_size set, RF_GGUF_ALPHA_AUTO, architecture NULL, no
+ head counts).
+ */
+rf_error *rf_gguf_save_options_default(rf_gguf_save_options *out);
+
+/*
+ Loads a GGUF LoRA adapter (llama.cpp's format: `general.type = "adapter"`, `adapter.type =
+ "lora"`, `adapter.lora.alpha`, tensors `<base>.weight.lora_a` [r, in] and `.lora_b` [out, r]
+ in F32/F16/BF16/Q8_0). Modules are named by their base tensor without `.weight`
+ (`blk.0.attn_q`); alpha 0 gives RF_SCALING_FIXED scale 1, else RF_SCALING_LORA with that
+ alpha (a file written by rankfuse restores each unfolded module's own rule). F32/F16/BF16
+ tensors are used in place from the file's mapping; Q8_0 is decoded to F32. A non-adapter
+ file, a lone lora_a or lora_b, a rank mismatch, another suffix or dtype is an error naming
+ the tensor; `*out` is written only on success. On a CUDA runtime the modules are uploaded as
+ in `rf_adapter_load_peft`. The caller owns `*out` (free with `rf_adapter_free`).
+ */
+rf_error *rf_adapter_load_gguf(rf_runtime *rt, const char *path, rf_adapter **out);
+
+/*
+ Writes the adapter as a GGUF LoRA file that llama.cpp's `llama_adapter_lora_init` loads
+ (GGUF v3, alignment 32, tensor data contiguous in declaration order). Each module's rank in
+ use is written, with training gains folded in; Hugging Face module paths are mapped to GGUF
+ names by the architecture's table (names already in GGUF form are kept; unmapped names are
+ one RF_STATUS_UNSUPPORTED error listing them). See `rf_gguf_alpha` for how the single alpha
+ is chosen. `opts` may be NULL (defaults). Reads the adapter only; the file is written
+ through a temporary beside it and renamed.
+ */
+rf_error *rf_adapter_save_gguf(const rf_adapter *a, const char *path, const rf_gguf_save_options *opts);
+
+/*
+ The adapter's architecture (`general.architecture` of the GGUF file it was loaded from), or
+ NULL when it has none (PEFT adapters). Valid until `rf_adapter_free`; read-only, thread-safe.
+ */
+rf_error *rf_adapter_architecture(const rf_adapter *a, const char **out);
+
+/*
+ Checks the adapter against base weights: every module `m` needs a base tensor `m.weight` of
+ shape [out, in] (RF_STATUS_NOT_FOUND / RF_STATUS_SHAPE naming the module and tensor), and a
+ GGUF base's `general.architecture` must equal the adapter's when both are known
+ (RF_STATUS_INVALID_ARGUMENT). Read-only on both.
+ */
+rf_error *rf_adapter_check_base(const rf_adapter *a, const rf_weights *base);
 
 /*
  Fills `*out` with the defaults (struct_size set, energy 0.90, max_rank 128, F32, ...).

@@ -314,6 +314,28 @@ class Adapter {
   }
   /** Writes a PEFT folder (created if missing). */
   void save_peft(const std::string &dir) const { check(rf_adapter_save_peft(p_.get(), dir.c_str())); }
+  /** Writes a GGUF LoRA adapter llama.cpp loads. architecture "" = the adapter's own (from the
+   *  GGUF it came from); n_head / n_head_kv are needed for llama/mistral q/k modules. */
+  void save_gguf(const std::string &path, const std::string &architecture = "",
+                 rf_gguf_alpha alpha = RF_GGUF_ALPHA_AUTO, uint32_t n_head = 0,
+                 uint32_t n_head_kv = 0) const {
+    rf_gguf_save_options o{};
+    check(rf_gguf_save_options_default(&o));
+    o.alpha = alpha;
+    o.architecture = architecture.empty() ? nullptr : architecture.c_str();
+    o.n_head = n_head;
+    o.n_head_kv = n_head_kv;
+    check(rf_adapter_save_gguf(p_.get(), path.c_str(), &o));
+  }
+  /** general.architecture of the GGUF file the adapter came from; "" = none. */
+  std::string architecture() const {
+    const char *a = nullptr;
+    check(rf_adapter_architecture(p_.get(), &a));
+    return a ? a : "";
+  }
+  /** Throws unless every module has a base tensor "<module>.weight" of shape [out, in] and a
+   *  GGUF base's architecture matches. */
+  void check_base(const Weights &base) const { check(rf_adapter_check_base(p_.get(), base.raw())); }
   rf_adapter *raw() const noexcept { return p_.get(); }
 
  private:
@@ -387,6 +409,13 @@ class Runtime {
   Adapter load_peft(const std::string &dir) {
     rf_adapter *a = nullptr;
     check(rf_adapter_load_peft(p_.get(), dir.c_str(), &a));
+    return Adapter(AdapterPtr(a));
+  }
+
+  /** Loads a GGUF LoRA adapter (llama.cpp's format); modules are named "blk.0.attn_q". */
+  Adapter load_gguf(const std::string &path) {
+    rf_adapter *a = nullptr;
+    check(rf_adapter_load_gguf(p_.get(), path.c_str(), &a));
     return Adapter(AdapterPtr(a));
   }
 

@@ -6,9 +6,12 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 static int passed = 0, failed = 0;
 
@@ -160,6 +163,25 @@ int main(int argc, char **argv) {
                 rankfuse::MatMut(y, 5, 172), rs);
     });
     expect_error(RF_STATUS_NOT_FOUND, "missing.safetensors", [&] { rt.open_weights(dir + "/missing.safetensors"); });
+  });
+
+  test("gguf adapter: save, load, architecture, outputs, errors", [&] {
+    const char *tmp = std::getenv("TMPDIR");
+    const std::string path = std::string(tmp ? tmp : "/tmp") + "/rankfuse-hpp-" +
+                             std::to_string(static_cast<long>(getpid())) + ".gguf";
+    rankfuse::Adapter ad = rt.load_peft(dir + "/adapters/rslora-pattern");
+    expect(ad.architecture().empty(), "a PEFT adapter has no architecture");
+    expect_error(RF_STATUS_INVALID_ARGUMENT, "n_head", [&] { ad.save_gguf(path, "llama"); });
+    ad.save_gguf(path, "qwen2");
+    rankfuse::Adapter g = rt.load_gguf(path);
+    std::remove(path.c_str());
+    expect(g.architecture() == "qwen2", "architecture " + g.architecture());
+    const std::string m = "layers.1.mlp.up_proj";
+    rankfuse::MatRef x = io.get("x." + m), w = base.get(m + ".weight");
+    std::vector<float> y(size_t(x.rows() * w.rows()));
+    rt.linear(x, w, nullptr, {rankfuse::slot(g.module("blk.1.ffn_up"))}, rankfuse::MatMut(y, x.rows(), w.rows()));
+    expect_close(y, w.rows(), io.get("y.rslora-pattern." + m), 1e-4, 1e-4, m);
+    expect_error(RF_STATUS_FORMAT, "general.type", [&] { rt.load_gguf(dir + "/../gguf-adapter/model.gguf"); });
   });
 
   test("typed views", [&] {

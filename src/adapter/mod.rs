@@ -1,7 +1,9 @@
 //! Adapters: a named set of per-module low-rank modules.
 
+pub mod gguf;
 pub mod kron;
 pub mod lora;
+pub mod names;
 pub mod pattern;
 pub mod peft;
 
@@ -22,6 +24,12 @@ pub struct Adapter {
     index: HashMap<String, usize>,
     /// The adapter_config.json this adapter was loaded from (kept for saving), if any.
     pub peft_config: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The `general.architecture` of the GGUF file the adapter was loaded from (NUL-terminated
+    /// for the C accessor), if any.
+    architecture: Option<std::ffi::CString>,
+    /// Module name -> the Hugging Face (PEFT) module path it was converted from, as recorded in
+    /// a GGUF adapter written by rankfuse (`gguf::to_peft_names` prefers these to the table).
+    pub peft_names: HashMap<String, String>,
 }
 
 // SAFETY: shared access only reads modules; writes need `&mut Adapter` or, through
@@ -35,7 +43,54 @@ impl Adapter {
             modules: Vec::new(),
             index: HashMap::new(),
             peft_config: None,
+            architecture: None,
+            peft_names: HashMap::new(),
         }
+    }
+
+    /// The architecture the adapter is for (`general.architecture` of a GGUF adapter).
+    pub fn architecture(&self) -> Option<&str> {
+        self.architecture.as_ref().and_then(|c| c.to_str().ok())
+    }
+    /// The same, NUL-terminated (for C).
+    pub fn architecture_c(&self) -> Option<&std::ffi::CStr> {
+        self.architecture.as_deref()
+    }
+    /// Sets (or clears) the architecture; a name holding NUL is refused.
+    pub fn set_architecture(&mut self, arch: Option<&str>) -> Result<()> {
+        self.architecture = match arch {
+            None => None,
+            Some(a) => Some(std::ffi::CString::new(a).map_err(|_| {
+                Error::invalid(format!("architecture '{}' holds a NUL", a.escape_debug()))
+            })?),
+        };
+        Ok(())
+    }
+
+    /// Renames every module (`names[i]` for module `i`); the new names must be distinct.
+    pub fn rename_modules(&mut self, names: &[String]) -> Result<()> {
+        if names.len() != self.modules.len() {
+            return Err(Error::internal(format!(
+                "adapter '{}': {} names for {} modules",
+                self.name,
+                names.len(),
+                self.modules.len()
+            )));
+        }
+        let mut index = HashMap::with_capacity(names.len());
+        for (i, n) in names.iter().enumerate() {
+            if index.insert(n.clone(), i).is_some() {
+                return Err(Error::invalid(format!(
+                    "adapter '{}': two modules would be named '{n}'",
+                    self.name
+                )));
+            }
+        }
+        for (m, n) in self.modules.iter_mut().zip(names) {
+            m.get_mut().name = n.clone();
+        }
+        self.index = index;
+        Ok(())
     }
 
     /// Adds a module; its name must be new.

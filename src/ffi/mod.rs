@@ -7,6 +7,7 @@
 #[macro_use]
 pub mod boundary;
 pub mod adapter;
+pub mod adapter_gguf;
 pub mod algebra;
 pub mod device;
 pub mod error;

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub mod gguf;
+pub mod gguf_write;
 pub use gguf::MetaValue;
 
 /// Largest sharded index JSON we read (real ones are well under 1 MiB).

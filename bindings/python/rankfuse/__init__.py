@@ -72,6 +72,7 @@ Device = _enum("Device", "rf_device", "RF_DEVICE_")
 ActQuant = _enum("ActQuant", "rf_act_quant", "RF_ACT_QUANT_")
 Scaling = _enum("Scaling", "rf_scaling", "RF_SCALING_")
 BackwardMode = _enum("BackwardMode", "rf_backward_mode", "RF_BACKWARD_")
+GgufAlpha = _enum("GgufAlpha", "rf_gguf_alpha", "RF_GGUF_ALPHA_")
 
 
 def version() -> str:
@@ -299,6 +300,14 @@ class Runtime(_Handle):
         p = self._live()
         out = ctypes.POINTER(_ffi.rf_adapter)()
         _check(_lib.rf_adapter_load_peft(p, str(path).encode(), ctypes.byref(out)))
+        return Adapter(out, self)
+
+    def load_gguf(self, path) -> "Adapter":
+        """Loads a GGUF LoRA adapter (llama.cpp's format). Modules are named by their base
+        tensor without '.weight' ("blk.0.attn_q"); Adapter.architecture() gives the model's."""
+        p = self._live()
+        out = ctypes.POINTER(_ffi.rf_adapter)()
+        _check(_lib.rf_adapter_load_gguf(p, str(path).encode(), ctypes.byref(out)))
         return Adapter(out, self)
 
     def new_adapter(self, name: str = "adapter") -> "Adapter":
@@ -587,6 +596,36 @@ class Adapter(_Handle):
     def save_peft(self, path) -> None:
         """Writes a PEFT folder (created if missing) that PEFT and rankfuse load back."""
         _check(_lib.rf_adapter_save_peft(self._live(), str(path).encode()))
+
+    def save_gguf(
+        self,
+        path,
+        architecture: str = None,
+        alpha: GgufAlpha = GgufAlpha.AUTO,
+        n_head: int = 0,
+        n_head_kv: int = 0,
+    ) -> None:
+        """Writes a GGUF LoRA adapter llama.cpp loads. architecture: the base's
+        general.architecture (default: the adapter's own, from the GGUF it came from); it also
+        maps Hugging Face module names. n_head / n_head_kv: needed for llama/mistral q/k modules
+        (llama.cpp permutes those rows per head)."""
+        o = _ffi.rf_gguf_save_options()
+        _check(_lib.rf_gguf_save_options_default(ctypes.byref(o)))
+        o.alpha = int(alpha)
+        o.architecture = architecture.encode() if architecture else None
+        o.n_head, o.n_head_kv = n_head, n_head_kv
+        _check(_lib.rf_adapter_save_gguf(self._live(), str(path).encode(), ctypes.byref(o)))
+
+    def architecture(self):
+        """general.architecture of the GGUF file the adapter came from, or None."""
+        out = ctypes.c_char_p()
+        _check(_lib.rf_adapter_architecture(self._live(), ctypes.byref(out)))
+        return None if out.value is None else out.value.decode()
+
+    def check_base(self, base: "Weights") -> None:
+        """Raises Error unless every module has a base tensor '<module>.weight' of shape
+        [out, in] and a GGUF base's architecture matches."""
+        _check(_lib.rf_adapter_check_base(self._live(), base._live()))
 
     # Training (each needs exclusive access to the adapter).
     def add_lora(

@@ -42,6 +42,7 @@ P = POINTER
 # Enum constants, by C type name: {C constant: value}.
 ENUMS = {
     "rf_scaling": {"RF_SCALING_LORA": 0, "RF_SCALING_RSLORA": 1, "RF_SCALING_FIXED": 2},
+    "rf_gguf_alpha": {"RF_GGUF_ALPHA_AUTO": 0, "RF_GGUF_ALPHA_FOLD": 1},
     "rf_dtype": {
         "RF_DTYPE_F32": 0,
         "RF_DTYPE_F16": 1,
@@ -187,6 +188,16 @@ class rf_store_stats(ctypes.Structure):
     ]
 
 
+class rf_gguf_save_options(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("alpha", c_enum),
+        ("architecture", c_char_p),
+        ("n_head", c_uint32),
+        ("n_head_kv", c_uint32),
+    ]
+
+
 class rf_extract_options(ctypes.Structure):
     _fields_ = [
         ("struct_size", c_uint32),
@@ -270,6 +281,7 @@ STRUCTS = {c.__name__: c for c in (
     rf_lora_info,
     rf_packed_info,
     rf_store_stats,
+    rf_gguf_save_options,
     rf_extract_options,
     rf_matrix,
     rf_lora_slot,
@@ -298,6 +310,11 @@ FUNCTIONS = {
     "rf_adapter_module": (ERR, [P(rf_adapter), c_char_p, P(P(rf_lora))]),
     "rf_lora_info_get": (ERR, [P(rf_lora), P(rf_lora_info)]),
     "rf_lora_set_rank": (ERR, [P(rf_lora), c_uint32]),
+    "rf_gguf_save_options_default": (ERR, [P(rf_gguf_save_options)]),
+    "rf_adapter_load_gguf": (ERR, [P(rf_runtime), c_char_p, P(P(rf_adapter))]),
+    "rf_adapter_save_gguf": (ERR, [P(rf_adapter), c_char_p, P(rf_gguf_save_options)]),
+    "rf_adapter_architecture": (ERR, [P(rf_adapter), P(c_char_p)]),
+    "rf_adapter_check_base": (ERR, [P(rf_adapter), P(rf_weights)]),
     "rf_extract_options_default": (ERR, [P(rf_extract_options)]),
     "rf_extract_peft": (ERR, [P(rf_runtime), c_char_p, c_char_p, P(rf_extract_options), rf_progress_fn, c_void_p, c_char_p]),
     "rf_lora_merge": (ERR, [P(rf_runtime), P(rf_lora), c_uint32, c_float, P(rf_matrix)]),

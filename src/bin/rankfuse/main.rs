@@ -2,6 +2,7 @@
 
 mod apply;
 mod bench;
+mod convert;
 mod demo;
 mod eigen;
 mod extract;
@@ -42,6 +43,8 @@ enum Cmd {
     Extract(extract::Args),
     /// Times the randomized truncated SVD against faer's full SVD (same run).
     ExtractBench(extract::BenchArgs),
+    /// PEFT folder <-> GGUF LoRA adapter (llama.cpp), with a ΔW parity report.
+    Convert(convert::Args),
     /// Merges (or unmerges) a PEFT adapter into base weights, writing a new safetensors file.
     Merge(merge::Args),
     /// EigenLoRAx: a shared principal basis for many adapters, and adapters as loadings on it.
@@ -70,6 +73,7 @@ fn main() {
         Cmd::Bench(a) => bench::run(&rt, &a),
         Cmd::Extract(a) => extract::run(&rt, &a),
         Cmd::ExtractBench(a) => extract::bench(&rt, &a),
+        Cmd::Convert(a) => convert::run(&a),
         Cmd::Merge(a) => merge::run(&rt, &a),
         Cmd::Eigen(a) => eigen::run(&rt, &a),
         Cmd::Soak(a) => soak::run(cli.threads, &a),
