@@ -437,3 +437,31 @@ fn c_abi_load_save_architecture_and_errors() {
         rf_runtime_free(rt);
     }
 }
+
+/// A file written by llama.cpp's own `convert_lora_to_gguf.py` (llama-cpp-python 0.3.16's
+/// vendored copy, scripts/make_llamacpp_lora_fixture.py) from the PEFT folder beside it: read,
+/// names mapped back and q/k rows un-permuted, it is the PEFT input bit for bit, same scales.
+#[test]
+fn reads_what_llama_cpp_convert_lora_to_gguf_wrote() {
+    let dir = gfix("llamacpp");
+    let mut theirs = gguf::load(&dir.join("convert_lora_to_gguf.gguf")).unwrap();
+    assert_eq!(theirs.architecture(), Some("llama"));
+    let peft_in = peft::load(&dir.join("peft")).unwrap();
+    assert_eq!(theirs.len(), peft_in.len());
+    // tests/llama/interop.py's model: 4 heads, 2 KV heads.
+    gguf::to_peft(&mut theirs, 4, 2).unwrap();
+    for l in peft_in.modules() {
+        let m = theirs
+            .module(&l.name)
+            .unwrap_or_else(|e| panic!("{}: {e}", l.name));
+        let r = l.rank();
+        assert_eq!(m.rank(), r, "{}", l.name);
+        assert_eq!(bytes_of(l), bytes_of(m), "{}", l.name);
+        assert_eq!(
+            l.scale_at(r).to_bits(),
+            m.scale_at(r).to_bits(),
+            "{}",
+            l.name
+        );
+    }
+}
