@@ -205,19 +205,11 @@ fn quantized_dtypes_are_refused_outside_w() {
 }
 
 fn q8_runtimes() -> Vec<(rankfuse::backend::cpu::Isa, rankfuse::Runtime)> {
-    use rankfuse::backend::cpu;
-    cpu::Isa::ALL
-        .iter()
-        .filter_map(|&isa| {
-            let t = cpu::table(isa).ok()?;
-            let opts = rankfuse::RuntimeOptions {
-                num_threads: 2,
-                act_quant: rankfuse::ActQuant::Q8,
-                ..Default::default()
-            };
-            Some((isa, rankfuse::Runtime::with_kernels(opts, t).unwrap()))
-        })
-        .collect()
+    common::runtimes_with(rankfuse::RuntimeOptions {
+        num_threads: 2,
+        act_quant: rankfuse::ActQuant::Q8,
+        ..Default::default()
+    })
 }
 
 /// x whose 32-value blocks stress the quantizer: all zeros (scale 0), one outlier among tiny

@@ -15,20 +15,18 @@ pub fn fixture(p: &str) -> PathBuf {
 
 /// A runtime per kernel variant this CPU can run; prints one line for each it cannot.
 pub fn runtimes() -> Vec<(Isa, Runtime)> {
+    runtimes_with(RuntimeOptions {
+        num_threads: 2,
+        ..Default::default()
+    })
+}
+
+/// `runtimes` with other options (the kernel table is still chosen per variant).
+pub fn runtimes_with(opts: RuntimeOptions) -> Vec<(Isa, Runtime)> {
     let mut out = Vec::new();
     for isa in Isa::ALL {
         match cpu::table(isa) {
-            Ok(t) => out.push((
-                isa,
-                Runtime::with_kernels(
-                    RuntimeOptions {
-                        num_threads: 2,
-                        ..Default::default()
-                    },
-                    t,
-                )
-                .unwrap(),
-            )),
+            Ok(t) => out.push((isa, Runtime::with_kernels(opts, t).unwrap())),
             Err(_) => println!(
                 "skipping kernel variant '{}': this CPU lacks its instructions",
                 isa.name()

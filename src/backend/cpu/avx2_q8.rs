@@ -11,17 +11,12 @@
 //! sum stays below the i16 limit (2 * 128 * 127 = 32512). Q4_K nibbles are unsigned already;
 //! its min term uses each x block's `d * sum(q)` (`Q8Rows::ds`).
 
+use super::avx2_quant::{f16_at, hsum};
 use super::driver::DECODE_MAX_M;
 use crate::dtype::DType;
 use crate::matrix::MatRef;
 use crate::quant::{scale_min_k4, Q8Rows, Q4_0_BYTES, Q4_K_BYTES, Q8_0_BYTES, QK, QK_K};
 use std::arch::x86_64::*;
-
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    let bits = (p as *const u16).read_unaligned();
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
 
 /// Signed w . signed x over 32 bytes, as 8 f32 lanes of exact i32 partial sums.
 #[inline(always)]
@@ -37,14 +32,6 @@ unsafe fn dot_u4(w: __m256i, x: __m256i) -> __m256 {
         _mm256_maddubs_epi16(w, x),
         _mm256_set1_epi16(1),
     ))
-}
-
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
 }
 
 /// Block `b` of a Q8_0 / Q4_0 row as 32 signed bytes in element order, and its scale.
