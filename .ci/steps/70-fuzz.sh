@@ -6,7 +6,7 @@
 # the step; the input is left in fuzz/artifacts/<target>/. Long runs: see docs/reliability.md.
 set -euo pipefail
 CARGO_FUZZ_VERSION=0.13.1
-SECS=${RANKFUSE_FUZZ_SECS:-12}
+SECS=${RANKFUSE_FUZZ_SECS:-8}
 if ! cargo fuzz --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSION\$"; then
   cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --quiet
 fi
