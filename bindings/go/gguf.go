@@ -33,22 +33,9 @@ type GGUFSaveOptions struct {
 // LoadGGUF loads a GGUF LoRA adapter (llama.cpp's format); modules are named by their base
 // tensor without ".weight" ("blk.0.attn_q").
 func (r *Runtime) LoadGGUF(path string) (*Adapter, error) {
-	p, err := r.live()
-	if err != nil {
-		return nil, err
-	}
-	cs := C.CString(path)
-	defer C.free(unsafe.Pointer(cs))
-	var a *C.rf_adapter
-	err = check(C.rf_adapter_load_gguf(p, cs, &a))
-	runtime.KeepAlive(r)
-	if err != nil {
-		return nil, err
-	}
-	r.acquire()
-	out := &Adapter{ptr: a, rt: r}
-	runtime.SetFinalizer(out, (*Adapter).Close)
-	return out, nil
+	return r.loadAdapter(path, func(p *C.rf_runtime, cs *C.char, a **C.rf_adapter) *C.rf_error {
+		return C.rf_adapter_load_gguf(p, cs, a)
+	})
 }
 
 // SaveGGUF writes the adapter as a GGUF LoRA file that llama.cpp loads.

@@ -415,14 +415,21 @@ func (r *Runtime) OpenWeights(path string) (*Weights, error) {
 
 // LoadPEFT loads a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
 func (r *Runtime) LoadPEFT(dir string) (*Adapter, error) {
+	return r.loadAdapter(dir, func(p *C.rf_runtime, cs *C.char, a **C.rf_adapter) *C.rf_error {
+		return C.rf_adapter_load_peft(p, cs, a)
+	})
+}
+
+// loadAdapter runs one of the C loaders that take (rt, path, &out) and wraps its adapter.
+func (r *Runtime) loadAdapter(path string, load func(*C.rf_runtime, *C.char, **C.rf_adapter) *C.rf_error) (*Adapter, error) {
 	p, err := r.live()
 	if err != nil {
 		return nil, err
 	}
-	cs := C.CString(dir)
+	cs := C.CString(path)
 	defer C.free(unsafe.Pointer(cs))
 	var a *C.rf_adapter
-	err = check(C.rf_adapter_load_peft(p, cs, &a))
+	err = check(load(p, cs, &a))
 	runtime.KeepAlive(r)
 	if err != nil {
 		return nil, err
