@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod matrix;
+pub mod methods;
 pub mod quant;
 pub mod rank;
 pub mod rng;

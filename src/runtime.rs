@@ -6,6 +6,7 @@ use crate::backend::cpu::{self, KernelTable};
 use crate::backend::{ActQuant, LinearProblem, Slot};
 use crate::error::{Error, Result};
 use crate::matrix::{MatMut, MatRef};
+use crate::methods::MethodSlot;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Device {
@@ -175,6 +176,58 @@ impl Runtime {
         }
     }
 
+    /// The fused linear with slots of every kind: `methods` pairs with `p.slots` (same length,
+    /// or empty), holding the KRAdapter / EigenLoRAx slots whose positions in `p.slots` are
+    /// None (methods/forward.rs). Without method slots this is `linear`.
+    pub fn linear_with(
+        &self,
+        p: &LinearProblem<'_>,
+        methods: &[Option<MethodSlot<'_>>],
+        y: &mut MatMut<'_>,
+    ) -> Result<()> {
+        self.with_methods(p, methods, y, &|q, yy| self.linear(q, yy))
+    }
+
+    /// `linear_packed` with slots of every kind (as `linear_with`).
+    pub fn linear_packed_with(
+        &self,
+        p: &LinearProblem<'_>,
+        packed: &PackedW,
+        methods: &[Option<MethodSlot<'_>>],
+        y: &mut MatMut<'_>,
+    ) -> Result<()> {
+        let q = LinearProblem {
+            w: packed.shape_view(),
+            ..*p
+        };
+        self.with_methods(&q, methods, y, &|q2, yy| self.linear_packed(q2, packed, yy))
+    }
+
+    fn with_methods(
+        &self,
+        p: &LinearProblem<'_>,
+        methods: &[Option<MethodSlot<'_>>],
+        y: &mut MatMut<'_>,
+        base: &(dyn Fn(&LinearProblem<'_>, &mut MatMut<'_>) -> Result<()> + Sync),
+    ) -> Result<()> {
+        if methods.iter().all(|m| m.is_none()) {
+            return base(p, y);
+        }
+        match &self.backend {
+            Backend::Cpu => self
+                .pool
+                .install(|| crate::methods::forward::linear(p, methods, y, base)),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => {
+                let names: Vec<&str> = methods.iter().flatten().map(|m| m.module()).collect();
+                Err(Error::unsupported(format!(
+                    "KRAdapter / EigenLoRAx slots ({}) run on CPU runtimes in this version; on a                      CUDA runtime merge them (rf_lora_merge) or serve them from a CPU runtime",
+                    names.join(", ")
+                )))
+            }
+        }
+    }
+
     /// Packs a base matrix once for this runtime's kernels (`PackedW`): the layout follows the
     /// kernel table (`KernelTable::pack`), so a pack serves runtimes with the same table. CPU
     /// runtimes only: on a CUDA runtime W is device-resident and read in place by the kernels.
@@ -280,6 +333,7 @@ impl Runtime {
 
 /// Resolves a slot: rank 0 = the lora's current rank; scale = scale(rank) * scale_mult.
 pub fn slot(lora: &Lora, rank: usize, scale_mult: f32) -> Result<Slot<'_>> {
+    lora.require_lora("a low-rank kernel slot (resolve it with methods::resolve)")?;
     let r = lora.resolve_rank(rank)?;
     if !scale_mult.is_finite() {
         return Err(Error::invalid(format!(

@@ -77,6 +77,11 @@ pub struct Lora {
     pub fixed_scale: f32,
     pub a: TensorData,
     pub b: TensorData,
+    /// What the module is (kind.rs): LoRA, or a KRAdapter / EigenLoRAx module whose parameters
+    /// A and B hold in the layout kind.rs gives. `in_features` / `out_features` are A's columns
+    /// and B's rows (the weight's in / out for LoRA; `module_dims` gives the weight's for every
+    /// kind).
+    pub kind: super::kind::Kind,
     /// Training state (f32 masters, gradients, optimizer, gains, mask); None = inference only.
     pub train: Option<Box<crate::train::TrainState>>,
     /// A copy of A, B and the gains in device memory (adapters loaded on a CUDA runtime); the
@@ -132,6 +137,7 @@ impl Lora {
             fixed_scale,
             a,
             b,
+            kind: super::kind::Kind::Lora,
             train: None,
             #[cfg(feature = "cuda")]
             device: None,
@@ -170,16 +176,22 @@ impl Lora {
         self.rank.load(Ordering::Relaxed) as usize
     }
 
-    /// Sets the default rank (1..=capacity).
+    /// Sets the default rank (1..=rank_limit: LoRA's capacity, EigenLoRAx's basis components).
     pub fn set_rank(&self, rank: usize) -> Result<()> {
-        if rank == 0 || rank > self.capacity {
+        let lim = self.rank_limit();
+        if rank == 0 || rank > lim {
             return Err(Error::invalid(format!(
-                "module '{}': rank {rank} is outside 1..={}",
-                self.name, self.capacity
+                "module '{}': rank {rank} is outside 1..={lim}",
+                self.name
             )));
         }
         self.rank.store(rank as u32, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Sets the rank without the check (constructors of the other kinds).
+    pub(crate) fn set_rank_unchecked(&mut self, rank: usize) {
+        self.rank.store(rank as u32, Ordering::Relaxed);
     }
 
     /// The scale at rank `r` in use.
@@ -210,10 +222,16 @@ impl Lora {
     /// Resolves a per-call rank (0 = current) and checks it.
     pub fn resolve_rank(&self, rank: usize) -> Result<usize> {
         let r = if rank == 0 { self.rank() } else { rank };
-        if r > self.capacity {
+        let lim = self.rank_limit();
+        if r > lim {
             return Err(Error::invalid(format!(
-                "module '{}': rank {r} exceeds capacity {}",
-                self.name, self.capacity
+                "module '{}': rank {r} exceeds {} {lim}",
+                self.name,
+                if matches!(self.kind, super::kind::Kind::Lora) {
+                    "capacity"
+                } else {
+                    "the module's rank limit"
+                }
             )));
         }
         Ok(r)

@@ -1,12 +1,14 @@
 //! Adapters: a named set of per-module low-rank modules.
 
 pub mod gguf;
+pub mod kind;
 pub mod kron;
 pub mod lora;
 pub mod names;
 pub mod pattern;
 pub mod peft;
 
+pub use kind::{BasisModule, Kind, KronShape};
 pub use lora::{Lora, Scaling, TensorData};
 
 use crate::error::{Error, Result};

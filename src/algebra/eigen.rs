@@ -31,30 +31,12 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-/// One module's basis: C_A (in x k), C_B (out x k), orthonormal columns, f32.
-#[derive(Clone, Debug)]
-pub struct BasisModule {
-    pub name: String,
-    pub in_features: usize,
-    pub out_features: usize,
-    pub c_a: Mat<f32>,
-    pub c_b: Mat<f32>,
-    /// Share of the centred variance the first K components keep, per side.
-    pub explained_a: f64,
-    pub explained_b: f64,
-}
-
-impl BasisModule {
-    /// Components (K + G).
-    pub fn k(&self) -> usize {
-        self.c_a.ncols()
-    }
-}
+pub use crate::adapter::kind::BasisModule;
 
 /// A basis for every module of a set of adapters.
 #[derive(Clone, Debug)]
 pub struct Basis {
-    pub modules: BTreeMap<String, BasisModule>,
+    pub modules: BTreeMap<String, std::sync::Arc<BasisModule>>,
     pub components: usize,
     pub augment: usize,
     pub adapters: Vec<String>,
@@ -203,15 +185,7 @@ pub fn build(adapters: &[Adapter], components: usize, aug: usize, seed: u64) -> 
         }
         modules.insert(
             l0.name.clone(),
-            BasisModule {
-                name: l0.name.clone(),
-                in_features: inf,
-                out_features: outf,
-                c_a: ca,
-                c_b: cb,
-                explained_a: ea,
-                explained_b: eb,
-            },
+            std::sync::Arc::new(BasisModule::new(&l0.name, ca, cb, ea, eb)?),
         );
     }
     Ok(Basis {
@@ -292,15 +266,7 @@ impl Basis {
             }
             modules.insert(
                 name.to_string(),
-                BasisModule {
-                    name: name.to_string(),
-                    in_features: ca.nrows(),
-                    out_features: cb.nrows(),
-                    c_a: ca,
-                    c_b: cb,
-                    explained_a: f64::NAN,
-                    explained_b: f64::NAN,
-                },
+                std::sync::Arc::new(BasisModule::new(name, ca, cb, f64::NAN, f64::NAN)?),
             );
         }
         Ok(Basis {
@@ -312,6 +278,11 @@ impl Basis {
     }
 
     pub fn module(&self, name: &str) -> Result<&BasisModule> {
+        self.module_arc(name).map(|m| &**m)
+    }
+
+    /// The module's basis, shared (EigenLoRAx modules of adapters keep it alive).
+    pub fn module_arc(&self, name: &str) -> Result<&std::sync::Arc<BasisModule>> {
         self.modules
             .get(name)
             .ok_or_else(|| Error::not_found(format!("eigen basis: no module '{name}'")))

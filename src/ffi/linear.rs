@@ -8,6 +8,7 @@ use crate::backend::{LinearProblem, Slot};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::matrix::{MatMut, MatRef};
+use crate::methods::{AnySlot, MethodSlot};
 use std::ptr::addr_of;
 
 /// A matrix descriptor read field by field (an invalid dtype number must be an error, not UB).
@@ -158,15 +159,17 @@ pub unsafe extern "C" fn rf_linear(
             x: xd.as_ref(),
             w: wd.as_ref(),
             bias: bd.as_ref().map(|b| b.as_ref()),
-            slots: &resolved,
+            slots: &resolved.low,
             row_slot: rs,
         };
         let mut yv = yd.as_mut();
-        rt.inner.linear(&problem, &mut yv)
+        rt.inner.linear_with(&problem, &resolved.methods, &mut yv)
     })
 }
 
-/// The slots of a call, resolved for `rt` (rank, scale, device copies); NULL loras are base-only.
+/// The slots of a call, resolved for `rt` (rank, scale, device copies); NULL loras are
+/// base-only. LoRA modules go to the first vector (the fused kernels' slots), KRAdapter and
+/// EigenLoRAx modules to the second at the same index (None in the first).
 ///
 /// # Safety
 /// `slots` as in `rf_linear`.
@@ -174,22 +177,41 @@ pub(crate) unsafe fn resolve_slots<'a>(
     rt: &'a rf_runtime,
     slots: *const rf_lora_slot,
     n_slots: usize,
-) -> Result<Vec<Option<Slot<'a>>>> {
+) -> Result<Resolved<'a>> {
     let raw_slots = arg_slice(slots, n_slots, "slots", "n_slots")?;
-    let mut resolved: Vec<Option<Slot<'a>>> = Vec::with_capacity(n_slots);
+    let mut low: Vec<Option<Slot<'a>>> = Vec::with_capacity(n_slots);
+    let mut methods: Vec<Option<MethodSlot<'a>>> = Vec::new();
     for (i, s) in raw_slots.iter().enumerate() {
         if s.lora.is_null() {
-            resolved.push(None);
+            low.push(None);
             continue;
         }
         let l = lora_ref(s.lora, "slots[].lora")?;
-        let slot = rt
-            .inner
-            .lora_slot(l, s.rank as usize, s.scale_mult)
-            .map_err(|e| e.context(format!("slot {i}")))?;
-        resolved.push(Some(slot));
+        let slot = if matches!(l.kind, crate::adapter::Kind::Lora) {
+            rt.inner
+                .lora_slot(l, s.rank as usize, s.scale_mult)
+                .map(AnySlot::LowRank)
+        } else {
+            crate::methods::resolve(l, s.rank as usize, s.scale_mult)
+        }
+        .map_err(|e| e.context(format!("slot {i}")))?;
+        match slot {
+            AnySlot::LowRank(s) => low.push(Some(s)),
+            AnySlot::Method(m) => {
+                methods.resize(n_slots, None);
+                methods[i] = Some(m);
+                low.push(None);
+            }
+        }
     }
-    Ok(resolved)
+    Ok(Resolved { low, methods })
+}
+
+/// A call's slots, resolved: `low` for the fused kernels, `methods` (empty or one per slot)
+/// for the other kinds.
+pub(crate) struct Resolved<'a> {
+    pub low: Vec<Option<Slot<'a>>>,
+    pub methods: Vec<Option<MethodSlot<'a>>>,
 }
 
 /// `row_slot` as a slice of m entries (None for NULL: stacked).

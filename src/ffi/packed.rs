@@ -132,10 +132,11 @@ pub unsafe extern "C" fn rf_linear_packed(
             x: xd.as_ref(),
             w: pw.shape_view(),
             bias: bd.as_ref().map(|b| b.as_ref()),
-            slots: &resolved,
+            slots: &resolved.low,
             row_slot: rs,
         };
         let mut yv = yd.as_mut();
-        rt.inner.linear_packed(&problem, pw, &mut yv)
+        rt.inner
+            .linear_packed_with(&problem, pw, &resolved.methods, &mut yv)
     })
 }

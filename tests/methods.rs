@@ -1,0 +1,178 @@
+//! KRAdapter and EigenLoRAx slots in the fused linear: mixed batches with LoRA and base-only
+//! rows, stacked slots, truncation, dtype mixes and ld > cols, against an f64 reference built
+//! from each module's dense ΔW.
+
+mod common;
+
+use faer::Mat;
+use rankfuse::adapter::BasisModule;
+use rankfuse::methods::{resolve, AnySlot, MethodSlot};
+use rankfuse::rng::SplitMix64;
+use rankfuse::{DType, LinearProblem, Lora, Matrix, Runtime, Slot};
+use std::sync::Arc;
+
+fn rand_mat(g: &mut SplitMix64, rows: usize, cols: usize) -> Mat<f32> {
+    let v = g.fill_uniform(rows * cols, -1.0, 1.0);
+    Mat::from_fn(rows, cols, |i, j| v[i * cols + j])
+}
+
+/// A LoRA, a KRAdapter, two EigenLoRAx adapters on one basis (one truncated) and one on
+/// another basis, all with non-zero parameters, for an n x k weight.
+fn modules(n: usize, k: usize, seed: u64) -> Vec<Lora> {
+    let mut g = SplitMix64::new(seed);
+    let mut lora =
+        Lora::new_trainable("m", k, n, 4, 8.0, rankfuse::Scaling::Lora, DType::F32, seed).unwrap();
+    let a = g.fill_uniform(4 * k, -0.5, 0.5);
+    let b = g.fill_uniform(n * 4, -0.5, 0.5);
+    lora.set_weights(&a, &b).unwrap();
+    let mut kron = Lora::new_kron("m", n, k, 2.0, seed + 1).unwrap();
+    let (s, _, _) = kron.kron_parts().unwrap();
+    let u = g.fill_uniform(s.m * s.r, -0.5, 0.5);
+    let vt = g.fill_uniform(s.w() * s.m, -0.5, 0.5);
+    kron.set_weights(&u, &vt).unwrap();
+    let kb = 5.min(n).min(k);
+    let basis = Arc::new(
+        BasisModule::new(
+            "m",
+            rand_mat(&mut g, k, kb),
+            rand_mat(&mut g, n, kb),
+            1.0,
+            1.0,
+        )
+        .unwrap(),
+    );
+    let other = Arc::new(
+        BasisModule::new(
+            "m",
+            rand_mat(&mut g, k, 3),
+            rand_mat(&mut g, n, 3),
+            1.0,
+            1.0,
+        )
+        .unwrap(),
+    );
+    let mut eig = Vec::new();
+    for (b, r, sc) in [(&basis, 3, 1.0f32), (&basis, 2, 0.5), (&other, 2, 1.5)] {
+        let mut e = Lora::new_eigen(b.clone(), r, sc, g.next_u64()).unwrap();
+        let kk = b.k();
+        let aa = g.fill_uniform(r * kk, -0.5, 0.5);
+        let ab = g.fill_uniform(kk * r, -0.5, 0.5);
+        e.set_weights(&aa, &ab).unwrap();
+        eig.push(e);
+    }
+    eig[1].set_rank(kb - 1).unwrap(); // the first k - 1 basis components
+    let mut v = vec![lora, kron];
+    v.extend(eig);
+    v
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reference(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    mods: &[(&Lora, f32)],
+    row_slot: Option<&[i32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let deltas: Vec<Vec<f32>> = mods
+        .iter()
+        .map(|(l, _)| l.dense_delta(0).unwrap())
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = bias[j] as f64;
+            for c in 0..k {
+                acc += x[i * k + c] as f64 * w[j * k + c] as f64;
+            }
+            for (s, (_, mult)) in mods.iter().enumerate() {
+                if row_slot.is_some_and(|rs| rs[i] != s as i32) {
+                    continue;
+                }
+                for c in 0..k {
+                    acc += *mult as f64 * x[i * k + c] as f64 * deltas[s][j * k + c] as f64;
+                }
+            }
+            y[i * n + j] = acc as f32;
+        }
+    }
+    y
+}
+
+#[test]
+fn method_slots_match_the_dense_reference() {
+    let rt = Runtime::cpu().unwrap();
+    for (n, k) in [(12, 20), (20, 12), (16, 16), (7, 50), (33, 9)] {
+        let mods = modules(n, k, (n * 100 + k) as u64);
+        let mults = [1.0f32, 0.75, 1.0, 2.0, 1.0];
+        let m = 11;
+        let mut g = SplitMix64::new(5);
+        let ld = k + 3;
+        let xs = g.fill_uniform(m * ld, -1.0, 1.0);
+        let w = g.fill_uniform(n * k, -1.0, 1.0);
+        let bias = g.fill_uniform(n, -1.0, 1.0);
+        let resolved: Vec<AnySlot> = mods
+            .iter()
+            .zip(mults)
+            .map(|(l, s)| resolve(l, 0, s).unwrap())
+            .collect();
+        let mut low: Vec<Option<Slot>> = Vec::new();
+        let mut meth: Vec<Option<MethodSlot>> = Vec::new();
+        for s in &resolved {
+            match s {
+                AnySlot::LowRank(s) => {
+                    low.push(Some(*s));
+                    meth.push(None)
+                }
+                AnySlot::Method(ms) => {
+                    low.push(None);
+                    meth.push(Some(*ms))
+                }
+            }
+        }
+        let mixed: Vec<i32> = (0..m as i32).map(|i| i % 6 - 1).collect();
+        for (xdt, wdt, ydt) in [
+            (DType::F32, DType::F32, DType::F32),
+            (DType::BF16, DType::F16, DType::F32),
+            (DType::F16, DType::BF16, DType::BF16),
+            (DType::F32, DType::F32, DType::F16),
+        ] {
+            let xm = Matrix::from_f32(xdt, m, ld, &xs).unwrap();
+            let xv = xm.view().top_left(m, k);
+            let wm = Matrix::from_f32(wdt, n, k, &w).unwrap();
+            let bm = Matrix::from_f32(DType::F32, 1, n, &bias).unwrap();
+            // The reference sees the inputs as the kernels do (rounded to their dtypes).
+            let xr: Vec<f32> = {
+                let v = xm.to_f32_vec();
+                (0..m)
+                    .flat_map(|i| v[i * ld..i * ld + k].to_vec())
+                    .collect()
+            };
+            let wr = wm.to_f32_vec();
+            for rs in [Some(&mixed[..]), None] {
+                let p = LinearProblem {
+                    x: xv,
+                    w: wm.view(),
+                    bias: Some(bm.view()),
+                    slots: &low,
+                    row_slot: rs,
+                };
+                let mut y = Matrix::zeros(ydt, m, n).unwrap();
+                rt.linear_with(&p, &meth, &mut y.view_mut()).unwrap();
+                let pairs: Vec<(&Lora, f32)> = mods.iter().zip(mults).collect();
+                let want = reference(&xr, &wr, &bias, &pairs, rs, m, n, k);
+                let tol = if ydt == DType::F32 { 2e-4 } else { 1e-2 };
+                common::assert_close(
+                    &format!("{n}x{k} {xdt:?}/{wdt:?}/{ydt:?} mixed={}", rs.is_some()),
+                    &y.to_f32_vec(),
+                    &want,
+                    tol,
+                    tol,
+                );
+            }
+        }
+    }
+}
