@@ -369,7 +369,16 @@ fn train_run(
             {
                 let mut dav = MatMut::from_slice(&mut da, batch, d, d)?;
                 let l2 = ad.get_mut(&b.names[1]).expect("module");
-                train::backward(rt, l2, am, b.w2.view(), dym, rank, mode, Some(&mut dav))?;
+                rankfuse::training::backward(
+                    rt,
+                    l2,
+                    am,
+                    b.w2.view(),
+                    dym,
+                    rank,
+                    mode,
+                    Some(&mut dav),
+                )?;
             }
             let dh: Vec<f32> = da
                 .iter()
@@ -378,7 +387,7 @@ fn train_run(
                 .collect();
             let dhm = MatRef::from_slice(&dh, batch, d, d)?;
             let l1 = ad.get_mut(&b.names[0]).expect("module");
-            train::backward(rt, l1, x, b.w1.view(), dhm, rank, mode, None)?;
+            rankfuse::training::backward(rt, l1, x, b.w1.view(), dhm, rank, mode, None)?;
         }
         if let Some(e) = ela.as_mut() {
             e.update(&mut ad, step)?;

@@ -83,7 +83,7 @@ fn main() -> Result<()> {
             fwd(l, b, y)?;
             train::zero_grad(l)?;
             let mut dxv = dx.view_mut();
-            train::backward(
+            rankfuse::training::backward(
                 &rt,
                 l,
                 x.view(),
@@ -99,7 +99,7 @@ fn main() -> Result<()> {
     let t_bwd = time("backward (dA, dB, dx)", &mut || {
         train::zero_grad(&mut l)?;
         let mut dxv = dx.view_mut();
-        train::backward(
+        rankfuse::training::backward(
             &rt,
             &mut l,
             x.view(),

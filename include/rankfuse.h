@@ -47,6 +47,11 @@
 #define RF_WEIGHTS_HOST 4
 
 /*
+ The folder format version this build writes and reads.
+ */
+#define FORMAT_VERSION 1
+
+/*
  How a LoRA's scale follows the rank in use.
  */
 typedef enum {
@@ -120,6 +125,28 @@ typedef enum {
   RF_STATUS_NUMERIC = 10,
   RF_STATUS_INTERNAL = 11,
 } rf_status;
+
+/*
+ What a module (`rf_lora` handle) is. Every kind serves in `rf_linear` slots (mixed with the
+ others), trains with `rf_lora_backward` / `rf_lora_adamw_step` and saves with
+ `rf_adapter_save_peft`.
+ */
+typedef enum {
+  /*
+   LoRA: A (capacity x in), B (out x capacity); rank = components in use.
+   */
+  RF_MODULE_KIND_LORA = 0,
+  /*
+   KRAdapter (Khatri-Rao update): A = U (m x r), B = V^T ((r + d) x m), m = min(in, out);
+   no rank truncation (rank is 1).
+   */
+  RF_MODULE_KIND_KRADAPTER = 1,
+  /*
+   EigenLoRAx loadings on a shared basis: A = alpha_A^T (r x K), B = alpha_B (K x r);
+   rank = basis components in use (1..K).
+   */
+  RF_MODULE_KIND_EIGENLORAX = 2,
+} rf_module_kind;
 
 /*
  Types of metadata values (`rf_weights_meta_type`); the numbers are GGUF's value types.
@@ -534,7 +561,9 @@ extern "C" {
 #endif // __cplusplus
 
 /*
- Loads a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`). Tensors are
+ Loads a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`), or a
+ KRAdapter folder in rankfuse's format (`peft_type` KRADAPTER, docs/formats.md; owned copies).
+ An EigenLoRAx folder needs its basis: `rf_adapter_load_eigenlorax`. Tensors are
  used in place from the file's mapping (the host copy). On a CUDA runtime every module's A and
  B are also uploaded to device memory once, here (one allocation per adapter, through pinned
  staging), and `rf_linear` on that device reads them there instead of copying them per call;
@@ -547,7 +576,9 @@ rf_error *rf_adapter_load_peft(rf_runtime *rt, const char *dir, rf_adapter **out
 /*
  Writes the adapter as a PEFT folder (created if missing) that PEFT and rankfuse load back:
  each module's rank in use becomes its `r` (rank_pattern), alpha is chosen so the scale is
- unchanged. Reads the adapter only.
+ unchanged. An adapter of KRAdapter or EigenLoRAx modules is written in that method's folder
+ format (docs/formats.md; EigenLoRAx writes the loadings only, the basis is saved once with
+ `rf_eigen_basis_save`); one adapter holds one kind. Reads the adapter only.
  */
 rf_error *rf_adapter_save_peft(const rf_adapter *a, const char *dir);
 
@@ -577,7 +608,10 @@ rf_error *rf_adapter_module_name(const rf_adapter *a, size_t i, const char **nam
 rf_error *rf_adapter_module(rf_adapter *a, const char *module, rf_lora **out);
 
 /*
- Shapes, capacity, rank in use, alpha, the scale at that rank, scaling rule and dtype.
+ Shapes (the weight's in and out, for every kind), capacity (components trained: LoRA's
+ rank capacity, KRAdapter's slices m, EigenLoRAx's loadings rank), rank in use (LoRA:
+ components; EigenLoRAx: basis components; KRAdapter: 1), alpha, the scale at that rank,
+ scaling rule and dtype.
  */
 rf_error *rf_lora_info_get(const rf_lora *l, rf_lora_info *out);
 
@@ -664,7 +698,9 @@ rf_error *rf_lora_merge(rf_runtime *rt, const rf_lora *lora, uint32_t rank, floa
 rf_error *rf_lora_unmerge(rf_runtime *rt, const rf_lora *lora, uint32_t rank, float scale_mult, rf_matrix *w_inout);
 
 /*
- Loads a basis file (`<module>.eigen_A` / `<module>.eigen_B`). The caller owns `*out` (free
+ Loads a basis: a folder written by `rf_eigen_basis_save` (format version and per-module
+ fingerprints checked) or a file (`<module>.eigen_A` / `<module>.eigen_B`, `rankfuse eigen
+ build`). The caller owns `*out` (free
  with `rf_eigen_basis_free`).
  */
 rf_error *rf_eigen_basis_load(rf_runtime *rt, const char *path, rf_eigen_basis **out);
@@ -751,6 +787,54 @@ const char *rf_error_message(const rf_error *e);
  Frees an error object; NULL is accepted.
  */
 void rf_error_free(rf_error *e);
+
+/*
+ The kind of a module (`rf_module_kind`). Reads only.
+ */
+rf_error *rf_lora_kind(const rf_lora *l, rf_module_kind *out);
+
+/*
+ Adds a trainable KRAdapter module for a linear layer `in_features -> out_features`: m =
+ min(in, out), r = floor(sqrt(m)), d the smallest with r (r + d) >= max(in, out); U (m x r) = 0
+ and V (m x (r + d)) kaiming-uniform (a = 5) from `seed`, so the update is 0 until trained;
+ fixed `scale` (the paper's default is 2). Parameters and masters are f32. `*lora_out` (may
+ be NULL) is borrowed from the adapter. Needs exclusive access to `a`.
+ */
+rf_error *rf_adapter_add_kradapter(rf_adapter *a, const char *module, int64_t in_features, int64_t out_features, float scale, uint64_t seed, rf_lora **lora_out);
+
+/*
+ Adds a trainable EigenLoRAx module on `basis`'s module `module` (its in/out are the basis'):
+ loadings alpha_A, alpha_B (K x `rank`, K = the basis' components, augmented ones included),
+ alpha_A uniform (+-1/sqrt(K)) from `seed`, alpha_B = 0 (update 0 until trained), fixed
+ `scale`. Training updates the loadings only; the basis stays frozen and shared (the module
+ keeps it alive: `basis` may be freed afterwards). Needs exclusive access to `a`.
+ */
+rf_error *rf_adapter_add_eigenlorax(rf_adapter *a, const rf_eigen_basis *basis, const char *module, uint32_t rank, float scale, uint64_t seed, rf_lora **lora_out);
+
+/*
+ Loads an EigenLoRAx adapter folder (`rf_adapter_save_peft` of EigenLoRAx modules) on
+ `basis`: every module must be in the basis with the fingerprint the folder recorded (a
+ different basis is RF_STATUS_INVALID_ARGUMENT naming the module); a folder of a newer
+ format version is RF_STATUS_UNSUPPORTED. Loadings are f32 copies (small); the basis is
+ shared, not copied. The caller owns `*out` (free with `rf_adapter_free`).
+ */
+rf_error *rf_adapter_load_eigenlorax(rf_runtime *rt, const rf_eigen_basis *basis, const char *dir, rf_adapter **out);
+
+/*
+ Writes a basis folder (created if missing): `basis.safetensors` + `adapter_config.json`
+ (`peft_type` EIGENLORAX_BASIS, format version, per-module fingerprints). A hundred adapters
+ on one basis store it once. Reads the basis only.
+ */
+rf_error *rf_eigen_basis_save(const rf_eigen_basis *basis, const char *dir);
+
+/*
+ Builds an EigenLoRAx basis from `n` LoRA adapters (the modules present in all of them, same
+ shapes): per module and side the top `components` principal directions of the stacked,
+ centred rank vectors, plus `augment` seeded random orthonormal directions (room for what the
+ adapters never used; trainable loadings cover them too). The caller owns `*out` (free with
+ `rf_eigen_basis_free`).
+ */
+rf_error *rf_eigen_basis_build(const rf_adapter *const *adapters, size_t n, uint32_t components, uint32_t augment, uint64_t seed, rf_eigen_basis **out);
 
 /*
  The fused op: `y = x W^T + bias + sum over slots of scale(slot) * (x A[:r]^T) B[:, :r]^T`.

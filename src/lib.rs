@@ -18,6 +18,7 @@ pub mod rng;
 pub mod runtime;
 pub mod store;
 pub mod train;
+pub mod training;
 pub mod weights;
 
 pub use adapter::{Adapter, Lora, Scaling};

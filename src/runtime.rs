@@ -333,7 +333,7 @@ impl Runtime {
 
 /// Resolves a slot: rank 0 = the lora's current rank; scale = scale(rank) * scale_mult.
 pub fn slot(lora: &Lora, rank: usize, scale_mult: f32) -> Result<Slot<'_>> {
-    lora.require_lora("a low-rank kernel slot (resolve it with methods::resolve)")?;
+    lora.require_lora("this operation")?;
     let r = lora.resolve_rank(rank)?;
     if !scale_mult.is_finite() {
         return Err(Error::invalid(format!(

@@ -134,3 +134,31 @@ fn header_version_macros_match_cargo() {
         }
     }
 }
+
+/// tests/c/kinds.c: LoRA, KRAdapter and EigenLoRAx modules created, trained, saved, reloaded
+/// and served in one mixed batch from C, bit-identical across the reload.
+#[test]
+fn c_program_trains_saves_and_serves_every_module_kind() {
+    if !have("cc") {
+        println!("skipping: no C compiler (cc) on this machine");
+        return;
+    }
+    let lib = build_libs();
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = tmp.path().join("kinds");
+    run(Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(root().join("tests/c/kinds.c"))
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg("-L")
+        .arg(&lib)
+        .args(["-lrankfuse", "-lm"])
+        .arg(format!("-Wl,-rpath,{}", lib.display())));
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let out = run(Command::new(&exe).arg(&work));
+    println!("{out}");
+    assert!(out.contains("kinds: ok"), "{out}");
+}

@@ -400,8 +400,17 @@ mod gpu {
                     dev.backward(xd.view(), wd.view(), dyd.view(), rank, mode, None)
                         .unwrap();
                     // CPU: the same backward.
-                    train::backward(&cpu_rt, l, x.view(), w.view(), dy.view(), rank, mode, None)
-                        .unwrap();
+                    rankfuse::training::backward(
+                        &cpu_rt,
+                        l,
+                        x.view(),
+                        w.view(),
+                        dy.view(),
+                        rank,
+                        mode,
+                        None,
+                    )
+                    .unwrap();
                     let snap = dev.snapshot().unwrap();
                     let t = l.train_state().unwrap();
                     let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
@@ -478,7 +487,7 @@ mod gpu {
                 let w = random(&mut rng, dtype, n, k, 0);
                 let dy = random(&mut rng, dtype, m, n, 0);
                 let mut dxc = Matrix::zeros(dtype, m, k).unwrap();
-                train::backward(
+                rankfuse::training::backward(
                     &cpu_rt,
                     &mut lc,
                     x.view(),
@@ -500,7 +509,7 @@ mod gpu {
                 // SAFETY: a view over dxd's device memory, only handed to kernels.
                 let mut dxv =
                     unsafe { MatMut::from_raw(dxd.buf.as_ptr() as *mut u8, dtype, m, k, k) };
-                train::backward(
+                rankfuse::training::backward(
                     &rt,
                     &mut lg,
                     xd.view(),
@@ -558,7 +567,7 @@ mod gpu {
             .unwrap();
         let before = dev.snapshot().unwrap();
         let e = dev.adamw_step(&AdamW::default()).unwrap_err();
-        train::backward(
+        rankfuse::training::backward(
             &cpu(),
             &mut l,
             x.view(),

@@ -254,7 +254,7 @@ fn adamw_matches_a_hand_computed_step() {
     let mut hand = (vec![0.5f64, -1.0], 2.0f64, vec![0f64; 3], vec![0f64; 3]);
     for step in 1..=3 {
         train::zero_grad(&mut l).unwrap();
-        train::backward(
+        rankfuse::training::backward(
             &rt,
             &mut l,
             x.view(),
@@ -354,7 +354,17 @@ fn trained(rt: &Runtime, dt: DType) -> (Adapter, Matrix, Matrix) {
     for _ in 0..5 {
         for l in ad.modules_mut() {
             train::zero_grad(l).unwrap();
-            train::backward(rt, l, x.view(), w.view(), dy.view(), 0, Mode::Nested, None).unwrap();
+            rankfuse::training::backward(
+                rt,
+                l,
+                x.view(),
+                w.view(),
+                dy.view(),
+                0,
+                Mode::Nested,
+                None,
+            )
+            .unwrap();
         }
         train::clip_grad_norm(&mut ad, 10.0).unwrap();
         train::adapter_adamw_step(&mut ad, &o).unwrap();
@@ -407,7 +417,17 @@ fn elalora_rounds_follow_the_budget() {
         let dy = Matrix::from_f32(DType::F32, 8, 20, &rng.fill_uniform(160, -1.0, 1.0)).unwrap();
         for l in ad.modules_mut() {
             train::zero_grad(l).unwrap();
-            train::backward(&rt, l, x.view(), w.view(), dy.view(), 0, Mode::Nested, None).unwrap();
+            rankfuse::training::backward(
+                &rt,
+                l,
+                x.view(),
+                w.view(),
+                dy.view(),
+                0,
+                Mode::Nested,
+                None,
+            )
+            .unwrap();
         }
         ela.update(&mut ad, step).unwrap();
         train::adapter_adamw_step(&mut ad, &AdamW::default()).unwrap();

@@ -317,7 +317,17 @@ fn masks_and_ranks_give_exact_zero_gradients() {
         let dy = rand_mat(&mut rng, dt, m, n);
         for (rank, mode) in [(4, Mode::Nested), (4, Mode::Frozen)] {
             train::zero_grad(&mut l).unwrap();
-            train::backward(&rt, &mut l, x.view(), w.view(), dy.view(), rank, mode, None).unwrap();
+            rankfuse::training::backward(
+                &rt,
+                &mut l,
+                x.view(),
+                w.view(),
+                dy.view(),
+                rank,
+                mode,
+                None,
+            )
+            .unwrap();
             let t = l.train.as_ref().unwrap();
             for c in 0..cap {
                 let allowed = c < rank && c != 1 && (mode == Mode::Nested || c + 1 == rank);
@@ -350,7 +360,7 @@ fn dx_matches_reference_through_the_rust_api() {
     let dy = rand_mat(&mut rng, DType::F32, m, n);
     let mut dxv = vec![0f32; m * (k + 2)];
     let mut dx = MatMut::from_slice(&mut dxv, m, k, k + 2).unwrap();
-    train::backward(
+    rankfuse::training::backward(
         &rt,
         &mut l,
         x.view(),
@@ -387,7 +397,7 @@ fn dx_matches_reference_through_the_rust_api() {
     }
     // Wrong shapes are errors naming the module.
     let bad = rand_mat(&mut rng, DType::F32, m, n + 1);
-    let e = train::backward(
+    let e = rankfuse::training::backward(
         &rt,
         &mut l,
         x.view(),

@@ -453,6 +453,9 @@ pub fn to_peft(ad: &mut Adapter, n_head: usize, n_head_kv: usize) -> Result<()> 
 
 /// Writes `ad` as a GGUF LoRA adapter llama.cpp loads (see the module docs for alpha).
 pub fn save(ad: &Adapter, path: &Path, opts: &SaveOptions) -> Result<SaveReport> {
+    for l in ad.modules() {
+        l.require_lora("llama.cpp's GGUF LoRA format")?;
+    }
     if ad.is_empty() {
         return Err(Error::invalid(format!(
             "adapter '{}': no modules to save",

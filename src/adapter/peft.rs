@@ -215,7 +215,7 @@ struct ModuleMeta {
     alpha: f32,
 }
 
-fn read_config(dir: &Path) -> Result<(std::path::PathBuf, Vec<u8>)> {
+pub fn read_config(dir: &Path) -> Result<(std::path::PathBuf, Vec<u8>)> {
     let path = dir.join(CONFIG_FILE);
     let meta = std::fs::metadata(&path).map_err(|e| Error::from_io(&path, &e))?;
     if meta.len() > MAX_CONFIG_BYTES {
@@ -405,6 +405,9 @@ fn f32_json(x: f32) -> Value {
 /// (`rank_pattern` where it differs from the most common one), alpha is chosen so PEFT computes
 /// the same scale, and rankfuse's own scaling rule goes into the weights' metadata.
 pub fn save(adapter: &Adapter, dir: &Path) -> Result<()> {
+    for l in adapter.modules() {
+        l.require_lora("the PEFT LoRA format (methods::files::save_any picks each kind's format)")?;
+    }
     if adapter.is_empty() {
         return Err(Error::invalid(format!(
             "adapter '{}': no modules to save",

@@ -112,6 +112,22 @@ fn augment(basis: &Mat<f32>, g: usize, seed: u64) -> Mat<f32> {
 
 /// Builds the basis of every module present in all `adapters`.
 pub fn build(adapters: &[Adapter], components: usize, aug: usize, seed: u64) -> Result<Basis> {
+    let refs: Vec<&Adapter> = adapters.iter().collect();
+    build_refs(&refs, components, aug, seed)
+}
+
+/// `build` over borrowed adapters (the C ABI holds them in handles). LoRA modules only.
+pub fn build_refs(
+    adapters: &[&Adapter],
+    components: usize,
+    aug: usize,
+    seed: u64,
+) -> Result<Basis> {
+    for a in adapters {
+        for l in a.modules() {
+            l.require_lora("building an EigenLoRAx basis")?;
+        }
+    }
     if adapters.is_empty() {
         return Err(Error::invalid("eigen build: no adapters given"));
     }

@@ -4,12 +4,13 @@ use super::boundary::{arg_out, arg_ref, arg_str};
 use super::error::rf_error;
 use super::handles::{lora_ref, rf_adapter, rf_lora, rf_runtime};
 use super::types::*;
-use crate::adapter::peft;
 use crate::error::Error;
 use std::ffi::c_char;
 use std::path::Path;
 
-/// Loads a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`). Tensors are
+/// Loads a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`), or a
+/// KRAdapter folder in rankfuse's format (`peft_type` KRADAPTER, docs/formats.md; owned copies).
+/// An EigenLoRAx folder needs its basis: `rf_adapter_load_eigenlorax`. Tensors are
 /// used in place from the file's mapping (the host copy). On a CUDA runtime every module's A and
 /// B are also uploaded to device memory once, here (one allocation per adapter, through pinned
 /// staging), and `rf_linear` on that device reads them there instead of copying them per call;
@@ -26,7 +27,7 @@ pub unsafe extern "C" fn rf_adapter_load_peft(
         let rt = arg_ref(rt, "rt")?;
         let dir = arg_str(dir, "dir")?;
         let out = arg_out(out, "out")?;
-        let a = peft::load(Path::new(dir))?;
+        let a = crate::methods::files::load_any(Path::new(dir))?;
         *out = Box::into_raw(Box::new(rf_adapter::on_runtime(a, &rt.inner)?));
         Ok(())
     })
@@ -34,7 +35,9 @@ pub unsafe extern "C" fn rf_adapter_load_peft(
 
 /// Writes the adapter as a PEFT folder (created if missing) that PEFT and rankfuse load back:
 /// each module's rank in use becomes its `r` (rank_pattern), alpha is chosen so the scale is
-/// unchanged. Reads the adapter only.
+/// unchanged. An adapter of KRAdapter or EigenLoRAx modules is written in that method's folder
+/// format (docs/formats.md; EigenLoRAx writes the loadings only, the basis is saved once with
+/// `rf_eigen_basis_save`); one adapter holds one kind. Reads the adapter only.
 #[no_mangle]
 pub unsafe extern "C" fn rf_adapter_save_peft(
     a: *const rf_adapter,
@@ -43,7 +46,7 @@ pub unsafe extern "C" fn rf_adapter_save_peft(
     boundary!({
         let a = arg_ref(a, "a")?;
         let dir = arg_str(dir, "dir")?;
-        peft::save(&a.inner, Path::new(dir))
+        crate::methods::files::save_any(&a.inner, Path::new(dir))
     })
 }
 
@@ -111,7 +114,10 @@ pub unsafe extern "C" fn rf_adapter_module(
     })
 }
 
-/// Shapes, capacity, rank in use, alpha, the scale at that rank, scaling rule and dtype.
+/// Shapes (the weight's in and out, for every kind), capacity (components trained: LoRA's
+/// rank capacity, KRAdapter's slices m, EigenLoRAx's loadings rank), rank in use (LoRA:
+/// components; EigenLoRAx: basis components; KRAdapter: 1), alpha, the scale at that rank,
+/// scaling rule and dtype.
 #[no_mangle]
 pub unsafe extern "C" fn rf_lora_info_get(
     l: *const rf_lora,
@@ -121,9 +127,10 @@ pub unsafe extern "C" fn rf_lora_info_get(
         let l = lora_ref(l, "l")?;
         let out = arg_out(out, "out")?;
         let r = l.rank();
+        let (out_f, in_f) = l.module_dims();
         *out = rf_lora_info {
-            in_features: l.in_features as i64,
-            out_features: l.out_features as i64,
+            in_features: in_f as i64,
+            out_features: out_f as i64,
             capacity: l.capacity as u32,
             rank: r as u32,
             alpha: l.alpha,

@@ -233,7 +233,7 @@ pub unsafe extern "C" fn rf_lora_unmerge(
 
 /// An EigenLoRAx basis (`rankfuse eigen build` output). Immutable; thread-safe.
 pub struct rf_eigen_basis {
-    inner: crate::algebra::eigen::Basis,
+    pub(crate) inner: crate::algebra::eigen::Basis,
 }
 
 /// An adapter as loadings on an EigenLoRAx basis (`rankfuse eigen project` output). Immutable;
@@ -242,7 +242,9 @@ pub struct rf_eigen_adapter {
     inner: crate::algebra::eigen::EigenAdapter,
 }
 
-/// Loads a basis file (`<module>.eigen_A` / `<module>.eigen_B`). The caller owns `*out` (free
+/// Loads a basis: a folder written by `rf_eigen_basis_save` (format version and per-module
+/// fingerprints checked) or a file (`<module>.eigen_A` / `<module>.eigen_B`, `rankfuse eigen
+/// build`). The caller owns `*out` (free
 /// with `rf_eigen_basis_free`).
 #[no_mangle]
 pub unsafe extern "C" fn rf_eigen_basis_load(
@@ -254,7 +256,7 @@ pub unsafe extern "C" fn rf_eigen_basis_load(
         let _rt = arg_ref(rt, "rt")?;
         let path = arg_str(path, "path")?;
         let out = arg_out(out, "out")?;
-        let inner = crate::algebra::eigen::Basis::load(Path::new(path))?;
+        let inner = crate::methods::files::load_basis(Path::new(path))?;
         *out = Box::into_raw(Box::new(rf_eigen_basis { inner }));
         Ok(())
     })

@@ -12,6 +12,7 @@ pub mod algebra;
 pub mod device;
 pub mod error;
 pub mod handles;
+pub mod kinds;
 pub mod linear;
 pub mod meta;
 pub mod packed;

@@ -5,7 +5,6 @@
 use super::boundary::{arg_out, arg_ref, arg_str};
 use super::error::rf_error;
 use super::handles::{rf_adapter, rf_runtime, rf_store, DeviceOf};
-use crate::adapter::peft;
 use crate::error::Error;
 use crate::store::{Store, StoreStats};
 use std::ffi::c_char;
@@ -76,7 +75,7 @@ pub unsafe extern "C" fn rf_store_create(
         let store = Store::new(
             budget_bytes,
             Box::new(move |name: &str, path: &Path| {
-                let mut a = peft::load(path)?;
+                let mut a = crate::methods::files::load_any(path)?;
                 a.name = name.to_string();
                 let h = rf_adapter::on_device(a, &dev)?;
                 let bytes = h.resident_bytes();

@@ -365,7 +365,7 @@ pub unsafe extern "C" fn rf_lora_backward(
         })?;
         let dxd = read_opt_matrix(dx, "dx")?;
         let mut dxv = dxd.as_ref().map(|d| d.as_mut());
-        train::backward(
+        crate::training::backward(
             &rt.inner,
             l,
             xd.as_ref(),

@@ -101,6 +101,22 @@ pub enum rf_scaling {
     RF_SCALING_FIXED = 2,
 }
 
+/// What a module (`rf_lora` handle) is. Every kind serves in `rf_linear` slots (mixed with the
+/// others), trains with `rf_lora_backward` / `rf_lora_adamw_step` and saves with
+/// `rf_adapter_save_peft`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum rf_module_kind {
+    /// LoRA: A (capacity x in), B (out x capacity); rank = components in use.
+    RF_MODULE_KIND_LORA = 0,
+    /// KRAdapter (Khatri-Rao update): A = U (m x r), B = V^T ((r + d) x m), m = min(in, out);
+    /// no rank truncation (rank is 1).
+    RF_MODULE_KIND_KRADAPTER = 1,
+    /// EigenLoRAx loadings on a shared basis: A = alpha_A^T (r x K), B = alpha_B (K x r);
+    /// rank = basis components in use (1..K).
+    RF_MODULE_KIND_EIGENLORAX = 2,
+}
+
 /// A 2-D row-major matrix view. `data` is a host pointer on a CPU runtime and a CUDA device
 /// pointer on a CUDA runtime. `ld` = elements between the starts of two rows (>= cols). A bias or
 /// other vector is a 1 x n matrix. The runtime never frees `data`. `data` need not be aligned.

@@ -63,6 +63,9 @@ fn active(l: &Lora) -> usize {
 
 impl ElaLora {
     pub fn new(adapter: &mut Adapter, opts: ElaLoraOptions) -> Result<ElaLora> {
+        for l in adapter.modules() {
+            l.require_lora("ElaLoRA's rank schedule")?;
+        }
         let o = &opts;
         if o.interval == 0
             || o.total_steps == 0

@@ -25,11 +25,13 @@ pub fn grad_components(lora: &Lora, r: usize, mode: Mode) -> Result<Vec<bool>> {
         .collect())
 }
 
-/// Accumulates dA, dB (and dE with gains) of `lora` for the layer `y = x W^T + lora(x)` given
-/// `dy`, at rank `rank` (0 = the lora's current rank) in `mode`; writes `dx = dy W + scale *
-/// ((dy B_r) ⊙ e) A_r` when `dx` is given. The scale is the lora's scale at that rank.
+/// The CPU backward of a LoRA module (`crate::training::backward` is the entry point that
+/// picks it): accumulates dA, dB (and dE with gains) of `lora` for the layer
+/// `y = x W^T + lora(x)` given `dy`, at rank `rank` (0 = the lora's current rank) in `mode`;
+/// writes `dx = dy W + scale * ((dy B_r) ⊙ e) A_r` when `dx` is given. The scale is the lora's
+/// scale at that rank. Host memory; runs on `rt`'s thread pool.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(
+pub fn backward_cpu(
     rt: &Runtime,
     lora: &mut Lora,
     x: MatRef<'_>,
@@ -39,13 +41,7 @@ pub fn backward(
     mode: Mode,
     dx: Option<&mut MatMut<'_>>,
 ) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if let Some(cuda) = rt.cuda() {
-        // x, w, dy and dx are device memory on a CUDA runtime: the GPU kernels run the backward.
-        return crate::backend::cuda::train::backward_host_state(
-            cuda, lora, x, w, dy, rank, mode, dx,
-        );
-    }
+    lora.require_lora("the LoRA backward")?;
     let r = lora.resolve_rank(rank)?;
     if r == 0 {
         return Err(Error::invalid(format!("module '{}': rank 0", lora.name)));

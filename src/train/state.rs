@@ -223,6 +223,7 @@ impl Lora {
 
     /// Turns on per-component gains E (the `B diag(E) A` form), all set to `init`.
     pub fn enable_gains(&mut self, init: f32) -> Result<()> {
+        self.refuse_kron("gains")?;
         if !init.is_finite() {
             return Err(Error::invalid(format!(
                 "module '{}': gain init {init} is not finite",
@@ -239,6 +240,7 @@ impl Lora {
 
     /// Sets the component mask (true = active); its length must be the capacity.
     pub fn set_mask(&mut self, mask: &[bool]) -> Result<()> {
+        self.refuse_kron("a component mask")?;
         let cap = self.capacity;
         let name = self.name.clone();
         let t = self.train_state_mut()?;
@@ -251,6 +253,18 @@ impl Lora {
         t.mask.copy_from_slice(mask);
         t.refresh_gains();
         self.refresh_device()
+    }
+
+    /// KRAdapter's components are its slices, which the method never gates.
+    fn refuse_kron(&self, what: &str) -> Result<()> {
+        if matches!(self.kind, crate::adapter::Kind::Kron(_)) {
+            return Err(Error::unsupported(format!(
+                "module '{}' is a KRAdapter module: {what} is defined for LoRA and EigenLoRAx \
+                 modules",
+                self.name
+            )));
+        }
+        Ok(())
     }
 
     /// Copies the f32 masters into the forward's compute-dtype tensors (rounding to nearest-even),
@@ -283,6 +297,7 @@ impl Lora {
     /// does, keeping the allocation: a new trial on the same capacity (RankAdaptor probes).
     /// Resets gradients and optimizer state; gains, mask and rank are left as they are.
     pub fn reset_peft_init(&mut self, seed: u64) -> Result<()> {
+        self.require_lora("PEFT's init")?;
         let (k, n, cap) = (self.in_features, self.out_features, self.capacity);
         let bound = 1.0 / (k as f32).sqrt();
         let a = SplitMix64::new(seed).fill_uniform(cap * k, -bound, bound);
