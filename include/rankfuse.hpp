@@ -7,7 +7,8 @@
  *
  * Lifetimes follow the C contract: free a Runtime after every object made with it (declare it
  * first); a Lora is borrowed from its Adapter; a MatRef from Weights::get() points into the
- * weights' mapping and is valid until the Weights are destroyed.
+ * weights' mapping and is valid until the Weights are destroyed. An EigenBasis needs no runtime
+ * once made, and modules made on it keep what they need (it may be destroyed before them).
  * Thread safety is the C ABI's: Runtime::linear may run from many threads on shared objects;
  * Lora::set_rank needs exclusive access to that lora.
  */
@@ -233,24 +234,64 @@ struct AdapterDeleter {
 struct PackedDeleter {
   void operator()(rf_packed *p) const noexcept { rf_packed_free(p); }
 };
+struct EigenBasisDeleter {
+  void operator()(rf_eigen_basis *p) const noexcept { rf_eigen_basis_free(p); }
+};
 }  // namespace detail
 
 using RuntimePtr = std::unique_ptr<rf_runtime, detail::RuntimeDeleter>;
 using WeightsPtr = std::unique_ptr<rf_weights, detail::WeightsDeleter>;
 using AdapterPtr = std::unique_ptr<rf_adapter, detail::AdapterDeleter>;
 using PackedPtr = std::unique_ptr<rf_packed, detail::PackedDeleter>;
+using EigenBasisPtr = std::unique_ptr<rf_eigen_basis, detail::EigenBasisDeleter>;
 
-/** One LoRA module, borrowed from its Adapter (valid while the Adapter lives). */
+/** AdamW hyper-parameters (rf_adamw_options); the defaults are torch.optim.AdamW's. */
+struct AdamWOptions {
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-8f;
+  float weight_decay = 0.01f;
+};
+
+/** One module, borrowed from its Adapter (valid while the Adapter lives): LoRA, KRAdapter or
+ *  EigenLoRAx (kind()). Every kind serves in Runtime::linear slots (mixed in one call on CPU
+ *  runtimes) and trains with Runtime::backward, zero_grad and adamw_step; for EigenLoRAx the
+ *  rank is the number of basis components in use. */
 class Lora {
  public:
   explicit Lora(rf_lora *l) noexcept : l_(l) {}
+  /** Shapes (the weight's in and out, for every kind), capacity, rank in use, alpha, scale. */
   rf_lora_info info() const {
     rf_lora_info out{};
     check(rf_lora_info_get(l_, &out));
     return out;
   }
-  /** Default rank of later calls (1..capacity). Needs exclusive access to this lora. */
+  /** RF_MODULE_KIND_LORA, RF_MODULE_KIND_KRADAPTER or RF_MODULE_KIND_EIGENLORAX. */
+  rf_module_kind kind() const {
+    rf_module_kind out{};
+    check(rf_lora_kind(l_, &out));
+    return out;
+  }
+  /** Default rank of later calls (1..capacity; EigenLoRAx: 1..the basis' components). Needs
+   *  exclusive access to this lora. */
   void set_rank(uint32_t rank) { check(rf_lora_set_rank(l_, rank)); }
+  /** Replaces a LoRA's A (capacity x in) and B (out x capacity) with copies; resets the
+   *  optimizer state. Needs exclusive access. */
+  void set_weights(const MatRef &a, const MatRef &b) { check(rf_lora_set_weights(l_, a.raw(), b.raw())); }
+  /** Zeroes the gradients (Runtime::backward accumulates). Needs exclusive access. */
+  void zero_grad() { check(rf_lora_zero_grad(l_)); }
+  /** One AdamW step; a NaN/Inf gradient throws RF_STATUS_NUMERIC. Needs exclusive access. */
+  void adamw_step(const AdamWOptions &o = AdamWOptions()) {
+    rf_adamw_options opts{};
+    opts.struct_size = sizeof(rf_adamw_options);
+    opts.lr = o.lr;
+    opts.beta1 = o.beta1;
+    opts.beta2 = o.beta2;
+    opts.eps = o.eps;
+    opts.weight_decay = o.weight_decay;
+    check(rf_lora_adamw_step(l_, &opts));
+  }
   rf_lora *raw() const noexcept { return l_; }
 
  private:
@@ -291,10 +332,19 @@ class Weights {
   WeightsPtr p_;
 };
 
-/** A loaded adapter: a named set of LoRA modules. */
+class EigenBasis;
+
+/** An adapter: a named set of modules of one kind (LoRA, KRAdapter or EigenLoRAx), loaded or
+ *  built with create() and the add_* methods. */
 class Adapter {
  public:
   explicit Adapter(AdapterPtr p) noexcept : p_(std::move(p)) {}
+  /** An empty adapter to add trainable modules to (needs no runtime). */
+  static Adapter create(const std::string &name) {
+    rf_adapter *a = nullptr;
+    check(rf_adapter_new(name.c_str(), &a));
+    return Adapter(AdapterPtr(a));
+  }
   std::size_t module_count() const noexcept { return rf_adapter_module_count(p_.get()); }
   std::string module_name(std::size_t i) const {
     const char *n = nullptr;
@@ -312,8 +362,33 @@ class Adapter {
     check(rf_adapter_module(p_.get(), name.c_str(), &l));
     return Lora(l);
   }
-  /** Writes a PEFT folder (created if missing). */
+  /** Writes a PEFT folder (created if missing). An adapter of KRAdapter or EigenLoRAx modules
+   *  is written in that method's folder format (EigenLoRAx: the loadings only; save the basis
+   *  once with EigenBasis::save and reload with Runtime::load_eigenlorax). */
   void save_peft(const std::string &dir) const { check(rf_adapter_save_peft(p_.get(), dir.c_str())); }
+  /** Appends a trainable LoRA module (PEFT init: A kaiming-uniform from seed, B = 0; rank =
+   *  capacity). Needs exclusive access. */
+  Lora add_lora(const std::string &module, int64_t in_features, int64_t out_features, uint32_t capacity,
+                float alpha, rf_scaling scaling = RF_SCALING_LORA, rf_dtype dtype = RF_DTYPE_F32,
+                uint64_t seed = 0) {
+    rf_lora *l = nullptr;
+    check(rf_adapter_add_lora(p_.get(), module.c_str(), in_features, out_features, capacity, alpha,
+                              static_cast<uint32_t>(scaling), static_cast<uint32_t>(dtype), seed, &l));
+    return Lora(l);
+  }
+  /** Appends a trainable KRAdapter module for a layer in -> out (update 0 until trained; fixed
+   *  scale, the paper's default is 2). Needs exclusive access. */
+  Lora add_kradapter(const std::string &module, int64_t in_features, int64_t out_features,
+                     float scale = 2.0f, uint64_t seed = 0) {
+    rf_lora *l = nullptr;
+    check(rf_adapter_add_kradapter(p_.get(), module.c_str(), in_features, out_features, scale, seed, &l));
+    return Lora(l);
+  }
+  /** Appends a trainable EigenLoRAx module on the basis' module `module` (in/out are the
+   *  basis'): loadings K x rank, update 0 until trained, fixed scale. The module keeps the basis
+   *  alive. Needs exclusive access. */
+  inline Lora add_eigenlorax(const EigenBasis &basis, const std::string &module, uint32_t rank,
+                             float scale = 1.0f, uint64_t seed = 0);
   /** Writes a GGUF LoRA adapter llama.cpp loads. architecture "" = the adapter's own (from the
    *  GGUF it came from); n_head / n_head_kv are needed for llama/mistral q/k modules. */
   void save_gguf(const std::string &path, const std::string &architecture = "",
@@ -341,6 +416,38 @@ class Adapter {
  private:
   AdapterPtr p_;
 };
+
+/** An EigenLoRAx basis: per module, frozen principal directions shared by many adapters
+ *  (Runtime::load_eigen_basis, EigenBasis::build). Immutable; thread-safe. */
+class EigenBasis {
+ public:
+  explicit EigenBasis(EigenBasisPtr p) noexcept : p_(std::move(p)) {}
+  /** Builds a basis from LoRA adapters (the modules present in all of them, same shapes): per
+   *  module and side the top `components` principal directions, plus `augment` seeded random
+   *  orthonormal directions. */
+  static EigenBasis build(const std::vector<const Adapter *> &adapters, uint32_t components,
+                          uint32_t augment = 0, uint64_t seed = 0) {
+    std::vector<const rf_adapter *> raw;
+    raw.reserve(adapters.size());
+    for (const Adapter *a : adapters) raw.push_back(a ? a->raw() : nullptr);
+    rf_eigen_basis *b = nullptr;
+    check(rf_eigen_basis_build(raw.data(), raw.size(), components, augment, seed, &b));
+    return EigenBasis(EigenBasisPtr(b));
+  }
+  /** Writes a basis folder (created if missing) that Runtime::load_eigen_basis reads back. */
+  void save(const std::string &dir) const { check(rf_eigen_basis_save(p_.get(), dir.c_str())); }
+  const rf_eigen_basis *raw() const noexcept { return p_.get(); }
+
+ private:
+  EigenBasisPtr p_;
+};
+
+inline Lora Adapter::add_eigenlorax(const EigenBasis &basis, const std::string &module, uint32_t rank,
+                                    float scale, uint64_t seed) {
+  rf_lora *l = nullptr;
+  check(rf_adapter_add_eigenlorax(p_.get(), basis.raw(), module.c_str(), rank, scale, seed, &l));
+  return Lora(l);
+}
 
 /** A frozen base matrix packed once for a runtime's CPU kernels (Runtime::pack): a copy that
  *  outlives the matrix it was made from and the runtime. Immutable; thread-safe. */
@@ -406,10 +513,35 @@ class Runtime {
     return Weights(WeightsPtr(w));
   }
 
+  /** Loads a PEFT LoRA folder or a KRAdapter folder (an EigenLoRAx one: load_eigenlorax). */
   Adapter load_peft(const std::string &dir) {
     rf_adapter *a = nullptr;
     check(rf_adapter_load_peft(p_.get(), dir.c_str(), &a));
     return Adapter(AdapterPtr(a));
+  }
+
+  /** Loads an EigenLoRAx adapter folder on the basis it was trained on (another basis throws
+   *  RF_STATUS_INVALID_ARGUMENT naming the module). load_peft loads LoRA and KRAdapter folders. */
+  Adapter load_eigenlorax(const EigenBasis &basis, const std::string &dir) {
+    rf_adapter *a = nullptr;
+    check(rf_adapter_load_eigenlorax(p_.get(), basis.raw(), dir.c_str(), &a));
+    return Adapter(AdapterPtr(a));
+  }
+
+  /** Loads an EigenLoRAx basis: a folder from EigenBasis::save or a `rankfuse eigen build` file. */
+  EigenBasis load_eigen_basis(const std::string &path) {
+    rf_eigen_basis *b = nullptr;
+    check(rf_eigen_basis_load(p_.get(), path.c_str(), &b));
+    return EigenBasis(EigenBasisPtr(b));
+  }
+
+  /** Accumulates the lora's gradients for the layer output gradient dy (m x n) at rank (0 =
+   *  current); dx (nullptr = not wanted) receives dy W + scale * (dy B_r) A_r. Needs exclusive
+   *  access to the lora. */
+  void backward(const Lora &l, const MatRef &x, const MatRef &w, const MatRef &dy, uint32_t rank = 0,
+                rf_backward_mode mode = RF_BACKWARD_NESTED, MatMut *dx = nullptr) {
+    check(rf_lora_backward(p_.get(), l.raw(), x.raw(), w.raw(), dy.raw(), rank,
+                           static_cast<uint32_t>(mode), dx ? dx->raw() : nullptr));
   }
 
   /** Loads a GGUF LoRA adapter (llama.cpp's format); modules are named "blk.0.attn_q". */

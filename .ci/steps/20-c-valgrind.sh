@@ -17,3 +17,13 @@ valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,
 rc=${PIPESTATUS[0]}
 if [ "$rc" -ne 0 ]; then echo "valgrind run failed (exit $rc)"; exit 1; fi
 echo "valgrind: clean"
+
+# LoRA, KRAdapter and EigenLoRAx modules created, trained, saved, reloaded and served from C.
+cc -std=c11 -O1 -g -Wall -Wextra -Werror -Iinclude -o "$out/kinds" tests/c/kinds.c -L"$lib" -lrankfuse -lm \
+   -Wl,-rpath,"$lib"
+mkdir -p "$out/kinds-work"
+valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+   --show-leak-kinds=definite,indirect "$out/kinds" "$out/kinds-work" 2>&1 | tail -12
+rc=${PIPESTATUS[0]}
+if [ "$rc" -ne 0 ]; then echo "valgrind run of kinds failed (exit $rc)"; exit 1; fi
+echo "valgrind (kinds): clean"

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -182,6 +183,115 @@ int main(int argc, char **argv) {
     rt.linear(x, w, nullptr, {rankfuse::slot(g.module("blk.1.ffn_up"))}, rankfuse::MatMut(y, x.rows(), w.rows()));
     expect_close(y, w.rows(), io.get("y.rslora-pattern." + m), 1e-4, 1e-4, m);
     expect_error(RF_STATUS_FORMAT, "general.type", [&] { rt.load_gguf(dir + "/../gguf-adapter/model.gguf"); });
+  });
+
+  test("module kinds: build basis, train, mixed batch, save, reload bit-identical", [&] {
+    // Mirrors tests/c/kinds.c: a basis from three LoRA adapters with random factors, one adapter
+    // per kind, a few AdamW steps each, a mixed batch, save + reload with identical outputs.
+    const int64_t in = 48, out = 40, m = 12, mt = 8;
+    const uint32_t cap = 4;
+    const std::string mod = "layers.0.q_proj";
+    uint64_t rng = 88172645463325252ull;
+    auto rand_n = [&](std::size_t n, float s) {
+      std::vector<float> v(n);
+      for (float &f : v) {
+        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+        f = s * (float((rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f);
+      }
+      return v;
+    };
+    const std::vector<float> wd = rand_n(size_t(out * in), 0.2f), bd = rand_n(size_t(out), 0.1f),
+                             xd = rand_n(size_t(m * in), 1.0f);
+    const rankfuse::MatRef w(wd, out, in), b(bd, 1, out), x(xd, m, in);
+
+    std::vector<rankfuse::Adapter> src;
+    for (int i = 0; i < 3; i++) {
+      src.push_back(rankfuse::Adapter::create("src" + std::to_string(i)));
+      rankfuse::Lora l = src.back().add_lora(mod, in, out, cap, 8.0f, RF_SCALING_LORA, RF_DTYPE_F32, 10 + i);
+      const std::vector<float> a = rand_n(cap * in, 0.3f), bb = rand_n(out * cap, 0.3f);
+      l.set_weights(rankfuse::MatRef(a, cap, in), rankfuse::MatRef(bb, out, cap));
+    }
+    auto basis = std::make_unique<rankfuse::EigenBasis>(
+        rankfuse::EigenBasis::build({&src[0], &src[1], &src[2]}, 6, 2, 7));
+    rankfuse::EigenBasis other = rankfuse::EigenBasis::build({&src[0], &src[1]}, 6, 2, 8);
+
+    auto al = std::make_unique<rankfuse::Adapter>(rankfuse::Adapter::create("lora"));
+    auto ak = std::make_unique<rankfuse::Adapter>(rankfuse::Adapter::create("kr"));
+    auto ae = std::make_unique<rankfuse::Adapter>(rankfuse::Adapter::create("eig"));
+    rankfuse::Lora lora = al->add_lora(mod, in, out, cap, 8.0f, RF_SCALING_LORA, RF_DTYPE_F32, 1);
+    rankfuse::Lora kr = ak->add_kradapter(mod, in, out, 2.0f, 2);
+    rankfuse::Lora eig = ae->add_eigenlorax(*basis, mod, 3, 1.0f, 3);
+    expect(lora.kind() == RF_MODULE_KIND_LORA && kr.kind() == RF_MODULE_KIND_KRADAPTER &&
+               eig.kind() == RF_MODULE_KIND_EIGENLORAX, "kinds");
+    expect(kr.info().in_features == in && kr.info().out_features == out, "KRAdapter shape");
+    expect(eig.info().rank == 8 && eig.info().capacity == 3, "EigenLoRAx: rank 6 + 2 components, capacity 3");
+
+    rankfuse::AdamWOptions opt;
+    opt.lr = 0.05f;
+    opt.weight_decay = 0.0f;
+    for (rankfuse::Lora *l : {&lora, &kr, &eig}) {
+      const std::vector<float> xt = rand_n(size_t(mt * in), 1.0f), target = rand_n(size_t(mt * out), 1.0f);
+      std::vector<float> y(size_t(mt * out)), dy(size_t(mt * out));
+      double first = 0, last = 0;
+      for (int step = 0; step <= 6; step++) {
+        rt.linear(rankfuse::MatRef(xt, mt, in), w, &b, {rankfuse::slot(*l)}, rankfuse::MatMut(y, mt, out));
+        double loss = 0;
+        for (std::size_t i = 0; i < y.size(); i++) {
+          const float d = y[i] - target[i];
+          loss += double(d) * d;
+          dy[i] = 2.0f * d / float(y.size());
+        }
+        loss /= double(y.size());
+        (step == 0 ? first : last) = loss;
+        if (step == 6) break;
+        l->zero_grad();
+        rt.backward(*l, rankfuse::MatRef(xt, mt, in), w, rankfuse::MatRef(dy, mt, out));
+        l->adamw_step(opt);
+      }
+      expect(last < first, "kind " + std::to_string(l->kind()) + ": loss " + std::to_string(first) +
+                               " -> " + std::to_string(last));
+    }
+    eig.set_rank(7);
+
+    std::vector<int32_t> row_slot;
+    for (int64_t i = 0; i < m; i++) row_slot.push_back(int32_t(i % 4) - 1);  // base, LoRA, KR, Eigen
+    auto serve = [&](const rankfuse::Lora &l0, const rankfuse::Lora &l1, const rankfuse::Lora &l2) {
+      std::vector<float> y(size_t(m * out));
+      std::vector<rf_lora_slot> slots{rankfuse::slot(l0), rankfuse::slot(l1, 0, 0.5f), rankfuse::slot(l2)};
+      rt.linear(x, w, &b, slots, rankfuse::MatMut(y, m, out), row_slot);
+      return y;
+    };
+    const std::vector<float> y0 = serve(lora, kr, eig);
+    std::vector<float> yb(size_t(m * out));
+    rt.linear(x, w, &b, {}, rankfuse::MatMut(yb, m, out));
+    for (int64_t i = 0; i < m; i++) {
+      bool same = true;
+      for (int64_t j = 0; j < out; j++) same = same && y0[size_t(i * out + j)] == yb[size_t(i * out + j)];
+      expect(same == (i % 4 == 0), "row " + std::to_string(i) + " vs the base");
+    }
+
+    const char *tmp = std::getenv("TMPDIR");
+    const std::string d = std::string(tmp ? tmp : "/tmp") + "/rankfuse-hpp-kinds-" +
+                          std::to_string(static_cast<long>(getpid()));
+    struct RemoveDir {
+      std::string dir;
+      ~RemoveDir() {
+        if (std::system(("rm -rf '" + dir + "'").c_str()) != 0) std::printf("could not remove %s\n", dir.c_str());
+      }
+    } cleanup{d};
+    al->save_peft(d + "/lora");
+    ak->save_peft(d + "/kr");
+    ae->save_peft(d + "/eig");
+    basis->save(d + "/basis");
+    al.reset(), ak.reset(), ae.reset(), basis.reset();
+    rankfuse::EigenBasis basis2 = rt.load_eigen_basis(d + "/basis");
+    rankfuse::Adapter l2 = rt.load_peft(d + "/lora"), k2 = rt.load_peft(d + "/kr");
+    rankfuse::Adapter e2 = rt.load_eigenlorax(basis2, d + "/eig");
+    expect_error(RF_STATUS_INVALID_ARGUMENT, "basis", [&] { rt.load_eigenlorax(other, d + "/eig"); });
+    expect_error(RF_STATUS_INVALID_ARGUMENT, "rf_adapter_load_eigenlorax", [&] { rt.load_peft(d + "/eig"); });
+    expect(k2.module(mod).kind() == RF_MODULE_KIND_KRADAPTER && e2.module(mod).kind() == RF_MODULE_KIND_EIGENLORAX,
+           "reloaded kinds");
+    expect(serve(l2.module(mod), k2.module(mod), e2.module(mod)) == y0, "outputs differ after save and reload");
   });
 
   test("typed views", [&] {

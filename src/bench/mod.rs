@@ -8,6 +8,7 @@
 mod cases;
 mod measure;
 
+pub mod methods;
 pub mod quant;
 pub use cases::{run_case, run_case_with_bandwidth, run_mixed};
 pub use measure::{measure_bandwidth, measure_fma_peak, CountingAlloc};

@@ -101,13 +101,45 @@ fn gather(x: MatRef<'_>, rows: &[usize]) -> Mat<f32> {
     g
 }
 
-fn to_mat(m: MatRef<'_>) -> Mat<f32> {
-    let v = m.to_f32_vec();
-    Mat::from_fn(m.rows, m.cols, |i, j| v[i * m.cols + j])
+/// An f32 row-major parameter matrix as a slice (kinds keep their parameters in owned f32
+/// matrices, contiguous; anything else is converted).
+fn f32_rows<'a>(m: MatRef<'a>) -> std::borrow::Cow<'a, [f32]> {
+    if m.dtype == DType::F32 && (m.ld == m.cols || m.rows <= 1) && (m.as_ptr() as usize) % 4 == 0 {
+        // SAFETY: an F32 view of rows x cols contiguous elements, 4-byte aligned, valid for 'a.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(m.as_ptr() as *const f32, m.rows * m.cols)
+        })
+    } else {
+        std::borrow::Cow::Owned(m.to_f32_vec())
+    }
 }
 
-/// Δy = scale · x ΔWᵀ of a KRAdapter for the rows of `x` (rows x k), via its Khatri–Rao
-/// structure: O(rows · out · in) flops, like the base, reading only U and V.
+/// Σ a[i]·b[i] with 8 independent partial sums (vectorizes; the order differs from a serial
+/// sum by f32 rounding only).
+#[inline]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Δy = scale · x ΔWᵀ of a KRAdapter for the rows of `x` (rows x k), through its Khatri–Rao
+/// structure, reading only U and V: O(rows · out · in) flops like the base.
+/// - Few rows (<= 8), slices are rows of ΔW: per row, X = x reshaped ((r+d) x r),
+///   Δy_i = s V_iᵀ X U_i, slices split across threads.
+/// - Otherwise one GEMM per a in 0..r+d on a generated m x r block of ΔW (never all of it):
+///   slices are rows: ΔW[:, a r .. a r + r] = diag(V[:, a]) U, Δy += x[:, a r ..] · blockᵀ;
+///   slices are columns: Δy[:, a r ..] = (x ⊙ V[:, a]ᵀ) · U.
 pub fn kron_delta(
     shape: &crate::adapter::KronShape,
     u: MatRef<'_>,
@@ -116,73 +148,94 @@ pub fn kron_delta(
     x: &Mat<f32>,
     par: Par,
 ) -> Mat<f32> {
+    use rayon::prelude::*;
     let (rows, (r, w, m)) = (x.nrows(), (shape.r, shape.w(), shape.m));
-    let um = to_mat(u); // m x r
-    let vtm = to_mat(vt); // w x m; column i = V_i
+    let uv = f32_rows(u); // m x r
+    let vtv = f32_rows(vt); // w x m
     let mut dy = Mat::<f32>::zeros(rows, shape.out);
     if rows == 0 {
         return dy;
     }
-    if shape.rows_are_slices() {
-        // x (len in = M) reshaped X_b ((r+d) x r, zero past M); Δy_i = s V_iᵀ X_b U_i.
-        // Stack X_b of a chunk of rows, P = X · Uᵀ ((chunk·w) x m), reduce columns with V.
-        let chunk = ((32usize << 20) / (4 * w * m).max(1)).clamp(1, rows);
-        let mut b0 = 0;
-        while b0 < rows {
-            let nb = chunk.min(rows - b0);
-            let xs = Mat::<f32>::from_fn(nb * w, r, |row, c| {
-                let (b, a) = (row / w, row % w);
-                let j = a * r + c;
-                if j < shape.inp {
-                    x[(b0 + b, j)]
-                } else {
-                    0.0
+    if shape.rows_are_slices() && rows <= 8 {
+        for b in 0..rows {
+            let mut xp = vec![0f32; w * r];
+            for (j, v) in xp.iter_mut().enumerate().take(shape.inp) {
+                *v = x[(b, j)];
+            }
+            let mut out = vec![0f32; m];
+            out.par_chunks_mut(256).enumerate().for_each(|(ci, oc)| {
+                let mut t = vec![0f32; w];
+                for (ii, o) in oc.iter_mut().enumerate() {
+                    let i = ci * 256 + ii;
+                    let ui = &uv[i * r..(i + 1) * r];
+                    for (a, ta) in t.iter_mut().enumerate() {
+                        *ta = dot8(&xp[a * r..(a + 1) * r], ui);
+                    }
+                    let mut acc = 0f32;
+                    for (a, ta) in t.iter().enumerate() {
+                        acc += vtv[a * m + i] * ta;
+                    }
+                    *o = scale * acc;
                 }
             });
-            let mut pm = Mat::<f32>::zeros(nb * w, m);
+            for (i, v) in out.iter().enumerate() {
+                dy[(b, i)] = *v;
+            }
+        }
+        return dy;
+    }
+    let um = faer::MatRef::from_row_major_slice(&uv, m, r);
+    if shape.rows_are_slices() {
+        let mut blk = Mat::<f32>::zeros(m, r);
+        let mut xa = Mat::<f32>::zeros(rows, r);
+        for a in 0..w {
+            let c0 = a * r;
+            if c0 >= shape.inp {
+                break;
+            }
+            let cols = r.min(shape.inp - c0);
+            for i in 0..m {
+                let va = scale * vtv[a * m + i];
+                for c in 0..cols {
+                    blk[(i, c)] = va * uv[i * r + c];
+                }
+            }
+            for b in 0..rows {
+                for c in 0..cols {
+                    xa[(b, c)] = x[(b, c0 + c)];
+                }
+            }
             matmul(
-                pm.as_mut(),
-                Accum::Replace,
-                xs.as_ref(),
-                um.transpose(),
+                dy.as_mut(),
+                Accum::Add,
+                xa.subcols(0, cols),
+                blk.subcols(0, cols).transpose(),
                 1.0,
                 par,
             );
-            for i in 0..m {
-                let vi = vtm.col(i);
-                let pc = pm.col(i);
-                for b in 0..nb {
-                    let mut acc = 0f32;
-                    for a in 0..w {
-                        acc += vi[a] * pc[b * w + a];
-                    }
-                    dy[(b0 + b, i)] = scale * acc;
-                }
-            }
-            b0 += nb;
         }
     } else {
-        // Columns are slices: Y_b = s Vᵀ diag(x_b) U ((r+d) x r); Δy_b = vec(Y_b)[..M].
-        let mut d = Mat::<f32>::zeros(m, r);
-        let mut yb = Mat::<f32>::zeros(w, r);
-        for b in 0..rows {
+        let mut xa = Mat::<f32>::zeros(rows, m);
+        for a in 0..w {
+            let c0 = a * r;
+            if c0 >= shape.out {
+                break;
+            }
+            let cols = r.min(shape.out - c0);
             for i in 0..m {
-                let xi = x[(b, i)];
-                for c in 0..r {
-                    d[(i, c)] = xi * um[(i, c)];
+                let va = scale * vtv[a * m + i];
+                for b in 0..rows {
+                    xa[(b, i)] = x[(b, i)] * va;
                 }
             }
             matmul(
-                yb.as_mut(),
+                dy.as_mut().subcols_mut(c0, cols),
                 Accum::Replace,
-                vtm.as_ref(),
-                d.as_ref(),
+                xa.as_ref(),
+                um.subcols(0, cols),
                 1.0,
                 par,
             );
-            for j in 0..shape.out {
-                dy[(b, j)] = scale * yb[(j / r, j % r)];
-            }
         }
     }
     dy

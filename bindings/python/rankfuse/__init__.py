@@ -38,9 +38,11 @@ __all__ = [
     "DType",
     "Device",
     "ActQuant",
+    "EigenBasis",
     "Error",
     "Lora",
     "LoraInfo",
+    "ModuleKind",
     "Packed",
     "PackedInfo",
     "Runtime",
@@ -73,6 +75,7 @@ ActQuant = _enum("ActQuant", "rf_act_quant", "RF_ACT_QUANT_")
 Scaling = _enum("Scaling", "rf_scaling", "RF_SCALING_")
 BackwardMode = _enum("BackwardMode", "rf_backward_mode", "RF_BACKWARD_")
 GgufAlpha = _enum("GgufAlpha", "rf_gguf_alpha", "RF_GGUF_ALPHA_")
+ModuleKind = _enum("ModuleKind", "rf_module_kind", "RF_MODULE_KIND_")
 
 
 def version() -> str:
@@ -296,11 +299,31 @@ class Runtime(_Handle):
         return Weights(out, self)
 
     def load_peft(self, path) -> "Adapter":
-        """Loads a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
+        """Loads a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) or a
+        KRAdapter folder (rankfuse's format). An EigenLoRAx folder needs its basis:
+        load_eigenlorax."""
         p = self._live()
         out = ctypes.POINTER(_ffi.rf_adapter)()
         _check(_lib.rf_adapter_load_peft(p, str(path).encode(), ctypes.byref(out)))
         return Adapter(out, self)
+
+    def load_eigenlorax(self, basis: "EigenBasis", path) -> "Adapter":
+        """Loads an EigenLoRAx adapter folder (Adapter.save_peft of EigenLoRAx modules) on
+        basis, which must be the one it was trained on (a different basis raises
+        INVALID_ARGUMENT naming the module). The basis is shared, not copied; the adapter stays
+        valid after basis.close()."""
+        p = self._live()
+        out = ctypes.POINTER(_ffi.rf_adapter)()
+        _check(_lib.rf_adapter_load_eigenlorax(p, basis._live(), str(path).encode(), ctypes.byref(out)))
+        return Adapter(out, self)
+
+    def load_eigen_basis(self, path) -> "EigenBasis":
+        """Loads an EigenLoRAx basis: a folder written by EigenBasis.save, or a
+        `rankfuse eigen build` file."""
+        p = self._live()
+        out = ctypes.POINTER(_ffi.rf_eigen_basis)()
+        _check(_lib.rf_eigen_basis_load(p, str(path).encode(), ctypes.byref(out)))
+        return EigenBasis(out)
 
     def load_gguf(self, path) -> "Adapter":
         """Loads a GGUF LoRA adapter (llama.cpp's format). Modules are named by their base
@@ -547,8 +570,8 @@ class _ViewOwner:
 
 
 class Adapter(_Handle):
-    """A loaded adapter: a named set of LoRA modules, indexed by the base model's module path.
-    Its Lora objects raise Error once it is closed."""
+    """A loaded adapter: a named set of modules (one kind: LoRA, KRAdapter or EigenLoRAx), indexed
+    by the base model's module path. Its Lora objects raise Error once it is closed."""
 
     _what = "adapter"
 
@@ -594,7 +617,10 @@ class Adapter(_Handle):
         return i.value, g.value
 
     def save_peft(self, path) -> None:
-        """Writes a PEFT folder (created if missing) that PEFT and rankfuse load back."""
+        """Writes a PEFT folder (created if missing) that PEFT and rankfuse load back. An
+        adapter of KRAdapter or EigenLoRAx modules is written in that method's folder format
+        (EigenLoRAx: the loadings only; save the basis once with EigenBasis.save and reload with
+        Runtime.load_eigenlorax)."""
         _check(_lib.rf_adapter_save_peft(self._live(), str(path).encode()))
 
     def save_gguf(
@@ -650,6 +676,36 @@ class Adapter(_Handle):
         )
         return Lora(out, self, module)
 
+    def add_kradapter(
+        self, module: str, in_features: int, out_features: int, scale: float = 2.0, seed: int = 0
+    ) -> "Lora":
+        """Appends a trainable KRAdapter (Khatri-Rao) module for a layer in -> out: U = 0 and V
+        kaiming-uniform from seed, so the update is 0 until trained; fixed scale (the paper's
+        default is 2). f32 parameters."""
+        out = ctypes.POINTER(_ffi.rf_lora)()
+        _check(
+            _lib.rf_adapter_add_kradapter(
+                self._live(), module.encode(), in_features, out_features, scale, seed, ctypes.byref(out)
+            )
+        )
+        return Lora(out, self, module)
+
+    def add_eigenlorax(
+        self, basis: "EigenBasis", module: str, rank: int, scale: float = 1.0, seed: int = 0
+    ) -> "Lora":
+        """Appends a trainable EigenLoRAx module on basis' module `module` (in/out are the
+        basis'): loadings K x rank (K = the basis' components), alpha_B = 0 so the update is 0
+        until trained; fixed scale. Training updates the loadings only; the module keeps the
+        basis alive (basis may be closed afterwards). Its rank (Slot.rank, set_rank) is the
+        number of basis components in use."""
+        out = ctypes.POINTER(_ffi.rf_lora)()
+        _check(
+            _lib.rf_adapter_add_eigenlorax(
+                self._live(), basis._live(), module.encode(), rank, scale, seed, ctypes.byref(out)
+            )
+        )
+        return Lora(out, self, module)
+
     def train_enable(self) -> None:
         """Turns training on for every module (e.g. of a loaded adapter)."""
         _check(_lib.rf_adapter_train_enable(self._live()))
@@ -688,7 +744,10 @@ class LoraInfo:
 
 
 class Lora:
-    """One LoRA module, borrowed from its Adapter (keeps it alive; raises once it is closed)."""
+    """One module, borrowed from its Adapter (keeps it alive; raises once it is closed). Its kind
+    (.kind) is LoRA, KRAdapter or EigenLoRAx; every kind serves in Runtime.linear slots (mixed
+    in one call on CPU runtimes), trains with Runtime.backward / adamw_step and saves with
+    Adapter.save_peft. For EigenLoRAx, rank means the basis components in use."""
 
     def __init__(self, ptr, adapter: Adapter, name: str):
         self._ptr = ptr
@@ -714,8 +773,19 @@ class Lora:
             DType(i.dtype),
         )
 
+    @property
+    def kind(self) -> ModuleKind:
+        """What the module is: ModuleKind.LORA, KRADAPTER or EIGENLORAX."""
+        k = _ffi.c_enum()
+        _check(_lib.rf_lora_kind(self._live(), ctypes.byref(k)))
+        try:
+            return ModuleKind(k.value)
+        except ValueError:
+            return k.value  # a kind newer than this package: keep the int
+
     def set_rank(self, rank: int) -> None:
-        """Default rank of later calls (1..capacity). Needs exclusive access to this lora."""
+        """Default rank of later calls (1..capacity; EigenLoRAx: 1..K basis components). Needs
+        exclusive access to this lora."""
         if not 0 <= rank <= 0xFFFFFFFF:
             raise Error(Status.INVALID_ARGUMENT, f"rank {rank} is out of range")
         _check(_lib.rf_lora_set_rank(self._live(), rank))
@@ -784,6 +854,47 @@ class Slot:
         if s is None or isinstance(s, Lora):
             return Slot(s)
         raise Error(Status.INVALID_ARGUMENT, f"slot: expected Lora, Slot or None, got {type(s).__name__}")
+
+
+# ---------------------------------------------------------------- EigenLoRAx basis
+
+
+class EigenBasis(_Handle):
+    """An EigenLoRAx basis: per module, frozen principal directions shared by many adapters
+    (Runtime.load_eigen_basis, EigenBasis.build). Immutable; safe to share across threads.
+    Modules made on it (Adapter.add_eigenlorax, Runtime.load_eigenlorax) keep what they need
+    alive, so closing the basis early is fine."""
+
+    _what = "eigen basis"
+
+    def __init__(self, ptr):
+        self._init_handle(ptr)
+
+    def _free(self, ptr) -> None:
+        _lib.rf_eigen_basis_free(ptr)
+
+    @staticmethod
+    def build(adapters: Sequence[Adapter], components: int, augment: int = 0, seed: int = 0) -> "EigenBasis":
+        """Builds a basis from LoRA adapters (the modules present in all of them, same shapes):
+        per module and side the top `components` principal directions of their rank vectors,
+        plus `augment` seeded random orthonormal directions."""
+        adapters = list(adapters)
+        ptrs = (ctypes.POINTER(_ffi.rf_adapter) * max(len(adapters), 1))()
+        for i, a in enumerate(adapters):
+            if not isinstance(a, Adapter):
+                raise Error(Status.INVALID_ARGUMENT, f"adapters[{i}]: expected Adapter, got {type(a).__name__}")
+            ptrs[i] = a._live()
+        out = ctypes.POINTER(_ffi.rf_eigen_basis)()
+        _check(_lib.rf_eigen_basis_build(ptrs, len(adapters), components, augment, seed, ctypes.byref(out)))
+        return EigenBasis(out)
+
+    def save(self, path) -> None:
+        """Writes a basis folder (created if missing) that Runtime.load_eigen_basis reads back;
+        adapters on it store their loadings only."""
+        _check(_lib.rf_eigen_basis_save(self._live(), str(path).encode()))
+
+    def __repr__(self):
+        return "EigenBasis(closed)" if self._closed else "EigenBasis()"
 
 
 # ---------------------------------------------------------------- adapter store

@@ -83,6 +83,7 @@ ENUMS = {
     "rf_device": {"RF_DEVICE_CPU": 0, "RF_DEVICE_CUDA": 1},
     "rf_act_quant": {"RF_ACT_QUANT_EXACT": 0, "RF_ACT_QUANT_Q8": 1},
     "rf_backward_mode": {"RF_BACKWARD_NESTED": 0, "RF_BACKWARD_FROZEN": 1},
+    "rf_module_kind": {"RF_MODULE_KIND_LORA": 0, "RF_MODULE_KIND_KRADAPTER": 1, "RF_MODULE_KIND_EIGENLORAX": 2},
 }
 
 
@@ -333,6 +334,12 @@ FUNCTIONS = {
     "rf_error_code": (c_enum, [P(rf_error)]),
     "rf_error_message": (c_char_p, [P(rf_error)]),
     "rf_error_free": (None, [P(rf_error)]),
+    "rf_lora_kind": (ERR, [P(rf_lora), P(c_enum)]),
+    "rf_adapter_add_kradapter": (ERR, [P(rf_adapter), c_char_p, c_int64, c_int64, c_float, c_uint64, P(P(rf_lora))]),
+    "rf_adapter_add_eigenlorax": (ERR, [P(rf_adapter), P(rf_eigen_basis), c_char_p, c_uint32, c_float, c_uint64, P(P(rf_lora))]),
+    "rf_adapter_load_eigenlorax": (ERR, [P(rf_runtime), P(rf_eigen_basis), c_char_p, P(P(rf_adapter))]),
+    "rf_eigen_basis_save": (ERR, [P(rf_eigen_basis), c_char_p]),
+    "rf_eigen_basis_build": (ERR, [P(P(rf_adapter)), c_size_t, c_uint32, c_uint32, c_uint64, P(P(rf_eigen_basis))]),
     "rf_linear": (ERR, [P(rf_runtime), P(rf_matrix), P(rf_matrix), P(rf_matrix), P(rf_lora_slot), c_size_t, P(c_int32), P(rf_matrix)]),
     "rf_weights_pack": (ERR, [P(rf_runtime), P(rf_matrix), P(P(rf_packed))]),
     "rf_packed_free": (None, [P(rf_packed)]),

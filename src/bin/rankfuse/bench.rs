@@ -37,6 +37,11 @@ pub struct Args {
     /// the --m values <= 8, every shape and rank; base and fused.
     #[arg(long)]
     quant: bool,
+    /// Only compare the other adapter kinds with LoRA on the first --shapes and --dtypes entry:
+    /// 64 rows over 16 EigenLoRAx adapters (rank 8, K = 32) on one basis vs the same 16 as dense
+    /// LoRA; a KRAdapter vs a LoRA of its parameter count at m = 1 and 128; base alongside.
+    #[arg(long)]
+    methods: bool,
     /// Write the JSON here (default: stdout after the table).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -81,6 +86,9 @@ pub fn run(rt: &Runtime, a: &Args) -> Result<()> {
     );
     if a.quant {
         return run_quant(rt, &opts, &a.json);
+    }
+    if a.methods {
+        return run_methods(rt, &opts, &a.json);
     }
     let mut header = false;
     let report = run_bench(
@@ -289,4 +297,37 @@ fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf
         None => println!("{text}"),
     }
     Ok(())
+}
+
+fn run_methods(rt: &Runtime, o: &BenchOptions, json: &Option<std::path::PathBuf>) -> Result<()> {
+    let (k, n) = o.shapes[0];
+    let dtype = o.dtypes[0];
+    let rows = rankfuse::bench::methods::run_methods(rt, dtype, k, n, o.min_time)?;
+    eprintln!(
+        "{:>26} {:>5} {:>4} {:>6} {:>6} {:>3} {:>4} {:>9} {:>9} {:>9} {:>7} {:>7} {:>10} {:>10} {:>9}",
+        "case", "dtype", "m", "k", "n", "ad", "r", "base ms", "lora ms", "meth ms", "l/base",
+        "m/base", "lora MiB", "meth MiB", "rel diff"
+    );
+    for r in &rows {
+        eprintln!(
+            "{:>26} {:>5} {:>4} {:>6} {:>6} {:>3} {:>4} {:>9.3} {:>9.3} {:>9.3} {:>7.3} {:>7.3} {:>10.3} {:>10.3} {:>9.2e}",
+            r.case, r.dtype, r.m, r.k, r.n, r.adapters, r.lora_rank, r.base_ms, r.lora_ms,
+            r.method_ms, r.lora_over_base, r.method_over_base,
+            r.lora_adapter_bytes as f64 / 1048576.0, r.method_adapter_bytes as f64 / 1048576.0,
+            r.rel_diff
+        );
+    }
+    let text = serde_json::json!({
+        "isa": rt.kernels().isa.name(),
+        "threads": rt.threads(),
+        "methods": rows,
+    })
+    .to_string();
+    match json {
+        Some(p) => std::fs::write(p, text).map_err(|e| Error::from_io(p, &e)),
+        None => {
+            println!("{text}");
+            Ok(())
+        }
+    }
 }
