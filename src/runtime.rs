@@ -214,9 +214,9 @@ impl Runtime {
             return base(p, y);
         }
         match &self.backend {
-            Backend::Cpu => self
-                .pool
-                .install(|| crate::methods::forward::linear(p, methods, y, base)),
+            Backend::Cpu => self.pool.install(|| {
+                crate::methods::forward::linear(p, methods, y, base, &|q, yy| self.linear(q, yy))
+            }),
             #[cfg(feature = "cuda")]
             Backend::Cuda(_) => {
                 let names: Vec<&str> = methods.iter().flatten().map(|m| m.module()).collect();

@@ -183,7 +183,9 @@ fn loss(l: &Lora, x: &[f32], dy: &[f32], m: usize, n: usize, k: usize) -> f64 {
     let mut s = 0f64;
     for i in 0..m {
         for j in 0..n {
-            let v: f64 = (0..k).map(|c| x[i * k + c] as f64 * dw[j * k + c] as f64).sum();
+            let v: f64 = (0..k)
+                .map(|c| x[i * k + c] as f64 * dw[j * k + c] as f64)
+                .sum();
             s += dy[i * n + j] as f64 * v;
         }
     }
@@ -239,7 +241,11 @@ fn method_gradients_match_finite_differences() {
             let (na, nb) = (t.a.len(), t.b.len());
             let mut checked = 0;
             for p in (0..na + nb).step_by(((na + nb) / 12).max(1)) {
-                let (an, is_a) = if p < na { (t.ga[p], true) } else { (t.gb[p - na], false) };
+                let (an, is_a) = if p < na {
+                    (t.ga[p], true)
+                } else {
+                    (t.gb[p - na], false)
+                };
                 let h = 1e-2f32;
                 let mut at = t.a.clone();
                 let mut bt = t.b.clone();
@@ -251,8 +257,9 @@ fn method_gradients_match_finite_differences() {
                     }
                 };
                 bump(&mut at, &mut bt, h);
-                let mut lp = Lora::new_trainable("t", 1, 1, 1, 1.0, rankfuse::Scaling::Lora, DType::F32, 0)
-                    .unwrap();
+                let mut lp =
+                    Lora::new_trainable("t", 1, 1, 1, 1.0, rankfuse::Scaling::Lora, DType::F32, 0)
+                        .unwrap();
                 std::mem::swap(&mut lp, l);
                 // l is now a throwaway; lp the module: set, measure, restore.
                 lp.set_weights(&at, &bt).unwrap();
@@ -274,7 +281,10 @@ fn method_gradients_match_finite_differences() {
             // EigenLoRAx: the masked component gets no gradient.
             if idx >= 2 && l.capacity == 3 {
                 let kb = t.a.len() / 3;
-                assert!(t.ga[kb..2 * kb].iter().all(|&v| v == 0.0), "{what}: masked component");
+                assert!(
+                    t.ga[kb..2 * kb].iter().all(|&v| v == 0.0),
+                    "{what}: masked component"
+                );
             }
         }
         // Gains: dE of the eigen module with gains against a finite difference.
@@ -289,7 +299,11 @@ fn method_gradients_match_finite_differences() {
             let down = loss(l, &x, &dy, m, n, k);
             set_gain(l, c, e0[c]);
             let fd = ((up - down) / (2.0 * h as f64)) as f32;
-            assert!((fd - ge[c]).abs() <= 2e-3 * (1.0 + fd.abs()), "dE[{c}]: {fd} vs {}", ge[c]);
+            assert!(
+                (fd - ge[c]).abs() <= 2e-3 * (1.0 + fd.abs()),
+                "dE[{c}]: {fd} vs {}",
+                ge[c]
+            );
         }
     }
 }

@@ -21,7 +21,7 @@ use faer::Mat;
 use std::sync::Arc;
 
 /// One module's EigenLoRAx basis: C_A (in x K), C_B (out x K), orthonormal columns, f32.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct BasisModule {
     pub name: String,
     pub in_features: usize,
@@ -34,6 +34,23 @@ pub struct BasisModule {
     /// FNV-1a over the shapes and f32 bits of C_A and C_B: an eigen adapter records it and is
     /// refused on any other basis.
     pub fingerprint: u64,
+    /// C_Aᵀ (K x in) and C_B (out x K), row-major f32: the layouts the runtime's GEMM reads
+    /// (nn.Linear's n x k), made once when the basis is made.
+    pub ca_t: Matrix,
+    pub cb_rows: Matrix,
+}
+
+impl Clone for BasisModule {
+    fn clone(&self) -> Self {
+        BasisModule::new(
+            &self.name,
+            self.c_a.clone(),
+            self.c_b.clone(),
+            self.explained_a,
+            self.explained_b,
+        )
+        .expect("a valid basis stays valid")
+    }
 }
 
 impl BasisModule {
@@ -52,7 +69,14 @@ impl BasisModule {
             )));
         }
         let fingerprint = fingerprint(&c_a, &c_b);
+        let (k, inp, out) = (c_a.ncols(), c_a.nrows(), c_b.nrows());
+        let cat: Vec<f32> = (0..k * inp).map(|e| c_a[(e % inp, e / inp)]).collect();
+        let cbr: Vec<f32> = (0..out * k).map(|e| c_b[(e / k, e % k)]).collect();
+        let ca_t = Matrix::from_f32(DType::F32, k, inp, &cat)?;
+        let cb_rows = Matrix::from_f32(DType::F32, out, k, &cbr)?;
         Ok(BasisModule {
+            ca_t,
+            cb_rows,
             name: name.to_string(),
             in_features: c_a.nrows(),
             out_features: c_b.nrows(),

@@ -76,7 +76,10 @@ fn time3(
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max)
 }
 
 fn split<'a>(s: &[AnySlot<'a>]) -> (Vec<Option<Slot<'a>>>, Vec<Option<MethodSlot<'a>>>) {
@@ -145,8 +148,14 @@ pub fn eigen_vs_lora(
         eig.push(e);
     }
     let row_slot: Vec<i32> = (0..m).map(|i| (i % adapters) as i32).collect();
-    let lslots: Vec<Option<Slot>> = dense.iter().map(|l| slot(l, 0, 1.0).map(Some)).collect::<Result<_>>()?;
-    let eany: Vec<AnySlot> = eig.iter().map(|l| resolve(l, 0, 1.0)).collect::<Result<_>>()?;
+    let lslots: Vec<Option<Slot>> = dense
+        .iter()
+        .map(|l| slot(l, 0, 1.0).map(Some))
+        .collect::<Result<_>>()?;
+    let eany: Vec<AnySlot> = eig
+        .iter()
+        .map(|l| resolve(l, 0, 1.0))
+        .collect::<Result<_>>()?;
     let (elow, emeth) = split(&eany);
     let base = LinearProblem {
         x: x.view(),
@@ -227,7 +236,14 @@ pub fn kron_vs_lora(
     let r = (params / (k + n)).max(1);
     let a = random(&mut rng, dtype, r, k, 0.02)?;
     let b = random(&mut rng, dtype, n, r, 0.02)?;
-    let lora = Lora::new("bench", TensorData::Owned(a), TensorData::Owned(b), 2.0 * r as f32, Scaling::Lora, 0.0)?;
+    let lora = Lora::new(
+        "bench",
+        TensorData::Owned(a),
+        TensorData::Owned(b),
+        2.0 * r as f32,
+        Scaling::Lora,
+        0.0,
+    )?;
     let ls = [Some(slot(&lora, 0, 1.0)?)];
     let (klow, kmeth) = split(&[resolve(&kr, 0, 1.0)?]);
     let base = LinearProblem {
@@ -238,7 +254,10 @@ pub fn kron_vs_lora(
         row_slot: None,
     };
     let lp = LinearProblem { slots: &ls, ..base };
-    let kp = LinearProblem { slots: &klow, ..base };
+    let kp = LinearProblem {
+        slots: &klow,
+        ..base
+    };
     let mut y = [
         Matrix::zeros(dtype, m, n)?,
         Matrix::zeros(dtype, m, n)?,
@@ -281,7 +300,13 @@ pub fn kron_vs_lora(
 }
 
 /// The default comparisons of `rankfuse bench --methods` for one dtype and k x n shape.
-pub fn run_methods(rt: &Runtime, dtype: DType, k: usize, n: usize, min_time: Duration) -> Result<Vec<MethodResult>> {
+pub fn run_methods(
+    rt: &Runtime,
+    dtype: DType,
+    k: usize,
+    n: usize,
+    min_time: Duration,
+) -> Result<Vec<MethodResult>> {
     let mut out = vec![eigen_vs_lora(rt, dtype, 64, k, n, 16, 8, 32, min_time)?];
     for m in [1, 128] {
         out.push(kron_vs_lora(rt, dtype, m, k, n, min_time)?);

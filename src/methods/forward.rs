@@ -6,8 +6,11 @@ use crate::backend::LinearProblem;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::matrix::{MatMut, MatRef, Matrix};
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, Par};
+use faer::Mat;
+
+/// The runtime's plain GEMM (`Runtime::linear` on a problem without slots), for the parts
+/// of a method that are ordinary products.
+pub type Gemm<'g> = dyn Fn(&LinearProblem<'_>, &mut MatMut<'_>) -> Result<()> + Sync + 'g;
 
 /// Checks method slots against the call (x: m x k, W: n x k); `methods` pairs with `p.slots`
 /// (same length, or empty), a method slot's position in `p.slots` being None.
@@ -87,20 +90,6 @@ fn rows_of(p: &LinearProblem<'_>, s: usize) -> Vec<usize> {
     (0..p.m()).filter(|&i| p.applies(s, i)).collect()
 }
 
-/// Rows `rows` of x as an f32 matrix (rows.len() x k).
-fn gather(x: MatRef<'_>, rows: &[usize]) -> Mat<f32> {
-    let k = x.cols;
-    let mut buf = vec![0f32; k];
-    let mut g = Mat::<f32>::zeros(rows.len(), k);
-    for (ii, &i) in rows.iter().enumerate() {
-        x.row_f32(i, 0, &mut buf);
-        for (j, v) in buf.iter().enumerate() {
-            g[(ii, j)] = *v;
-        }
-    }
-    g
-}
-
 /// An f32 row-major parameter matrix as a slice (kinds keep their parameters in owned f32
 /// matrices, contiguous; anything else is converted).
 fn f32_rows<'a>(m: MatRef<'a>) -> std::borrow::Cow<'a, [f32]> {
@@ -145,24 +134,24 @@ pub fn kron_delta(
     u: MatRef<'_>,
     vt: MatRef<'_>,
     scale: f32,
-    x: &Mat<f32>,
-    par: Par,
-) -> Mat<f32> {
+    x: MatRef<'_>,
+    gemm: &Gemm<'_>,
+) -> Result<Matrix> {
     use rayon::prelude::*;
-    let (rows, (r, w, m)) = (x.nrows(), (shape.r, shape.w(), shape.m));
+    let (rows, (r, w, m)) = (x.rows, (shape.r, shape.w(), shape.m));
     let uv = f32_rows(u); // m x r
     let vtv = f32_rows(vt); // w x m
-    let mut dy = Mat::<f32>::zeros(rows, shape.out);
+    let mut dy = Matrix::zeros(DType::F32, rows, shape.out)?;
     if rows == 0 {
-        return dy;
+        return Ok(dy);
     }
     if shape.rows_are_slices() && rows <= 8 {
+        let mut xrow = vec![0f32; shape.inp];
+        let mut out = vec![0f32; m];
         for b in 0..rows {
+            x.row_f32(b, 0, &mut xrow);
             let mut xp = vec![0f32; w * r];
-            for (j, v) in xp.iter_mut().enumerate().take(shape.inp) {
-                *v = x[(b, j)];
-            }
-            let mut out = vec![0f32; m];
+            xp[..shape.inp].copy_from_slice(&xrow);
             out.par_chunks_mut(256).enumerate().for_each(|(ci, oc)| {
                 let mut t = vec![0f32; w];
                 for (ii, o) in oc.iter_mut().enumerate() {
@@ -178,67 +167,97 @@ pub fn kron_delta(
                     *o = scale * acc;
                 }
             });
-            for (i, v) in out.iter().enumerate() {
-                dy[(b, i)] = *v;
-            }
+            dy.view_mut().set_row_f32(b, 0, &out);
         }
-        return dy;
+        return Ok(dy);
     }
-    let um = faer::MatRef::from_row_major_slice(&uv, m, r);
-    if shape.rows_are_slices() {
-        let mut blk = Mat::<f32>::zeros(m, r);
-        let mut xa = Mat::<f32>::zeros(rows, r);
-        for a in 0..w {
-            let c0 = a * r;
-            if c0 >= shape.inp {
-                break;
-            }
-            let cols = r.min(shape.inp - c0);
-            for i in 0..m {
-                let va = scale * vtv[a * m + i];
-                for c in 0..cols {
-                    blk[(i, c)] = va * uv[i * r + c];
-                }
-            }
-            for b in 0..rows {
-                for c in 0..cols {
-                    xa[(b, c)] = x[(b, c0 + c)];
-                }
-            }
-            matmul(
-                dy.as_mut(),
-                Accum::Add,
-                xa.subcols(0, cols),
-                blk.subcols(0, cols).transpose(),
-                1.0,
-                par,
-            );
-        }
+    kron_tiles(shape, &uv, &vtv, scale, x, gemm, &mut dy)?;
+    Ok(dy)
+}
+
+/// Δy = x ΔWᵀ for many rows: ΔW is generated a tile of output rows at a time (a few MiB,
+/// never whole) and each tile runs through the runtime's GEMM kernel with the full K, so no
+/// partial sums are carried between tiles.
+fn kron_tiles(
+    shape: &crate::adapter::KronShape,
+    uv: &[f32],
+    vtv: &[f32],
+    scale: f32,
+    x: MatRef<'_>,
+    gemm: &Gemm<'_>,
+    dy: &mut Matrix,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let (rows, n, k) = (x.rows, shape.out, shape.inp);
+    let (r, m) = (shape.r, shape.m);
+    let nc = ((4usize << 20) / (4 * k)).clamp(16, n.max(16)).min(n);
+    let mut tile = Matrix::zeros(DType::F32, nc, k)?;
+    // Columns are slices: ΔW[a r + c, i] = V[i, a] U[i, c]; Uᵀ rows make each ΔW row contiguous.
+    let ut: Vec<f32> = if shape.rows_are_slices() {
+        Vec::new()
     } else {
-        let mut xa = Mat::<f32>::zeros(rows, m);
-        for a in 0..w {
-            let c0 = a * r;
-            if c0 >= shape.out {
-                break;
+        let mut t = vec![0f32; r * m];
+        for i in 0..m {
+            for c in 0..r {
+                t[c * m + i] = uv[i * r + c];
             }
-            let cols = r.min(shape.out - c0);
-            for i in 0..m {
-                let va = scale * vtv[a * m + i];
-                for b in 0..rows {
-                    xa[(b, i)] = x[(b, i)] * va;
-                }
-            }
-            matmul(
-                dy.as_mut().subcols_mut(c0, cols),
-                Accum::Replace,
-                xa.as_ref(),
-                um.subcols(0, cols),
-                1.0,
-                par,
-            );
         }
+        t
+    };
+    let mut j0 = 0;
+    while j0 < n {
+        let nj = nc.min(n - j0);
+        {
+            let tv = tile.view_mut();
+            // SAFETY: the tile is an owned, contiguous F32 matrix of nc x k.
+            let data =
+                unsafe { std::slice::from_raw_parts_mut(tv.as_ref().as_ptr() as *mut f32, nc * k) };
+            data[..nj * k]
+                .par_chunks_mut(k)
+                .enumerate()
+                .for_each(|(jj, row)| {
+                    let j = j0 + jj;
+                    if shape.rows_are_slices() {
+                        // Row j is slice j: kron(V_j, U_j)[..in].
+                        let uj = &uv[j * r..(j + 1) * r];
+                        for (a, chunk) in row.chunks_mut(r).enumerate() {
+                            let va = scale * vtv[a * m + j];
+                            for (o, u) in chunk.iter_mut().zip(uj) {
+                                *o = va * u;
+                            }
+                        }
+                    } else {
+                        let (a, c) = (j / r, j % r);
+                        let va = &vtv[a * m..(a + 1) * m];
+                        let uc = &ut[c * m..(c + 1) * m];
+                        for ((o, v), u) in row.iter_mut().zip(va).zip(uc) {
+                            *o = scale * v * u;
+                        }
+                    }
+                });
+        }
+        let q = LinearProblem {
+            x,
+            w: tile.view().top_left(nj, k),
+            bias: None,
+            slots: &[],
+            row_slot: None,
+        };
+        let dv = dy.view_mut();
+        // SAFETY: columns j0..j0 + nj of the owned rows x n F32 matrix `dy`.
+        let mut yv = unsafe {
+            MatMut::from_raw(
+                (dv.as_ref().as_ptr() as *mut u8).add(j0 * 4),
+                DType::F32,
+                rows,
+                nj,
+                n,
+            )
+        };
+        gemm(&q, &mut yv)?;
+        j0 += nj;
     }
-    dy
+    Ok(())
 }
 
 /// The loadings of an eigen slot in the first k coordinates: α_A[:k]... as faer matrices
@@ -267,8 +286,8 @@ fn method_deltas(
     p: &LinearProblem<'_>,
     methods: &[Option<MethodSlot<'_>>],
     acc: &mut Mat<f32>,
-    par: Par,
-) -> Vec<bool> {
+    gemm: &Gemm<'_>,
+) -> Result<Vec<bool>> {
     let m = p.m();
     let mut touched = vec![false; m];
     // EigenLoRAx: group slots by (basis module, k), one projection per group.
@@ -295,17 +314,28 @@ fn method_deltas(
         if rows.is_empty() {
             continue;
         }
-        // z = x C_A[:, :k], once for every row and slot of the group.
-        let xg = gather(p.x, &rows);
-        let mut z = Mat::<f32>::zeros(rows.len(), k);
-        matmul(
-            z.as_mut(),
-            Accum::Replace,
-            xg.as_ref(),
-            basis.c_a.subcols(0, k),
-            1.0,
-            par,
-        );
+        // z = x C_A[:, :k], once for every row and slot of the group (the runtime's GEMM on
+        // C_Aᵀ, kept row-major with the basis).
+        let gathered;
+        let xs = if rows.len() == m {
+            p.x
+        } else {
+            gathered = gather_rows(p.x, &rows)?;
+            gathered.view()
+        };
+        let mut zm = Matrix::zeros(DType::F32, rows.len(), k)?;
+        gemm(
+            &LinearProblem {
+                x: xs,
+                w: basis.ca_t.view().top_left(k, basis.in_features),
+                bias: None,
+                slots: &[],
+                row_slot: None,
+            },
+            &mut zm.view_mut(),
+        )?;
+        let zv = zm.to_f32_vec();
+        let z = Mat::<f32>::from_fn(rows.len(), k, |i, c| zv[i * k + c]);
         // u = Σ over the row's slots of ((z a_kᵀ) ⊙ g) · s b_kᵀ  (rows x k).
         let mut u = Mat::<f32>::zeros(rows.len(), k);
         for &s in &group {
@@ -331,20 +361,27 @@ fn method_deltas(
                 }
             }
         }
-        // Δy = u C_B[:, :k]ᵀ, once for the group.
-        let mut dy = Mat::<f32>::zeros(rows.len(), p.n());
-        matmul(
-            dy.as_mut(),
-            Accum::Replace,
-            u.as_ref(),
-            basis.c_b.subcols(0, k).transpose(),
-            1.0,
-            par,
-        );
+        // Δy = u C_B[:, :k]ᵀ, once for the group (the runtime's GEMM on C_B, row-major).
+        let uv: Vec<f32> = (0..rows.len() * k).map(|e| u[(e / k, e % k)]).collect();
+        let um = Matrix::from_f32(DType::F32, rows.len(), k, &uv)?;
+        let mut dy = Matrix::zeros(DType::F32, rows.len(), p.n())?;
+        gemm(
+            &LinearProblem {
+                x: um.view(),
+                w: basis.cb_rows.view().top_left(basis.out_features, k),
+                bias: None,
+                slots: &[],
+                row_slot: None,
+            },
+            &mut dy.view_mut(),
+        )?;
+        let dv = dy.view();
+        let mut row = vec![0f32; p.n()];
         for (ii, &i) in rows.iter().enumerate() {
             touched[i] = true;
-            for j in 0..p.n() {
-                acc[(i, j)] += dy[(ii, j)];
+            dv.row_f32(ii, 0, &mut row);
+            for (j, v) in row.iter().enumerate() {
+                acc[(i, j)] += v;
             }
         }
     }
@@ -363,26 +400,49 @@ fn method_deltas(
         if rows.is_empty() {
             continue;
         }
-        let xg = gather(p.x, &rows);
-        let dy = kron_delta(shape, *u, *vt, *scale, &xg, par);
+        // Every row: x as it is; otherwise the slot's rows, gathered in f32.
+        let gathered;
+        let xs = if rows.len() == m {
+            p.x
+        } else {
+            gathered = gather_rows(p.x, &rows)?;
+            gathered.view()
+        };
+        let dy = kron_delta(shape, *u, *vt, *scale, xs, gemm)?;
+        let dv = dy.view();
+        let mut row = vec![0f32; p.n()];
         for (ii, &i) in rows.iter().enumerate() {
             touched[i] = true;
-            for j in 0..p.n() {
-                acc[(i, j)] += dy[(ii, j)];
+            dv.row_f32(ii, 0, &mut row);
+            for (j, v) in row.iter().enumerate() {
+                acc[(i, j)] += v;
             }
         }
     }
-    touched
+    Ok(touched)
+}
+
+/// Rows `rows` of x as an owned f32 matrix.
+fn gather_rows(x: MatRef<'_>, rows: &[usize]) -> Result<Matrix> {
+    let mut g = Matrix::zeros(DType::F32, rows.len(), x.cols)?;
+    let mut buf = vec![0f32; x.cols];
+    let mut gv = g.view_mut();
+    for (ii, &i) in rows.iter().enumerate() {
+        x.row_f32(i, 0, &mut buf);
+        gv.set_row_f32(ii, 0, &buf);
+    }
+    Ok(g)
 }
 
 /// `y = x Wᵀ + bias + Σ LoRA slots + Σ method slots`, with `base` running the fused kernels on
-/// `p` (whose method positions are None). y is rounded once: into y directly when it is f32,
+/// `p` (whose method positions are None) and `gemm` the runtime's plain product. y is rounded once: into y directly when it is f32,
 /// through an f32 copy otherwise.
 pub fn linear(
     p: &LinearProblem<'_>,
     methods: &[Option<MethodSlot<'_>>],
     y: &mut MatMut<'_>,
-    base: &(dyn Fn(&LinearProblem<'_>, &mut MatMut<'_>) -> Result<()> + Sync),
+    base: &Gemm<'_>,
+    gemm: &Gemm<'_>,
 ) -> Result<()> {
     p.check(y)?;
     check(p, methods)?;
@@ -390,12 +450,11 @@ pub fn linear(
         return base(p, y);
     }
     let (m, n) = (p.m(), p.n());
-    let par = Par::rayon(0);
     let mut acc = Mat::<f32>::zeros(m, n);
     let mut row = vec![0f32; n];
     if y.dtype == DType::F32 {
         base(p, y)?;
-        let touched = method_deltas(p, methods, &mut acc, par);
+        let touched = method_deltas(p, methods, &mut acc, gemm)?;
         for i in (0..m).filter(|&i| touched[i]) {
             y.as_ref().row_f32(i, 0, &mut row);
             for (j, v) in row.iter_mut().enumerate() {
@@ -406,7 +465,7 @@ pub fn linear(
     } else {
         let mut y32 = Matrix::zeros(DType::F32, m, n)?;
         base(p, &mut y32.view_mut())?;
-        let touched = method_deltas(p, methods, &mut acc, par);
+        let touched = method_deltas(p, methods, &mut acc, gemm)?;
         let yv = y32.view();
         for i in 0..m {
             yv.row_f32(i, 0, &mut row);
