@@ -109,8 +109,12 @@ fn test_error(rt: &Runtime, l: &Lora, w: &Matrix, dw: &[f32], g: &mut SplitMix64
     let (mut num, mut den) = (0f64, 0f64);
     for i in 0..n {
         for o in 0..D {
-            let base: f64 = (0..D).map(|c| xv[i * D + c] as f64 * w0[o * D + c] as f64).sum();
-            let d: f64 = (0..D).map(|c| xv[i * D + c] as f64 * dw[o * D + c] as f64).sum();
+            let base: f64 = (0..D)
+                .map(|c| xv[i * D + c] as f64 * w0[o * D + c] as f64)
+                .sum();
+            let d: f64 = (0..D)
+                .map(|c| xv[i * D + c] as f64 * dw[o * D + c] as f64)
+                .sum();
             num += (y[i * D + o] as f64 - base - d).powi(2);
             den += d * d;
         }
@@ -118,7 +122,14 @@ fn test_error(rt: &Runtime, l: &Lora, w: &Matrix, dw: &[f32], g: &mut SplitMix64
     Ok((num / den).sqrt())
 }
 
-fn train_one(rt: &Runtime, l: &mut Lora, w: &Matrix, dw: &[f32], seed: u64, lr: f32) -> Result<f64> {
+fn train_one(
+    rt: &Runtime,
+    l: &mut Lora,
+    w: &Matrix,
+    dw: &[f32],
+    seed: u64,
+    lr: f32,
+) -> Result<f64> {
     let mut g = SplitMix64::new(seed);
     let opt = AdamW {
         lr,
@@ -168,7 +179,12 @@ fn main() -> Result<()> {
 fn run(rt: &Runtime, noise: f32) -> Result<()> {
     let mut g = SplitMix64::new(2024);
     let (pa, pb) = (subspace(&mut g), subspace(&mut g));
-    let w = Matrix::from_f32(DType::F32, D, D, &gauss(&mut g, D * D, 1.0 / (D as f32).sqrt()))?;
+    let w = Matrix::from_f32(
+        DType::F32,
+        D,
+        D,
+        &gauss(&mut g, D * D, 1.0 / (D as f32).sqrt()),
+    )?;
     // Eight source adapters in the subspace, with noise.
     let mut sources = Vec::new();
     for t in 0..8 {
@@ -199,11 +215,15 @@ fn run(rt: &Runtime, noise: f32) -> Result<()> {
     ] {
         let (a, b) = task(&mut g, sub);
         let dw = delta(&a, &b);
-        let mut lora = Lora::new_trainable("layer", D, D, R, R as f32, Scaling::Lora, DType::F32, 11)?;
+        let mut lora =
+            Lora::new_trainable("layer", D, D, R, R as f32, Scaling::Lora, DType::F32, 11)?;
         let e_lora = train_one(rt, &mut lora, &w, &dw, 5, 1e-2)?;
         let mut eig = Lora::new_eigen(bm.clone(), R, 1.0, 12)?;
         let e_eig = train_one(rt, &mut eig, &w, &dw, 5, 1e-2)?;
-        println!("| {noise} | {label} | LoRA r = {R} | {} | {e_lora:.4} |", R * 2 * D);
+        println!(
+            "| {noise} | {label} | LoRA r = {R} | {} | {e_lora:.4} |",
+            R * 2 * D
+        );
         println!(
             "| {noise} | {label} | EigenLoRAx r = {R}, K = {} | {} | {e_eig:.4} |",
             bm.k(),

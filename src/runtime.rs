@@ -331,21 +331,4 @@ impl Runtime {
     }
 }
 
-/// Resolves a slot: rank 0 = the lora's current rank; scale = scale(rank) * scale_mult.
-pub fn slot(lora: &Lora, rank: usize, scale_mult: f32) -> Result<Slot<'_>> {
-    lora.require_lora("this operation")?;
-    let r = lora.resolve_rank(rank)?;
-    if !scale_mult.is_finite() {
-        return Err(Error::invalid(format!(
-            "module '{}': scale_mult {scale_mult} is not finite",
-            lora.name
-        )));
-    }
-    Ok(Slot {
-        a: lora.a_view(r),
-        b: lora.b_view(r),
-        scale: lora.scale_at(r) * scale_mult,
-        gains: lora.gains_view(r),
-        module: &lora.name,
-    })
-}
+pub use crate::methods::lora_slot as slot;

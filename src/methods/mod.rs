@@ -16,6 +16,7 @@ pub mod files;
 pub mod forward;
 
 use crate::adapter::{BasisModule, Kind, KronShape, Lora};
+use crate::backend::Slot;
 use crate::error::{Error, Result};
 use crate::matrix::MatRef;
 
@@ -67,7 +68,7 @@ pub fn resolve(lora: &Lora, rank: usize, scale_mult: f32) -> Result<AnySlot<'_>>
         )));
     }
     match &lora.kind {
-        Kind::Lora => crate::runtime::slot(lora, rank, scale_mult).map(AnySlot::LowRank),
+        Kind::Lora => lora_slot(lora, rank, scale_mult).map(AnySlot::LowRank),
         Kind::Kron(shape) => {
             lora.resolve_rank(rank)?;
             Ok(AnySlot::Method(MethodSlot::Kron {
@@ -91,4 +92,23 @@ pub fn resolve(lora: &Lora, rank: usize, scale_mult: f32) -> Result<AnySlot<'_>>
             }))
         }
     }
+}
+
+/// Resolves a slot: rank 0 = the lora's current rank; scale = scale(rank) * scale_mult.
+pub fn lora_slot(lora: &Lora, rank: usize, scale_mult: f32) -> Result<Slot<'_>> {
+    lora.require_lora("this operation")?;
+    let r = lora.resolve_rank(rank)?;
+    if !scale_mult.is_finite() {
+        return Err(Error::invalid(format!(
+            "module '{}': scale_mult {scale_mult} is not finite",
+            lora.name
+        )));
+    }
+    Ok(Slot {
+        a: lora.a_view(r),
+        b: lora.b_view(r),
+        scale: lora.scale_at(r) * scale_mult,
+        gains: lora.gains_view(r),
+        module: &lora.name,
+    })
 }

@@ -196,6 +196,9 @@ pub fn run(rt: &Runtime) -> Result<()> {
             println!("   {:<15} max |rankfuse packed - PEFT| = {m:.2e}", ad.name);
         }
     }
+    if rt.device() == rankfuse::Device::Cpu {
+        worst = worst.max(kinds_batch(rt, &base, &io, &adapters)?);
+    }
     println!("\n5. Timing (m = 64, k = n = 2048, r = 16, f32; medians):");
     let opts = BenchOptions {
         min_time: Duration::from_millis(150),
@@ -220,4 +223,91 @@ pub fn run(rt: &Runtime) -> Result<()> {
     }
     println!("\nAll outputs agree with PEFT (worst |diff| {worst:.2e}).");
     Ok(())
+}
+
+/// One mixed batch with LoRA, KRAdapter and EigenLoRAx rows (and base-only rows) against an f64
+/// reference built from each module's dense ΔW. The EigenLoRAx adapter is lora-r8 projected on a
+/// basis of the three fixture adapters; the KRAdapter has seeded random U, V.
+fn kinds_batch(rt: &Runtime, base: &Weights, io: &Weights, adapters: &[Adapter]) -> Result<f32> {
+    use rankfuse::methods::{resolve, AnySlot};
+    println!("\n4b. One mixed batch of LoRA, KRAdapter and EigenLoRAx rows (+ base-only rows):");
+    let module = "layers.0.mlp.up_proj";
+    let x = io.get(&format!("x.{module}"))?;
+    let w = base.get(&format!("{module}.weight"))?;
+    let (n, k) = (w.rows, w.cols);
+    let basis = rankfuse::algebra::eigen::build(adapters, 8, 0, 1)?;
+    let (proj, _) = rankfuse::algebra::eigen::project(&basis, &adapters[0])?;
+    let em = &proj.modules[module];
+    let rk = em.rank();
+    let kk = em.alpha_a.nrows();
+    let flat =
+        |m: &faer::Mat<f32>| -> Vec<f32> { (0..kk * rk).map(|e| m[(e / rk, e % rk)]).collect() };
+    let eig = rankfuse::Lora::eigen_from_loadings(
+        basis.module_arc(module)?.clone(),
+        rk,
+        &flat(&em.alpha_a),
+        &flat(&em.alpha_b),
+        1.0,
+    )?;
+    let s = rankfuse::adapter::KronShape::new(n, k);
+    let mut g = rankfuse::rng::SplitMix64::new(3);
+    let u = g.fill_uniform(s.m * s.r, -0.05, 0.05);
+    let v = g.fill_uniform(s.m * s.w(), -0.05, 0.05);
+    let kr = rankfuse::Lora::kron_from_parts(module, n, k, &u, &v, 2.0)?;
+    let lora = adapters[0].module(module)?;
+    let mods = [lora, &kr, &eig];
+    let mut low = Vec::new();
+    let mut meth = Vec::new();
+    for l in mods {
+        match resolve(l, 0, 1.0)? {
+            AnySlot::LowRank(sl) => {
+                low.push(Some(sl));
+                meth.push(None)
+            }
+            AnySlot::Method(mm) => {
+                low.push(None);
+                meth.push(Some(mm))
+            }
+        }
+    }
+    let m = x.rows;
+    let row_slot: Vec<i32> = (0..m as i32).map(|i| i % 4 - 1).collect();
+    let p = LinearProblem {
+        x,
+        w,
+        bias: None,
+        slots: &low,
+        row_slot: Some(&row_slot),
+    };
+    let mut y = Matrix::zeros(DType::F32, m, n)?;
+    rt.linear_with(&p, &meth, &mut y.view_mut())?;
+    let (xv, wv, yv) = (x.to_f32_vec(), w.to_f32_vec(), y.to_f32_vec());
+    let deltas = mods
+        .iter()
+        .map(|l| l.dense_delta(0))
+        .collect::<Result<Vec<_>>>()?;
+    let mut worst = [0f32; 4];
+    for i in 0..m {
+        let s = row_slot[i];
+        for j in 0..n {
+            let mut acc = 0f64;
+            for c in 0..k {
+                let d = if s >= 0 {
+                    deltas[s as usize][j * k + c]
+                } else {
+                    0.0
+                };
+                acc += xv[i * k + c] as f64 * (wv[j * k + c] + d) as f64;
+            }
+            let e = &mut worst[(s + 1) as usize];
+            *e = e.max((yv[i * n + j] as f64 - acc).abs() as f32);
+        }
+    }
+    for (name, e) in ["base only", "LoRA (lora-r8)", "KRAdapter", "EigenLoRAx"]
+        .iter()
+        .zip(worst)
+    {
+        println!("   rows -> {name:<15} max |diff| vs f64 reference = {e:.2e}");
+    }
+    Ok(worst.iter().copied().fold(0.0, f32::max))
 }
