@@ -44,7 +44,10 @@ fn subspace(g: &mut SplitMix64) -> Vec<Vec<f32>> {
 }
 
 /// A task's factors A (R x D), B (D x R) inside the subspaces (pa, pb), or anywhere if None.
-fn task(g: &mut SplitMix64, sub: Option<(&[Vec<f32>], &[Vec<f32>])>) -> (Vec<f32>, Vec<f32>) {
+/// A pair of subspaces (A side, B side), each SUB orthonormal columns of length D.
+type Subspaces<'a> = (&'a [Vec<f32>], &'a [Vec<f32>]);
+
+fn task(g: &mut SplitMix64, sub: Option<Subspaces<'_>>) -> (Vec<f32>, Vec<f32>) {
     let mut a = vec![0f32; R * D];
     let mut b = vec![0f32; D * R];
     match sub {

@@ -72,10 +72,7 @@ pub fn backward(lora: &mut Lora, x: MatRef<'_>, dy: MatRef<'_>, rank: usize) -> 
             let g = k.backward(&rows_f32(x), &rows_f32(dy), x.rows)?;
             let t = lora.train_state_mut()?;
             let w = s.w();
-            for i in 0..s.m {
-                if !grad[i] {
-                    continue;
-                }
+            for (i, _) in grad.iter().enumerate().filter(|(_, &on)| on) {
                 for c in 0..s.r {
                     t.ga[i * s.r + c] += g.du[i * s.r + c];
                 }
