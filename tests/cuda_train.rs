@@ -696,15 +696,8 @@ mod gpu {
                 let v = rng.fill_uniform(r * c, -0.5, 0.5);
                 faer::Mat::<f32>::from_fn(r, c, |i, j| v[i * c + j])
             };
-            let basis = BasisModule {
-                name: "mod".into(),
-                in_features: inp,
-                out_features: out,
-                c_a: mat(inp, kc),
-                c_b: mat(out, kc),
-                explained_a: 1.0,
-                explained_b: 1.0,
-            };
+            let (ca, cb) = (mat(inp, kc), mat(out, kc));
+            let basis = BasisModule::new("mod", ca, cb, 1.0, 1.0).unwrap();
             let mods: Vec<EigenModule> = (0..3)
                 .map(|i| EigenModule::new(&format!("a{i}"), mat(kc, 4), mat(kc, 4)).unwrap())
                 .collect();

@@ -11,6 +11,7 @@ use crate::train::AdamW;
 use cudarc::driver::sys;
 use std::ffi::c_void;
 
+/// Mirrors `struct AdamwParams` in kernels/adamw.cu (128 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct AdamwParams {

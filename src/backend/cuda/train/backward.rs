@@ -12,6 +12,7 @@ use crate::train::backward::BackwardProblem;
 use cudarc::driver::sys;
 use std::ffi::c_void;
 
+/// Mirrors `struct BackwardParams` in kernels/lora_backward.cu (240 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BackwardParams {

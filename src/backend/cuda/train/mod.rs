@@ -145,7 +145,7 @@ pub fn k_split(tiles: usize, k: usize, sm_count: usize, max_splits: usize) -> KS
     }
 }
 
-/// Every kernel of this file's `.cu` sources (the PTX symbol-table test covers them per SM).
+/// Every kernel of this module's `.cu` sources (the PTX symbol-table test covers them per SM).
 pub fn kernels_for_sm(_sm: u32) -> Vec<String> {
     let mut v = vec![
         DE_KERNEL.to_string(),
