@@ -93,7 +93,10 @@ fn rows_of(p: &LinearProblem<'_>, s: usize) -> Vec<usize> {
 /// An f32 row-major parameter matrix as a slice (kinds keep their parameters in owned f32
 /// matrices, contiguous; anything else is converted).
 fn f32_rows<'a>(m: MatRef<'a>) -> std::borrow::Cow<'a, [f32]> {
-    if m.dtype == DType::F32 && (m.ld == m.cols || m.rows <= 1) && (m.as_ptr() as usize).is_multiple_of(4) {
+    if m.dtype == DType::F32
+        && (m.ld == m.cols || m.rows <= 1)
+        && (m.as_ptr() as usize).is_multiple_of(4)
+    {
         // SAFETY: an F32 view of rows x cols contiguous elements, 4-byte aligned, valid for 'a.
         std::borrow::Cow::Borrowed(unsafe {
             std::slice::from_raw_parts(m.as_ptr() as *const f32, m.rows * m.cols)
