@@ -47,11 +47,6 @@
 #define RF_WEIGHTS_HOST 4
 
 /*
- The folder format version this build writes and reads.
- */
-#define FORMAT_VERSION 1
-
-/*
  How a LoRA's scale follows the rank in use.
  */
 typedef enum {

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// The folder format version this build writes and reads.
-pub const FORMAT_VERSION: u64 = 1;
+pub(crate) const FORMAT_VERSION: u64 = 1;
 const CONFIG_FILE: &str = "adapter_config.json";
 const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const BASIS_FILE: &str = "basis.safetensors";
