@@ -19,5 +19,8 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch
 # No debug info: halves the cross build; no CLI: the kernels need none of its crates.
 export CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0
 t=aarch64-unknown-linux-gnu
-cargo test --target $t --no-default-features --lib backend::cpu
-cargo test --target $t --no-default-features --test kernels
+# Dependencies at opt-level 1 (the kernels under test are rankfuse's own, still at 2): the cross
+# build of faer/gemm dominates the step.
+deps='profile.dev.package."*".opt-level=1'
+cargo test --config "$deps" --target $t --no-default-features --lib backend::cpu
+cargo test --config "$deps" --target $t --no-default-features --test kernels
