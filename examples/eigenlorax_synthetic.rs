@@ -14,7 +14,7 @@
 
 use rankfuse::adapter::{Adapter, Lora, TensorData};
 use rankfuse::algebra::eigen;
-use rankfuse::methods::{resolve, AnySlot};
+use rankfuse::methods::{resolve, Slots};
 use rankfuse::rng::SplitMix64;
 use rankfuse::train::{self, AdamW, Mode};
 use rankfuse::{DType, LinearProblem, Matrix, Result, Runtime, Scaling};
@@ -85,20 +85,16 @@ fn delta(a: &[f32], b: &[f32]) -> Vec<f32> {
 }
 
 fn forward(rt: &Runtime, l: &Lora, x: &Matrix, w: &Matrix) -> Result<Vec<f32>> {
-    let s = resolve(l, 0, 1.0)?;
-    let (low, meth) = match s {
-        AnySlot::LowRank(s) => (vec![Some(s)], vec![]),
-        AnySlot::Method(m) => (vec![None], vec![Some(m)]),
-    };
+    let s = Slots::from_any([Some(resolve(l, 0, 1.0)?)]);
     let p = LinearProblem {
         x: x.view(),
         w: w.view(),
         bias: None,
-        slots: &low,
+        slots: &s.low,
         row_slot: None,
     };
     let mut y = Matrix::zeros(DType::F32, x.view().rows, D)?;
-    rt.linear_with(&p, &meth, &mut y.view_mut())?;
+    rt.linear_with(&p, &s.methods, &mut y.view_mut())?;
     Ok(y.to_f32_vec())
 }
 

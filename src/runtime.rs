@@ -6,7 +6,7 @@ use crate::backend::cpu::{self, KernelTable};
 use crate::backend::{ActQuant, LinearProblem, Slot};
 use crate::error::{Error, Result};
 use crate::matrix::{MatMut, MatRef};
-use crate::methods::MethodSlot;
+use crate::methods::{AnySlot, MethodSlot};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Device {
@@ -152,6 +152,22 @@ impl Runtime {
             }
         }
         Ok(host)
+    }
+
+    /// Resolves a module of any kind for this runtime's calls: LoRA through `lora_slot`
+    /// (device copies preferred), the other kinds through `methods::resolve`.
+    pub fn slot_any<'a>(
+        &self,
+        lora: &'a Lora,
+        rank: usize,
+        scale_mult: f32,
+    ) -> Result<AnySlot<'a>> {
+        match lora.kind {
+            crate::adapter::Kind::Lora => {
+                self.lora_slot(lora, rank, scale_mult).map(AnySlot::LowRank)
+            }
+            _ => crate::methods::resolve(lora, rank, scale_mult),
+        }
     }
 
     /// Runs `f` on the runtime's thread pool (training kernels use this).

@@ -6,9 +6,9 @@ mod common;
 
 use faer::Mat;
 use rankfuse::adapter::BasisModule;
-use rankfuse::methods::{resolve, AnySlot, MethodSlot};
+use rankfuse::methods::{resolve, Slots};
 use rankfuse::rng::SplitMix64;
-use rankfuse::{DType, LinearProblem, Lora, Matrix, Runtime, Slot};
+use rankfuse::{DType, LinearProblem, Lora, Matrix, Runtime};
 use std::sync::Arc;
 
 fn rand_mat(g: &mut SplitMix64, rows: usize, cols: usize) -> Mat<f32> {
@@ -114,25 +114,11 @@ fn method_slots_match_the_dense_reference() {
         let xs = g.fill_uniform(m * ld, -1.0, 1.0);
         let w = g.fill_uniform(n * k, -1.0, 1.0);
         let bias = g.fill_uniform(n, -1.0, 1.0);
-        let resolved: Vec<AnySlot> = mods
-            .iter()
-            .zip(mults)
-            .map(|(l, s)| resolve(l, 0, s).unwrap())
-            .collect();
-        let mut low: Vec<Option<Slot>> = Vec::new();
-        let mut meth: Vec<Option<MethodSlot>> = Vec::new();
-        for s in &resolved {
-            match s {
-                AnySlot::LowRank(s) => {
-                    low.push(Some(*s));
-                    meth.push(None)
-                }
-                AnySlot::Method(ms) => {
-                    low.push(None);
-                    meth.push(Some(*ms))
-                }
-            }
-        }
+        let slots = Slots::from_any(
+            mods.iter()
+                .zip(mults)
+                .map(|(l, s)| Some(resolve(l, 0, s).unwrap())),
+        );
         let mixed: Vec<i32> = (0..m as i32).map(|i| i % 6 - 1).collect();
         for (xdt, wdt, ydt) in [
             (DType::F32, DType::F32, DType::F32),
@@ -157,11 +143,12 @@ fn method_slots_match_the_dense_reference() {
                     x: xv,
                     w: wm.view(),
                     bias: Some(bm.view()),
-                    slots: &low,
+                    slots: &slots.low,
                     row_slot: rs,
                 };
                 let mut y = Matrix::zeros(ydt, m, n).unwrap();
-                rt.linear_with(&p, &meth, &mut y.view_mut()).unwrap();
+                rt.linear_with(&p, &slots.methods, &mut y.view_mut())
+                    .unwrap();
                 let pairs: Vec<(&Lora, f32)> = mods.iter().zip(mults).collect();
                 let want = reference(&xr, &wr, &bias, &pairs, rs, m, n, k);
                 let tol = if ydt == DType::F32 { 2e-4 } else { 1e-2 };

@@ -156,15 +156,7 @@ pub enum Kind {
     Eigen(Arc<BasisModule>),
 }
 
-/// `rf_adapter_kind` numbers.
 impl Kind {
-    pub fn code(&self) -> u32 {
-        match self {
-            Kind::Lora => 0,
-            Kind::Kron(_) => 1,
-            Kind::Eigen(_) => 2,
-        }
-    }
     pub fn name(&self) -> &'static str {
         match self {
             Kind::Lora => "LoRA",

@@ -256,13 +256,17 @@ pub fn split_key(key: &str) -> Result<(String, char)> {
     )))
 }
 
-/// Loads a PEFT LoRA folder. Tensors stay in the file's mapping (no copies).
-pub fn load(dir: &Path) -> Result<Adapter> {
-    let name = dir
-        .canonicalize()
+/// An adapter's name: its folder's name (canonical path), else the path as given.
+pub fn adapter_name(dir: &Path) -> String {
+    dir.canonicalize()
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| dir.display().to_string());
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+/// Loads a PEFT LoRA folder. Tensors stay in the file's mapping (no copies).
+pub fn load(dir: &Path) -> Result<Adapter> {
+    let name = adapter_name(dir);
     load_named(dir, &name).map_err(|e| e.context(format!("adapter '{name}'")))
 }
 

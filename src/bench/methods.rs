@@ -9,7 +9,7 @@ use crate::backend::{LinearProblem, Slot};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::matrix::Matrix;
-use crate::methods::{resolve, AnySlot, MethodSlot};
+use crate::methods::{resolve, Slots};
 use crate::rng::SplitMix64;
 use crate::runtime::{slot, Runtime};
 use faer::Mat;
@@ -82,24 +82,6 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn split<'a>(s: &[AnySlot<'a>]) -> (Vec<Option<Slot<'a>>>, Vec<Option<MethodSlot<'a>>>) {
-    let mut low = Vec::new();
-    let mut meth = Vec::new();
-    for x in s {
-        match x {
-            AnySlot::LowRank(l) => {
-                low.push(Some(*l));
-                meth.push(None)
-            }
-            AnySlot::Method(mm) => {
-                low.push(None);
-                meth.push(Some(*mm))
-            }
-        }
-    }
-    (low, meth)
-}
-
 /// 16 EigenLoRAx adapters (loadings rank `r`, K components) on one basis, `m` rows round-robin,
 /// vs their dense LoRA reconstructions in the same mixed call, vs the base.
 #[allow(clippy::too_many_arguments)]
@@ -152,11 +134,11 @@ pub fn eigen_vs_lora(
         .iter()
         .map(|l| slot(l, 0, 1.0).map(Some))
         .collect::<Result<_>>()?;
-    let eany: Vec<AnySlot> = eig
-        .iter()
-        .map(|l| resolve(l, 0, 1.0))
-        .collect::<Result<_>>()?;
-    let (elow, emeth) = split(&eany);
+    let es = Slots::from_any(
+        eig.iter()
+            .map(|l| resolve(l, 0, 1.0).map(Some))
+            .collect::<Result<Vec<_>>>()?,
+    );
     let base = LinearProblem {
         x: x.view(),
         w: w.view(),
@@ -170,7 +152,7 @@ pub fn eigen_vs_lora(
         ..base
     };
     let ep = LinearProblem {
-        slots: &elow,
+        slots: &es.low,
         row_slot: Some(&row_slot),
         ..base
     };
@@ -185,7 +167,7 @@ pub fn eigen_vs_lora(
         [
             &mut || rt.linear(&base, &mut yb.view_mut()),
             &mut || rt.linear(&lp, &mut yl.view_mut()),
-            &mut || rt.linear_with(&ep, &emeth, &mut ye.view_mut()),
+            &mut || rt.linear_with(&ep, &es.methods, &mut ye.view_mut()),
         ],
     )?;
     let (b, l, e) = (yb.to_f32_vec(), yl.to_f32_vec(), ye.to_f32_vec());
@@ -245,7 +227,7 @@ pub fn kron_vs_lora(
         0.0,
     )?;
     let ls = [Some(slot(&lora, 0, 1.0)?)];
-    let (klow, kmeth) = split(&[resolve(&kr, 0, 1.0)?]);
+    let ks = Slots::from_any([Some(resolve(&kr, 0, 1.0)?)]);
     let base = LinearProblem {
         x: x.view(),
         w: w.view(),
@@ -255,7 +237,7 @@ pub fn kron_vs_lora(
     };
     let lp = LinearProblem { slots: &ls, ..base };
     let kp = LinearProblem {
-        slots: &klow,
+        slots: &ks.low,
         ..base
     };
     let mut y = [
@@ -270,7 +252,7 @@ pub fn kron_vs_lora(
         [
             &mut || rt.linear(&base, &mut y0.view_mut()),
             &mut || rt.linear(&lp, &mut y1.view_mut()),
-            &mut || rt.linear_with(&kp, &kmeth, &mut y2.view_mut()),
+            &mut || rt.linear_with(&kp, &ks.methods, &mut y2.view_mut()),
         ],
     )?;
     let es = dtype.size();

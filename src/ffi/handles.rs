@@ -149,6 +149,18 @@ impl rf_adapter {
         false
     }
 
+    /// Appends `l` (uploading it when the adapter lives on a CUDA runtime) and returns its
+    /// handle, borrowed from the adapter.
+    pub fn add_module(&mut self, mut l: Lora) -> Result<*mut rf_lora> {
+        let cname = c_name(&l.name, "module name")?;
+        let name = l.name.clone();
+        self.upload_module(&mut l)?;
+        self.inner.add(l)?;
+        let p = self.inner.module_ptr(&name)? as *mut rf_lora;
+        self.names.push(cname);
+        Ok(p)
+    }
+
     /// Uploads a module about to be added when the adapter lives on a CUDA runtime that still
     /// exists; a no-op otherwise.
     pub fn upload_module(&self, l: &mut Lora) -> Result<()> {

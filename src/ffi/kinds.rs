@@ -6,23 +6,12 @@
 use super::algebra::rf_eigen_basis;
 use super::boundary::{arg_out, arg_ref, arg_slice, arg_str};
 use super::error::rf_error;
-use super::handles::{c_name, lora_ref, rf_adapter, rf_lora, rf_runtime};
+use super::handles::{lora_ref, rf_adapter, rf_lora, rf_runtime};
 use super::types::*;
 use crate::adapter::{Adapter, Kind, Lora};
-use crate::error::{Error, Result};
+use crate::error::Error;
 use std::ffi::c_char;
 use std::path::Path;
-
-/// Appends `l` to `a` (uploading it when `a` lives on a CUDA runtime) and returns its handle.
-unsafe fn add_module(a: &mut rf_adapter, mut l: Lora) -> Result<*mut rf_lora> {
-    let cname = c_name(&l.name, "module name")?;
-    let name = l.name.clone();
-    a.upload_module(&mut l)?;
-    a.inner.add(l)?;
-    let p = a.inner.module_ptr(&name)? as *mut rf_lora;
-    a.names.push(cname);
-    Ok(p)
-}
 
 /// The kind of a module (`rf_module_kind`). Reads only.
 #[no_mangle]
@@ -72,7 +61,7 @@ pub unsafe extern "C" fn rf_adapter_add_kradapter(
             scale,
             seed,
         )?;
-        let p = add_module(a, l)?;
+        let p = a.add_module(l)?;
         if !lora_out.is_null() {
             *lora_out = p;
         }
@@ -106,7 +95,7 @@ pub unsafe extern "C" fn rf_adapter_add_eigenlorax(
         }
         let bm = b.inner.module_arc(module)?.clone();
         let l = Lora::new_eigen(bm, rank as usize, scale, seed)?;
-        let p = add_module(a, l)?;
+        let p = a.add_module(l)?;
         if !lora_out.is_null() {
             *lora_out = p;
         }

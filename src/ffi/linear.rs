@@ -4,11 +4,11 @@ use super::boundary::{arg_ref, arg_slice};
 use super::error::rf_error;
 use super::handles::{lora_ref, rf_runtime};
 use super::types::*;
-use crate::backend::{LinearProblem, Slot};
+use crate::backend::LinearProblem;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::matrix::{MatMut, MatRef};
-use crate::methods::{AnySlot, MethodSlot};
+use crate::methods::Slots;
 use std::ptr::addr_of;
 
 /// A matrix descriptor read field by field (an invalid dtype number must be an error, not UB).
@@ -167,9 +167,8 @@ pub unsafe extern "C" fn rf_linear(
     })
 }
 
-/// The slots of a call, resolved for `rt` (rank, scale, device copies); NULL loras are
-/// base-only. LoRA modules go to the first vector (the fused kernels' slots), KRAdapter and
-/// EigenLoRAx modules to the second at the same index (None in the first).
+/// The slots of a call, resolved for `rt` (rank, scale, device copies) and split for
+/// `linear_with`; NULL loras are base-only.
 ///
 /// # Safety
 /// `slots` as in `rf_linear`.
@@ -177,41 +176,22 @@ pub(crate) unsafe fn resolve_slots<'a>(
     rt: &'a rf_runtime,
     slots: *const rf_lora_slot,
     n_slots: usize,
-) -> Result<Resolved<'a>> {
+) -> Result<Slots<'a>> {
     let raw_slots = arg_slice(slots, n_slots, "slots", "n_slots")?;
-    let mut low: Vec<Option<Slot<'a>>> = Vec::with_capacity(n_slots);
-    let mut methods: Vec<Option<MethodSlot<'a>>> = Vec::new();
+    let mut any = Vec::with_capacity(n_slots);
     for (i, s) in raw_slots.iter().enumerate() {
         if s.lora.is_null() {
-            low.push(None);
+            any.push(None);
             continue;
         }
         let l = lora_ref(s.lora, "slots[].lora")?;
-        let slot = if matches!(l.kind, crate::adapter::Kind::Lora) {
-            rt.inner
-                .lora_slot(l, s.rank as usize, s.scale_mult)
-                .map(AnySlot::LowRank)
-        } else {
-            crate::methods::resolve(l, s.rank as usize, s.scale_mult)
-        }
-        .map_err(|e| e.context(format!("slot {i}")))?;
-        match slot {
-            AnySlot::LowRank(s) => low.push(Some(s)),
-            AnySlot::Method(m) => {
-                methods.resize(n_slots, None);
-                methods[i] = Some(m);
-                low.push(None);
-            }
-        }
+        let slot = rt
+            .inner
+            .slot_any(l, s.rank as usize, s.scale_mult)
+            .map_err(|e| e.context(format!("slot {i}")))?;
+        any.push(Some(slot));
     }
-    Ok(Resolved { low, methods })
-}
-
-/// A call's slots, resolved: `low` for the fused kernels, `methods` (empty or one per slot)
-/// for the other kinds.
-pub(crate) struct Resolved<'a> {
-    pub low: Vec<Option<Slot<'a>>>,
-    pub methods: Vec<Option<MethodSlot<'a>>>,
+    Ok(Slots::from_any(any))
 }
 
 /// `row_slot` as a slice of m entries (None for NULL: stacked).

@@ -8,7 +8,7 @@
 
 use super::boundary::{arg_out, arg_ref, arg_str};
 use super::error::rf_error;
-use super::handles::{c_name, lora_mut, lora_ref, rf_adapter, rf_lora, rf_runtime};
+use super::handles::{lora_mut, lora_ref, rf_adapter, rf_lora, rf_runtime};
 use super::linear::{read_matrix, read_opt_matrix};
 use super::types::*;
 use crate::adapter::{Adapter, Lora, Scaling};
@@ -173,8 +173,7 @@ pub unsafe extern "C" fn rf_adapter_add_lora(
                 "module '{module}': in_features = {in_features}, out_features = {out_features}: both must be > 0"
             )));
         }
-        let cname = c_name(module, "module name")?;
-        let mut l = Lora::new_trainable(
+        let l = Lora::new_trainable(
             module,
             in_features as usize,
             out_features as usize,
@@ -184,10 +183,7 @@ pub unsafe extern "C" fn rf_adapter_add_lora(
             dtype,
             seed,
         )?;
-        a.upload_module(&mut l)?;
-        a.inner.add(l)?;
-        let p = a.inner.module_ptr(module)? as *mut rf_lora;
-        a.names.push(cname);
+        let p = a.add_module(l)?;
         if !lora_out.is_null() {
             *lora_out = p;
         }

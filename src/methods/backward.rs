@@ -13,10 +13,6 @@ use crate::matrix::{MatMut, MatRef};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
 
-fn rows_f32(m: MatRef<'_>) -> Vec<f32> {
-    m.to_f32_vec()
-}
-
 fn to_mat(m: MatRef<'_>) -> Mat<f32> {
     let v = m.to_f32_vec();
     Mat::from_fn(m.rows, m.cols, |i, j| v[i * m.cols + j])
@@ -69,7 +65,7 @@ pub fn backward(lora: &mut Lora, x: MatRef<'_>, dy: MatRef<'_>, rank: usize) -> 
         Kind::Kron(s) => {
             let (_, u, v) = lora.kron_parts()?;
             let k = crate::adapter::kron::Kron::from_parts(&name, s.out, s.inp, u, v, scale)?;
-            let g = k.backward(&rows_f32(x), &rows_f32(dy), x.rows)?;
+            let g = k.backward(&x.to_f32_vec(), &dy.to_f32_vec(), x.rows)?;
             let t = lora.train_state_mut()?;
             let w = s.w();
             for (i, _) in grad.iter().enumerate().filter(|(_, &on)| on) {

@@ -10,7 +10,7 @@
 //! - EIGENLORAX_BASIS: the basis, once for all its adapters: `basis.safetensors` (as
 //!   `rankfuse eigen build` writes it) plus a config with the per-module fingerprints.
 
-use crate::adapter::{peft, Adapter, Kind, Lora};
+use crate::adapter::{peft, Adapter, Lora};
 use crate::algebra::eigen::Basis;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -99,13 +99,6 @@ fn field_f32(m: &Map<String, Value>, key: &str, module: &str, dir: &Path) -> Res
         })
 }
 
-fn adapter_name(dir: &Path) -> String {
-    dir.canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| dir.display().to_string())
-}
-
 fn modules_of<'a>(cfg: &'a Map<String, Value>, dir: &Path) -> Result<&'a Map<String, Value>> {
     cfg.get("modules")
         .and_then(|m| m.as_object())
@@ -134,7 +127,7 @@ pub fn load_any(dir: &Path) -> Result<Adapter> {
     let (cfg, t) = read_config(dir)?;
     match t.as_deref() {
         Some("KRADAPTER") => load_kradapter(dir, &cfg)
-            .map_err(|e| e.context(format!("adapter '{}'", adapter_name(dir)))),
+            .map_err(|e| e.context(format!("adapter '{}'", peft::adapter_name(dir)))),
         Some("EIGENLORAX") => Err(Error::invalid(format!(
             "folder '{}' is an EigenLoRAx adapter: load it with its basis (rf_adapter_load_eigenlorax)",
             dir.display()
@@ -150,7 +143,7 @@ pub fn load_any(dir: &Path) -> Result<Adapter> {
 fn load_kradapter(dir: &Path, cfg: &Map<String, Value>) -> Result<Adapter> {
     check_version(dir, cfg, "KRADAPTER")?;
     let w = Weights::open(dir.join(WEIGHTS_FILE))?;
-    let mut ad = Adapter::new(&adapter_name(dir));
+    let mut ad = Adapter::new(&peft::adapter_name(dir));
     for (name, m) in modules_of(cfg, dir)? {
         let m = m.as_object().ok_or_else(|| {
             Error::format(format!(
@@ -186,7 +179,7 @@ fn load_kradapter(dir: &Path, cfg: &Map<String, Value>) -> Result<Adapter> {
 /// Loads an EIGENLORAX folder on `basis`: every module must be in the basis with the
 /// fingerprint the folder recorded.
 pub fn load_eigenlorax(dir: &Path, basis: &Basis) -> Result<Adapter> {
-    let name = adapter_name(dir);
+    let name = peft::adapter_name(dir);
     load_eigen_inner(dir, basis).map_err(|e| e.context(format!("adapter '{name}'")))
 }
 
@@ -201,7 +194,7 @@ fn load_eigen_inner(dir: &Path, basis: &Basis) -> Result<Adapter> {
     }
     check_version(dir, &cfg, "EIGENLORAX")?;
     let w = Weights::open(dir.join(WEIGHTS_FILE))?;
-    let mut ad = Adapter::new(&adapter_name(dir));
+    let mut ad = Adapter::new(&peft::adapter_name(dir));
     for (name, m) in modules_of(&cfg, dir)? {
         let m = m.as_object().ok_or_else(|| {
             Error::format(format!(
@@ -248,7 +241,6 @@ fn load_eigen_inner(dir: &Path, basis: &Basis) -> Result<Adapter> {
 /// EIGENLORAX for the others. One adapter holds one kind.
 pub fn save_any(adapter: &Adapter, dir: &Path) -> Result<()> {
     let mut kinds: Vec<&'static str> = adapter.modules().map(|l| l.kind.name()).collect();
-    kinds.dedup();
     kinds.sort();
     kinds.dedup();
     match kinds.as_slice() {
@@ -387,11 +379,4 @@ pub fn load_basis(path: &Path) -> Result<Basis> {
         }
     }
     Ok(b)
-}
-
-/// Returns whether any module of `adapter` is of `kind`'s variant.
-pub fn has_kind(adapter: &Adapter, kind: &Kind) -> bool {
-    adapter
-        .modules()
-        .any(|l| std::mem::discriminant(&l.kind) == std::mem::discriminant(kind))
 }

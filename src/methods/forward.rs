@@ -288,7 +288,7 @@ fn eigen_factors(
 fn method_deltas(
     p: &LinearProblem<'_>,
     methods: &[Option<MethodSlot<'_>>],
-    acc: &mut Mat<f32>,
+    acc: &mut [f32],
     gemm: &Gemm<'_>,
 ) -> Result<Vec<bool>> {
     let m = p.m();
@@ -319,13 +319,8 @@ fn method_deltas(
         }
         // z = x C_A[:, :k], once for every row and slot of the group (the runtime's GEMM on
         // C_Aᵀ, kept row-major with the basis).
-        let gathered;
-        let xs = if rows.len() == m {
-            p.x
-        } else {
-            gathered = gather_rows(p.x, &rows)?;
-            gathered.view()
-        };
+        let gathered = gather_rows(p.x, &rows)?;
+        let xs = gathered.as_ref().map_or(p.x, |g| g.view());
         let mut zm = Matrix::zeros(DType::F32, rows.len(), k)?;
         gemm(
             &LinearProblem {
@@ -378,15 +373,7 @@ fn method_deltas(
             },
             &mut dy.view_mut(),
         )?;
-        let dv = dy.view();
-        let mut row = vec![0f32; p.n()];
-        for (ii, &i) in rows.iter().enumerate() {
-            touched[i] = true;
-            dv.row_f32(ii, 0, &mut row);
-            for (j, v) in row.iter().enumerate() {
-                acc[(i, j)] += v;
-            }
-        }
+        add_rows(acc, &mut touched, &rows, &dy);
     }
     for (s, ms) in methods.iter().enumerate() {
         let Some(MethodSlot::Kron {
@@ -404,29 +391,20 @@ fn method_deltas(
             continue;
         }
         // Every row: x as it is; otherwise the slot's rows, gathered in f32.
-        let gathered;
-        let xs = if rows.len() == m {
-            p.x
-        } else {
-            gathered = gather_rows(p.x, &rows)?;
-            gathered.view()
-        };
+        let gathered = gather_rows(p.x, &rows)?;
+        let xs = gathered.as_ref().map_or(p.x, |g| g.view());
         let dy = kron_delta(shape, *u, *vt, *scale, xs, gemm)?;
-        let dv = dy.view();
-        let mut row = vec![0f32; p.n()];
-        for (ii, &i) in rows.iter().enumerate() {
-            touched[i] = true;
-            dv.row_f32(ii, 0, &mut row);
-            for (j, v) in row.iter().enumerate() {
-                acc[(i, j)] += v;
-            }
-        }
+        add_rows(acc, &mut touched, &rows, &dy);
     }
     Ok(touched)
 }
 
-/// Rows `rows` of x as an owned f32 matrix.
-fn gather_rows(x: MatRef<'_>, rows: &[usize]) -> Result<Matrix> {
+/// Rows `rows` of x as an owned f32 matrix, or None when they are all of x's rows (then x
+/// serves as it is).
+fn gather_rows(x: MatRef<'_>, rows: &[usize]) -> Result<Option<Matrix>> {
+    if rows.len() == x.rows {
+        return Ok(None);
+    }
     let mut g = Matrix::zeros(DType::F32, rows.len(), x.cols)?;
     let mut buf = vec![0f32; x.cols];
     let mut gv = g.view_mut();
@@ -434,7 +412,21 @@ fn gather_rows(x: MatRef<'_>, rows: &[usize]) -> Result<Matrix> {
         x.row_f32(i, 0, &mut buf);
         gv.set_row_f32(ii, 0, &buf);
     }
-    Ok(g)
+    Ok(Some(g))
+}
+
+/// acc[rows[ii], :] += dy[ii, :] (acc row-major m x n, dy f32 rows x n); marks the rows touched.
+fn add_rows(acc: &mut [f32], touched: &mut [bool], rows: &[usize], dy: &Matrix) {
+    let dv = dy.view();
+    let n = dv.cols;
+    let mut row = vec![0f32; n];
+    for (ii, &i) in rows.iter().enumerate() {
+        touched[i] = true;
+        dv.row_f32(ii, 0, &mut row);
+        for (a, v) in acc[i * n..(i + 1) * n].iter_mut().zip(&row) {
+            *a += v;
+        }
+    }
 }
 
 /// `y = x Wᵀ + bias + Σ LoRA slots + Σ method slots`, with `base` running the fused kernels on
@@ -453,32 +445,31 @@ pub fn linear(
         return base(p, y);
     }
     let (m, n) = (p.m(), p.n());
-    let mut acc = Mat::<f32>::zeros(m, n);
+    // An f32 y takes the base directly and only touched rows are read back; another dtype
+    // goes through an f32 copy so that every row is rounded once.
+    let mut y32 = match y.dtype {
+        DType::F32 => None,
+        _ => Some(Matrix::zeros(DType::F32, m, n)?),
+    };
+    match y32.as_mut() {
+        Some(t) => base(p, &mut t.view_mut())?,
+        None => base(p, y)?,
+    }
+    let mut acc = vec![0f32; m * n];
+    let touched = method_deltas(p, methods, &mut acc, gemm)?;
     let mut row = vec![0f32; n];
-    if y.dtype == DType::F32 {
-        base(p, y)?;
-        let touched = method_deltas(p, methods, &mut acc, gemm)?;
-        for i in (0..m).filter(|&i| touched[i]) {
-            y.as_ref().row_f32(i, 0, &mut row);
-            for (j, v) in row.iter_mut().enumerate() {
-                *v += acc[(i, j)];
-            }
-            y.set_row_f32(i, 0, &row);
+    for i in 0..m {
+        match &y32 {
+            Some(t) => t.view().row_f32(i, 0, &mut row),
+            None if touched[i] => y.as_ref().row_f32(i, 0, &mut row),
+            None => continue,
         }
-    } else {
-        let mut y32 = Matrix::zeros(DType::F32, m, n)?;
-        base(p, &mut y32.view_mut())?;
-        let touched = method_deltas(p, methods, &mut acc, gemm)?;
-        let yv = y32.view();
-        for i in 0..m {
-            yv.row_f32(i, 0, &mut row);
-            if touched[i] {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v += acc[(i, j)];
-                }
+        if touched[i] {
+            for (v, a) in row.iter_mut().zip(&acc[i * n..(i + 1) * n]) {
+                *v += a;
             }
-            y.set_row_f32(i, 0, &row);
         }
+        y.set_row_f32(i, 0, &row);
     }
     Ok(())
 }

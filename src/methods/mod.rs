@@ -58,6 +58,38 @@ pub enum AnySlot<'a> {
     Method(MethodSlot<'a>),
 }
 
+/// A call's resolved slots split for `Runtime::linear_with`: `low` for the fused kernels
+/// (None at the other kinds' positions and at empty slots), `methods` with the other kinds at
+/// the same positions (empty when there are none).
+pub struct Slots<'a> {
+    pub low: Vec<Option<crate::backend::Slot<'a>>>,
+    pub methods: Vec<Option<MethodSlot<'a>>>,
+}
+
+impl<'a> Slots<'a> {
+    pub fn from_any(slots: impl IntoIterator<Item = Option<AnySlot<'a>>>) -> Slots<'a> {
+        let mut out = Slots {
+            low: Vec::new(),
+            methods: Vec::new(),
+        };
+        for (i, s) in slots.into_iter().enumerate() {
+            match s {
+                Some(AnySlot::LowRank(l)) => out.low.push(Some(l)),
+                Some(AnySlot::Method(m)) => {
+                    out.methods.resize(i, None);
+                    out.methods.push(Some(m));
+                    out.low.push(None);
+                }
+                None => out.low.push(None),
+            }
+        }
+        if !out.methods.is_empty() {
+            out.methods.resize(out.low.len(), None);
+        }
+        out
+    }
+}
+
 /// Resolves a module at per-call rank `rank` (0 = its current rank) with `scale_mult`: LoRA
 /// through `runtime::slot`, the other kinds here.
 pub fn resolve(lora: &Lora, rank: usize, scale_mult: f32) -> Result<AnySlot<'_>> {

@@ -11,26 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int failures = 0;
-
-static int check(rf_error *e, const char *what) {
-  if (e) {
-    fprintf(stderr, "%s: error %d: %s\n", what, (int)rf_error_code(e), rf_error_message(e));
-    rf_error_free(e);
-    failures++;
-    return 0;
-  }
-  return 1;
-}
-
-static void expect_error(rf_error *e, rf_status status, const char *needle, const char *what) {
-  if (!e || rf_error_code(e) != status || !strstr(rf_error_message(e), needle)) {
-    fprintf(stderr, "%s: expected status %d mentioning '%s', got %d '%s'\n", what, (int)status, needle,
-            e ? (int)rf_error_code(e) : 0, e ? rf_error_message(e) : "(success)");
-    failures++;
-  }
-  rf_error_free(e);
-}
+#include "check.h"
 
 static uint64_t rng = 88172645463325252ull;
 static float frand(void) { /* xorshift64, uniform in [-1, 1) */

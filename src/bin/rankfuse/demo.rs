@@ -229,7 +229,7 @@ pub fn run(rt: &Runtime) -> Result<()> {
 /// reference built from each module's dense ΔW. The EigenLoRAx adapter is lora-r8 projected on a
 /// basis of the three fixture adapters; the KRAdapter has seeded random U, V.
 fn kinds_batch(rt: &Runtime, base: &Weights, io: &Weights, adapters: &[Adapter]) -> Result<f32> {
-    use rankfuse::methods::{resolve, AnySlot};
+    use rankfuse::methods::Slots;
     println!("\n4b. One mixed batch of LoRA, KRAdapter and EigenLoRAx rows (+ base-only rows):");
     let module = "layers.0.mlp.up_proj";
     let x = io.get(&format!("x.{module}"))?;
@@ -256,31 +256,22 @@ fn kinds_batch(rt: &Runtime, base: &Weights, io: &Weights, adapters: &[Adapter])
     let kr = rankfuse::Lora::kron_from_parts(module, n, k, &u, &v, 2.0)?;
     let lora = adapters[0].module(module)?;
     let mods = [lora, &kr, &eig];
-    let mut low = Vec::new();
-    let mut meth = Vec::new();
-    for l in mods {
-        match resolve(l, 0, 1.0)? {
-            AnySlot::LowRank(sl) => {
-                low.push(Some(sl));
-                meth.push(None)
-            }
-            AnySlot::Method(mm) => {
-                low.push(None);
-                meth.push(Some(mm))
-            }
-        }
-    }
+    let slots = Slots::from_any(
+        mods.iter()
+            .map(|l| rt.slot_any(l, 0, 1.0).map(Some))
+            .collect::<Result<Vec<_>>>()?,
+    );
     let m = x.rows;
     let row_slot: Vec<i32> = (0..m as i32).map(|i| i % 4 - 1).collect();
     let p = LinearProblem {
         x,
         w,
         bias: None,
-        slots: &low,
+        slots: &slots.low,
         row_slot: Some(&row_slot),
     };
     let mut y = Matrix::zeros(DType::F32, m, n)?;
-    rt.linear_with(&p, &meth, &mut y.view_mut())?;
+    rt.linear_with(&p, &slots.methods, &mut y.view_mut())?;
     let (xv, wv, yv) = (x.to_f32_vec(), w.to_f32_vec(), y.to_f32_vec());
     let deltas = mods
         .iter()
