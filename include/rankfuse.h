@@ -845,7 +845,9 @@ rf_error *rf_eigen_basis_build(const rf_adapter *const *adapters, size_t n, uint
  Thread-safe: many threads may call it at once on shared weights and adapters.
  On a CUDA runtime x, w, bias and y are device pointers; a module of an adapter loaded on a
  CUDA runtime of the same device is read from its device copy, any other module is copied
- into the call's scratch (correct, slower).
+ into the call's scratch (correct, slower). KRAdapter and EigenLoRAx modules go in any slot on
+ both runtimes; on a CUDA runtime their parameters (and the EigenLoRAx basis) are copied into
+ the call's scratch (docs/cuda.md).
  */
 rf_error *rf_linear(rf_runtime *rt, const rf_matrix *x, const rf_matrix *w, const rf_matrix *bias, const rf_lora_slot *slots, size_t n_slots, const int32_t *row_slot, rf_matrix *y);
 

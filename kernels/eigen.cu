@@ -11,21 +11,24 @@
 // eigen_project_<x>: z, 64 x 64 FMA tiles, grid (ceil(K / 64), ceil(m / 64)), block 256.
 // eigen_core_f32: u, one thread per (row, j): grid (ceil(K / 256), min(m, 65535)), rows by
 // grid-stride.
-// eigen_expand_<y>: y, 64 x 64 tiles, grid (ceil(n / 64), ceil(m / 64)), block 256.
+// eigen_expand_<y>: y, 64 x 64 tiles, grid (ceil(n / 64), ceil(m / 64)), block 256. With to_base
+// the sum stays in the f32 base (a call mixing several bases or KRAdapter slots adds every
+// update there and compose.cu rounds y once).
 #include "tile_gemm.cuh"
 
 struct EigenParams {
   const void *x;        // m x in (ldx)
-  const float *c_a;     // in x K (ldca)
+  const float *c_a;     // in x K: C_A[kk, c] at c_a[kk * ca_rs + c * ca_cs]
   const float *c_b;     // out x K (ldcb)
   const float *cores;   // n_cores x K x K, row-major, contiguous
   const int *row_slot;  // NULL (stacked: core 0) or m entries
   float *z;             // m x K (ld K)
   float *u;             // m x K (ld K)
-  const float *base;    // m x n (ldbase)
+  float *base;          // m x n (ldbase)
   void *y;              // m x n (ldy)
   i64 ldx;
-  i64 ldca;
+  i64 ca_rs;
+  i64 ca_cs;
   i64 ldcb;
   i64 ldbase;
   i64 ldy;
@@ -36,10 +39,10 @@ struct EigenParams {
   int n_cores;
   int x_dtype;
   int y_dtype;
-  int pad;
+  int to_base;  // eigen_expand: base += u C_B^T (f32, y untouched) instead of storing y
 };
 
-static_assert(sizeof(EigenParams) == 144, "EigenParams layout is mirrored in src/backend/cuda/algebra_ops.rs");
+static_assert(sizeof(EigenParams) == 152, "EigenParams layout is mirrored in src/backend/cuda/algebra_ops.rs");
 
 template <int XT>
 __device__ __forceinline__ void eigen_project(const EigenParams &p) {
@@ -47,7 +50,7 @@ __device__ __forceinline__ void eigen_project(const EigenParams &p) {
   const int row0 = blockIdx.y * TG_BM, col0 = blockIdx.x * TG_BN;
   float acc[4][4];
   tile_zero(acc);
-  tile_gemm(strided<XT>(p.x, p.ldx, 1, p.x_dtype), p.m, strided<RF_F32>(p.c_a, p.ldca, 1, RF_F32), p.kc, row0, col0,
+  tile_gemm(strided<XT>(p.x, p.ldx, 1, p.x_dtype), p.m, strided<RF_F32>(p.c_a, p.ca_rs, p.ca_cs, RF_F32), p.kc, row0, col0,
             0, p.in, acc, sh);
 #pragma unroll
   for (int ii = 0; ii < 4; ++ii) {
@@ -97,7 +100,12 @@ __device__ __forceinline__ void eigen_expand(const EigenParams &p) {
     for (int jj = 0; jj < 4; ++jj) {
       const int j = tile_col(col0, jj);
       if (j >= p.n) continue;
-      store_from_f32(p.y, (i64)i * p.ldy + j, YT, p.base[(i64)i * p.ldbase + j] + acc[ii][jj]);
+      float *bp = p.base + (i64)i * p.ldbase + j;
+      if (p.to_base) {
+        *bp += acc[ii][jj];
+      } else {
+        store_from_f32(p.y, (i64)i * p.ldy + j, YT, *bp + acc[ii][jj]);
+      }
     }
   }
 }

@@ -234,13 +234,7 @@ impl Runtime {
                 crate::methods::forward::linear(p, methods, y, base, &|q, yy| self.linear(q, yy))
             }),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(_) => {
-                let names: Vec<&str> = methods.iter().flatten().map(|m| m.module()).collect();
-                Err(Error::unsupported(format!(
-                    "KRAdapter / EigenLoRAx slots ({}) run on CPU runtimes in this version; on a                      CUDA runtime merge them (rf_lora_merge) or serve them from a CPU runtime",
-                    names.join(", ")
-                )))
-            }
+            Backend::Cuda(c) => crate::methods::cuda::linear(c, p, methods, y),
         }
     }
 

@@ -25,32 +25,28 @@ pub fn backward(
     mode: Mode,
     dx: Option<&mut MatMut<'_>>,
 ) -> Result<()> {
+    if !matches!(lora.kind, Kind::Lora) && mode != Mode::Nested {
+        return Err(Error::invalid(format!(
+            "module '{}' is a {} module: only the NESTED backward mode applies",
+            lora.name,
+            lora.kind.name()
+        )));
+    }
+    // x, w, dy and dx are device memory on a CUDA runtime: the GPU kernels run the backward.
     #[cfg(feature = "cuda")]
     if let Some(cuda) = rt.cuda() {
-        if !matches!(lora.kind, Kind::Lora) {
-            return Err(Error::unsupported(format!(
-                "module '{}' is a {} module: its backward runs on CPU runtimes in this version",
-                lora.name,
-                lora.kind.name()
-            )));
-        }
-        // x, w, dy and dx are device memory on a CUDA runtime: the GPU kernels run the backward.
-        return crate::backend::cuda::train::backward_host_state(
-            cuda, lora, x, w, dy, rank, mode, dx,
-        );
+        return match lora.kind {
+            Kind::Lora => crate::backend::cuda::train::backward_host_state(
+                cuda, lora, x, w, dy, rank, mode, dx,
+            ),
+            _ => crate::methods::cuda::backward_layer(cuda, lora, x, w, dy, rank, dx)
+                .map_err(|e| e.context(format!("module '{}'", lora.name))),
+        };
     }
     match lora.kind {
         Kind::Lora => crate::train::backward_cpu(rt, lora, x, w, dy, rank, mode, dx),
-        _ => {
-            if mode != Mode::Nested {
-                return Err(Error::invalid(format!(
-                    "module '{}' is a {} module: only the NESTED backward mode applies",
-                    lora.name,
-                    lora.kind.name()
-                )));
-            }
-            rt.install(|| crate::methods::backward::backward_layer(lora, x, w, dy, rank, dx))
-                .map_err(|e| e.context(format!("module '{}'", lora.name)))
-        }
+        _ => rt
+            .install(|| crate::methods::backward::backward_layer(lora, x, w, dy, rank, dx))
+            .map_err(|e| e.context(format!("module '{}'", lora.name))),
     }
 }

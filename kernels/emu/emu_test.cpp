@@ -9,6 +9,7 @@
 #include "../adamw.cu"
 #include "../kron.cu"
 #include "../eigen.cu"
+#include "../compose.cu"
 
 #include "emu_util.h"
 
@@ -253,37 +254,113 @@ static void kron_case(int out, int in, int batch, int x_dt, int pad, uint64_t se
   r = std::max(r, 1);
   int d = std::max(0, (big + r - 1) / r - r);
   int wv = r + d;
+  // V as m x w (v_si = w) or, on odd seeds, as the rf_lora layout V^T (w x m: v_si = 1, v_sa = m).
+  const bool vt = seed % 2 == 1;
+  const i64 v_si = vt ? 1 : wv, v_sa = vt ? mm : 1;
   std::vector<float> u((size_t)mm * r), v((size_t)mm * wv);
   for (auto &t : u) t = g.uni(-1, 1);
   for (auto &t : v) t = g.uni(-1, 1);
+  auto V = [&](int i, int a) { return v[(size_t)(i * v_si + a * v_sa)]; };
   const float s = 1.5f;
   bool rows = out <= in;
   auto dw0 = [&](int o, int n) -> float {
     int i = rows ? o : n, j = rows ? n : o;
-    return v[(size_t)i * wv + j / r] * u[(size_t)i * r + j % r];
+    return V(i, j / r) * u[(size_t)i * r + j % r];
   };
   Buf x(g, x_dt, batch, in, pad);
-  for (int acc = 0; acc < 2; ++acc) {
+  // Forward, plain and gathered (every other row, reversed: a mixed batch's slot).
+  std::vector<int> gather;
+  for (int b = batch - 1; b >= 0; b -= 2) gather.push_back(b);
+  for (int mode = 0; mode < 3; ++mode) {
+    const bool acc = mode == 1, gath = mode == 2;
+    const int nb = gath ? (int)gather.size() : batch;
     std::vector<float> y((size_t)batch * out, 1.0f);
     KronParams p{};
     p.x = x.ptr(); p.u = u.data(); p.v = v.data(); p.y = y.data(); p.ldx = x.ld; p.ldy = out;
-    p.batch = batch; p.out = out; p.in = in; p.r = r; p.wv = wv; p.rows_are_slices = rows; p.x_dtype = x_dt;
-    p.y_dtype = RF_F32; p.accumulate = acc; p.scale = s; p.sign = 1;
-    emu_launch(pick(x_dt, kron_forward_f32, kron_forward_f16, kron_forward_bf16), dim3{cdiv(out, 64), cdiv(batch, 64), 1}, p);
-    for (int bb = 0; bb < batch; ++bb)
+    p.v_si = v_si; p.v_sa = v_sa; p.rows = gath ? gather.data() : nullptr;
+    p.batch = nb; p.out = out; p.in = in; p.r = r; p.wv = wv; p.rows_are_slices = rows; p.x_dtype = x_dt;
+    p.y_dtype = RF_F32; p.accumulate = acc || gath; p.scale = s; p.sign = 1;
+    emu_launch(pick(x_dt, kron_forward_f32, kron_forward_f16, kron_forward_bf16), dim3{cdiv(out, 64), cdiv(nb, 64), 1}, p);
+    for (int bb = 0; bb < batch; ++bb) {
+      const bool hit = !gath || (batch - 1 - bb) % 2 == 0;
       for (int o = 0; o < out; ++o) {
         double want = 0;
-        for (int n = 0; n < in; ++n) want += (double)x.at(bb, n) * dw0(o, n);
-        want = s * want + (acc ? 1.0 : 0.0);
+        if (hit)
+          for (int n = 0; n < in; ++n) want += (double)x.at(bb, n) * dw0(o, n);
+        want = s * want + ((acc || gath) ? 1.0 : 0.0);
         float got = y[(size_t)bb * out + o];
-        CHECK(close(got, want, 1e-4, 1e-5), "kron fwd %dx%d b%d acc%d [%d,%d]: %g vs %g", out, in, batch, acc, bb, o, got, want);
+        CHECK(close(got, want, 1e-4, 1e-5), "kron fwd %dx%d b%d mode%d vt%d [%d,%d]: %g vs %g", out, in, batch, mode, vt, bb, o, got, want);
       }
+    }
+  }
+  // Backward: dU, dV (accumulated onto nonzero values) and dx with and without W.
+  {
+    const int dy_dt = (x_dt + 1) % 3, w_dt = (x_dt + 2) % 3, dx_dt = (x_dt + (int)seed) % 3;
+    Buf dy(g, dy_dt, batch, out, pad), w(g, w_dt, out, in, 1);
+    std::vector<float> du((size_t)mm * r), dv((size_t)mm * wv);
+    for (auto &t : du) t = g.uni(-1, 1);
+    for (auto &t : dv) t = g.uni(-1, 1);
+    const auto du0 = du, dv0 = dv;
+    for (int with_w = 0; with_w < 2; ++with_w) {
+      std::vector<uint8_t> dxb(((size_t)batch * (in + 1) + 1) * (dx_dt == RF_F32 ? 4 : 2), 0);
+      KronParams p{};
+      p.x = x.ptr(); p.u = u.data(); p.v = v.data(); p.w = with_w ? w.ptr() : nullptr; p.dy = dy.ptr();
+      p.du = du.data(); p.dv = dv.data(); p.dx = dxb.data();
+      p.ldx = x.ld; p.ldw = w.ld; p.lddy = dy.ld; p.lddx = in + 1; p.v_si = v_si; p.v_sa = v_sa;
+      p.batch = batch; p.out = out; p.in = in; p.r = r; p.wv = wv; p.rows_are_slices = rows;
+      p.x_dtype = x_dt; p.w_dtype = w_dt; p.dy_dtype = dy_dt; p.dx_dtype = dx_dt; p.scale = s;
+      if (with_w == 0)
+        emu_launch(pick(x_dt, kron_backward_uv_f32, kron_backward_uv_f16, kron_backward_uv_bf16), dim3{cdiv(in, 64), cdiv(out, 64), 1}, p);
+      emu_launch(pick(with_w ? w_dt : RF_F32, kron_backward_dx_f32, kron_backward_dx_f16, kron_backward_dx_bf16),
+                 dim3{cdiv(in, 64), cdiv(batch, 64), 1}, p);
+      for (int bb = 0; bb < batch; ++bb)
+        for (int n = 0; n < in; ++n) {
+          double want = 0, mag = 0;
+          for (int o = 0; o < out; ++o) {
+            double b = (double)s * dw0(o, n) + (with_w ? (double)w.at(o, n) : 0.0);
+            want += (double)dy.at(bb, o) * b;
+            mag += std::fabs((double)dy.at(bb, o) * b);
+          }
+          float got = load_as_f32(dxb.data(), (i64)bb * (in + 1) + n, dx_dt);
+          CHECK(close(got, want, 1e-5 * mag + 1e-6, rtol_of(dx_dt)), "kron dx %dx%d b%d w%d [%d,%d]: %g vs %g", out, in, batch, with_w, bb, n, got, want);
+        }
+    }
+    for (int i = 0; i < mm; ++i) {
+      // G_i[j] = sum_b dy[b, o] x[b, n] for slice element j.
+      std::vector<double> gi(big, 0.0), gabs(big, 0.0);
+      for (int j = 0; j < big; ++j) {
+        const int o = rows ? i : j, n = rows ? j : i;
+        for (int bb = 0; bb < batch; ++bb) {
+          gi[j] += (double)dy.at(bb, o) * x.at(bb, n);
+          gabs[j] += std::fabs((double)dy.at(bb, o) * x.at(bb, n));
+        }
+      }
+      for (int c = 0; c < r; ++c) {
+        double want = du0[(size_t)i * r + c], mag = std::fabs(want);
+        for (int j = c; j < big; j += r) {
+          want += (double)s * gi[j] * V(i, j / r);
+          mag += s * gabs[j] * std::fabs(V(i, j / r));
+        }
+        float got = du[(size_t)i * r + c];
+        CHECK(close(got, want, 1e-5 * mag + 1e-6, 0), "kron dU %dx%d [%d,%d]: %g vs %g", out, in, i, c, got, want);
+      }
+      for (int a = 0; a < wv; ++a) {
+        double want = dv0[(size_t)i * wv + a], mag = std::fabs(want);
+        for (int j = a * r; j < std::min(big, (a + 1) * r); ++j) {
+          want += (double)s * gi[j] * u[(size_t)i * r + j % r];
+          mag += s * gabs[j] * std::fabs(u[(size_t)i * r + j % r]);
+        }
+        float got = dv[(size_t)i * wv + a];
+        CHECK(close(got, want, 1e-5 * mag + 1e-6, 0), "kron dV %dx%d [%d,%d]: %g vs %g", out, in, i, a, got, want);
+      }
+    }
   }
   for (int sign = -1; sign <= 1; sign += 2) {
     const int w_dt = (sign + 1 + out) % 3;  // f32, f16, bf16 across cases
     Buf w(g, w_dt, out, in, 2);
     KronParams p{};
     p.u = u.data(); p.v = v.data(); p.w = w.ptr(); p.ldw = w.ld; p.out = out; p.in = in; p.r = r; p.wv = wv;
+    p.v_si = v_si; p.v_sa = v_sa;
     p.rows_are_slices = rows; p.w_dtype = w_dt; p.scale = s; p.sign = (float)sign;
     auto before = w.vals;
     emu_launch(pick(w_dt, kron_merge_f32, kron_merge_f16, kron_merge_bf16), dim3{cdiv(in, 256), (unsigned)std::min(out, 65535), 1}, p);
@@ -312,16 +389,31 @@ static void eigen_case(int m, int n, int in, int kc, int ncores, bool mixed, int
   for (auto &t : cb) t = g.uni(-0.5f, 0.5f);
   for (auto &t : cores) t = g.uni(-0.5f, 0.5f);
   for (auto &t : base) t = g.uni(-1, 1);
+  const auto base0 = base;
   std::vector<int> rs(m);
   for (int i = 0; i < m; ++i) rs[i] = (i % (ncores + 1)) - 1;
   std::vector<uint8_t> y((size_t)m * n * (y_dt == RF_F32 ? 4 : 2) + 4, 0);
   EigenParams p{};
   p.x = x.ptr(); p.c_a = ca.data(); p.c_b = cb.data(); p.cores = cores.data(); p.row_slot = mixed ? rs.data() : nullptr;
-  p.z = z.data(); p.u = uu.data(); p.base = base.data(); p.y = y.data(); p.ldx = x.ld; p.ldca = kc; p.ldcb = kc;
+  p.z = z.data(); p.u = uu.data(); p.base = base.data(); p.y = y.data(); p.ldx = x.ld; p.ldcb = kc;
+  // C_A row-major (in x K), or on odd seeds read as C_A^T (K x in row-major, the basis' ca_t).
+  std::vector<float> ca_t((size_t)in * kc);
+  for (int kk = 0; kk < in; ++kk)
+    for (int c = 0; c < kc; ++c) ca_t[(size_t)c * in + kk] = ca[(size_t)kk * kc + c];
+  if (seed % 2 == 1) { p.c_a = ca_t.data(); p.ca_rs = 1; p.ca_cs = in; } else { p.ca_rs = kc; p.ca_cs = 1; }
   p.ldbase = n; p.ldy = n; p.m = m; p.n = n; p.in = in; p.kc = kc; p.n_cores = ncores; p.x_dtype = x_dt; p.y_dtype = y_dt;
   emu_launch(pick(x_dt, eigen_project_f32, eigen_project_f16, eigen_project_bf16), dim3{cdiv(kc, 64), cdiv(m, 64), 1}, p);
   emu_launch(eigen_core_f32, dim3{cdiv(kc, 256), (unsigned)std::min(m, 65535), 1}, p);
+  // Odd seeds: to_base (the base accumulates, y untouched), then compose_store rounds it into y.
+  const bool to_base = seed % 2 == 1;
+  p.to_base = to_base;
   emu_launch(pick(y_dt, eigen_expand_f32, eigen_expand_f16, eigen_expand_bf16), dim3{cdiv(n, 64), cdiv(m, 64), 1}, p);
+  if (to_base) {
+    for (size_t i = 0; i < y.size(); ++i) CHECK(y[i] == 0, "eigen to_base wrote y");
+    ComposeParams cp{};
+    cp.src = base.data(); cp.y = y.data(); cp.lds = n; cp.ldy = n; cp.m = m; cp.n = n; cp.y_dtype = y_dt;
+    emu_launch(pick(y_dt, compose_store_f32, compose_store_f16, compose_store_bf16), dim3{cdiv(n, 256), (unsigned)std::min(m, 65535), 1}, cp);
+  }
   double rt = rtol_of(y_dt);
   for (int i = 0; i < m; ++i) {
     int s = mixed ? rs[i] : 0;
@@ -332,7 +424,7 @@ static void eigen_case(int m, int n, int in, int kc, int ncores, bool mixed, int
       for (int j = 0; j < kc; ++j)
         for (int c = 0; c < kc; ++c) ui[j] += zi[c] * cores[(size_t)s * kc * kc + (size_t)c * kc + j];
     for (int j = 0; j < n; ++j) {
-      double want = base[(size_t)i * n + j];
+      double want = base0[(size_t)i * n + j];
       for (int c = 0; c < kc; ++c) want += ui[c] * cb[(size_t)j * kc + c];
       float got = load_as_f32(y.data(), (i64)i * n + j, y_dt);
       CHECK(close(got, want, 1e-4, rt), "eigen m%d n%d in%d K%d mixed%d [%d,%d]: %g vs %g", m, n, in, kc, mixed, i, j, got, want);

@@ -135,7 +135,9 @@ impl Desc {
 /// Thread-safe: many threads may call it at once on shared weights and adapters.
 /// On a CUDA runtime x, w, bias and y are device pointers; a module of an adapter loaded on a
 /// CUDA runtime of the same device is read from its device copy, any other module is copied
-/// into the call's scratch (correct, slower).
+/// into the call's scratch (correct, slower). KRAdapter and EigenLoRAx modules go in any slot on
+/// both runtimes; on a CUDA runtime their parameters (and the EigenLoRAx basis) are copied into
+/// the call's scratch (docs/cuda.md).
 #[no_mangle]
 pub unsafe extern "C" fn rf_linear(
     rt: *mut rf_runtime,

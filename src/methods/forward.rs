@@ -86,13 +86,13 @@ pub fn check(p: &LinearProblem<'_>, methods: &[Option<MethodSlot<'_>>]) -> Resul
 }
 
 /// Rows of the call slot `s` applies to.
-fn rows_of(p: &LinearProblem<'_>, s: usize) -> Vec<usize> {
+pub(super) fn rows_of(p: &LinearProblem<'_>, s: usize) -> Vec<usize> {
     (0..p.m()).filter(|&i| p.applies(s, i)).collect()
 }
 
 /// An f32 row-major parameter matrix as a slice (kinds keep their parameters in owned f32
 /// matrices, contiguous; anything else is converted).
-fn f32_rows<'a>(m: MatRef<'a>) -> std::borrow::Cow<'a, [f32]> {
+pub(super) fn f32_rows<'a>(m: MatRef<'a>) -> std::borrow::Cow<'a, [f32]> {
     if m.dtype == DType::F32
         && (m.ld == m.cols || m.rows <= 1)
         && (m.as_ptr() as usize).is_multiple_of(4)

@@ -9,9 +9,12 @@
 //!   one product with C_Bᵀ serves every row of the group.
 //!
 //! backward.rs has both kinds' gradients (KRAdapter's U, V without ΔW; EigenLoRAx loadings with
-//! the basis frozen), files.rs their folder formats.
+//! the basis frozen), files.rs their folder formats, cuda.rs the same forward and backward on a
+//! CUDA runtime (kernels in backend/cuda/kinds.rs).
 
 pub mod backward;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod files;
 pub mod forward;
 

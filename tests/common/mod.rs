@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod capi;
+pub mod kinds;
 
 use rankfuse::backend::cpu::{self, Isa};
 use rankfuse::{Runtime, RuntimeOptions};

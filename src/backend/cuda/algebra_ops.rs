@@ -20,7 +20,7 @@ use crate::matrix::{MatMut, MatRef};
 use cudarc::driver::sys;
 use std::ffi::c_void;
 
-/// Mirrors `struct KronParams` in kernels/kron.cu (112 bytes).
+/// Mirrors `struct KronParams` in kernels/kron.cu (192 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct KronParams {
@@ -29,9 +29,19 @@ pub struct KronParams {
     pub v: *const f32,
     pub y: *mut c_void,
     pub w: *mut c_void,
+    pub rows: *const i32,
+    pub dy: *const c_void,
+    pub du: *mut f32,
+    pub dv: *mut f32,
+    pub dx: *mut c_void,
     pub ldx: i64,
     pub ldy: i64,
     pub ldw: i64,
+    pub lddy: i64,
+    pub lddx: i64,
+    /// V[i, a] at v[i * v_si + a * v_sa].
+    pub v_si: i64,
+    pub v_sa: i64,
     pub batch: i32,
     pub out: i32,
     pub inp: i32,
@@ -41,12 +51,14 @@ pub struct KronParams {
     pub x_dtype: i32,
     pub y_dtype: i32,
     pub w_dtype: i32,
+    pub dy_dtype: i32,
+    pub dx_dtype: i32,
     pub accumulate: i32,
     pub scale: f32,
     pub sign: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<KronParams>() == 112);
+const _: () = assert!(std::mem::size_of::<KronParams>() == 192);
 
 impl Default for KronParams {
     fn default() -> Self {
@@ -56,9 +68,18 @@ impl Default for KronParams {
             v: std::ptr::null(),
             y: std::ptr::null_mut(),
             w: std::ptr::null_mut(),
+            rows: std::ptr::null(),
+            dy: std::ptr::null(),
+            du: std::ptr::null_mut(),
+            dv: std::ptr::null_mut(),
+            dx: std::ptr::null_mut(),
             ldx: 0,
             ldy: 0,
             ldw: 0,
+            lddy: 0,
+            lddx: 0,
+            v_si: 1,
+            v_sa: 1,
             batch: 0,
             out: 0,
             inp: 0,
@@ -68,6 +89,8 @@ impl Default for KronParams {
             x_dtype: 0,
             y_dtype: 0,
             w_dtype: 0,
+            dy_dtype: 0,
+            dx_dtype: 0,
             accumulate: 0,
             scale: 0.0,
             sign: 1.0,
@@ -75,7 +98,7 @@ impl Default for KronParams {
     }
 }
 
-/// Mirrors `struct EigenParams` in kernels/eigen.cu (144 bytes).
+/// Mirrors `struct EigenParams` in kernels/eigen.cu (152 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct EigenParams {
@@ -86,10 +109,12 @@ pub struct EigenParams {
     pub row_slot: *const i32,
     pub z: *mut f32,
     pub u: *mut f32,
-    pub base: *const f32,
+    pub base: *mut f32,
     pub y: *mut c_void,
     pub ldx: i64,
-    pub ldca: i64,
+    /// C_A[kk, c] at c_a[kk * ca_rs + c * ca_cs].
+    pub ca_rs: i64,
+    pub ca_cs: i64,
     pub ldcb: i64,
     pub ldbase: i64,
     pub ldy: i64,
@@ -100,10 +125,11 @@ pub struct EigenParams {
     pub n_cores: i32,
     pub x_dtype: i32,
     pub y_dtype: i32,
-    pub pad: i32,
+    /// eigen_expand: add u C_Bᵀ into `base` (f32) instead of storing y.
+    pub to_base: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<EigenParams>() == 144);
+const _: () = assert!(std::mem::size_of::<EigenParams>() == 152);
 
 impl Default for EigenParams {
     fn default() -> Self {
@@ -115,10 +141,11 @@ impl Default for EigenParams {
             row_slot: std::ptr::null(),
             z: std::ptr::null_mut(),
             u: std::ptr::null_mut(),
-            base: std::ptr::null(),
+            base: std::ptr::null_mut(),
             y: std::ptr::null_mut(),
             ldx: 0,
-            ldca: 0,
+            ca_rs: 0,
+            ca_cs: 1,
             ldcb: 0,
             ldbase: 0,
             ldy: 0,
@@ -129,7 +156,7 @@ impl Default for EigenParams {
             n_cores: 0,
             x_dtype: 0,
             y_dtype: 0,
-            pad: 0,
+            to_base: 0,
         }
     }
 }
@@ -167,6 +194,12 @@ pub fn eigen_expand_geometry(m: usize, n: usize) -> Result<Geometry> {
 pub fn kron_forward_kernel(x_dtype: DType) -> String {
     format!("kron_forward_{}", dtype_suffix(x_dtype))
 }
+pub fn kron_backward_uv_kernel(x_dtype: DType) -> String {
+    format!("kron_backward_uv_{}", dtype_suffix(x_dtype))
+}
+pub fn kron_backward_dx_kernel(w_dtype: DType) -> String {
+    format!("kron_backward_dx_{}", dtype_suffix(w_dtype))
+}
 pub fn kron_merge_kernel(w_dtype: DType) -> String {
     format!("kron_merge_{}", dtype_suffix(w_dtype))
 }
@@ -184,6 +217,8 @@ pub fn kernels_for_sm(_sm: u32) -> Vec<String> {
     for d in DType::ALL {
         v.push(kron_forward_kernel(d));
         v.push(kron_merge_kernel(d));
+        v.push(kron_backward_uv_kernel(d));
+        v.push(kron_backward_dx_kernel(d));
         v.push(eigen_project_kernel(d));
         v.push(eigen_expand_kernel(d));
     }
@@ -287,6 +322,8 @@ impl CudaBackend {
             inp: k.in_features as i32,
             r: k.r as i32,
             wv: (k.r + k.d) as i32,
+            v_si: (k.r + k.d) as i64,
+            v_sa: 1,
             rows_are_slices: (k.out_features <= k.in_features) as i32,
             scale: k.scale,
             ..KronParams::default()
@@ -354,7 +391,7 @@ impl CudaBackend {
         })
     }
 
-    fn require_device_ptrs(&self, what: &[(&str, *const u8)]) -> Result<()> {
+    pub(super) fn require_device_ptrs(&self, what: &[(&str, *const u8)]) -> Result<()> {
         for &(name, ptr) in what {
             if !self.device_accessible(ptr) {
                 return Err(Error::invalid(format!(
@@ -536,10 +573,11 @@ impl CudaBackend {
                 cores: cores.buf.as_ptr() as *const f32,
                 z: at(layout.z) as *mut f32,
                 u: at(layout.u) as *mut f32,
-                base: at(layout.base) as *const f32,
+                base: at(layout.base) as *mut f32,
                 y: y.as_mut_ptr() as *mut c_void,
                 ldx: x.ld as i64,
-                ldca: kc as i64,
+                ca_rs: kc as i64,
+                ca_cs: 1,
                 ldcb: kc as i64,
                 ldbase: n as i64,
                 ldy: y.ld as i64,
@@ -583,14 +621,17 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_cu_files() {
-        assert_eq!(offset_of!(KronParams, ldx), 40);
-        assert_eq!(offset_of!(KronParams, batch), 64);
-        assert_eq!(offset_of!(KronParams, scale), 104);
-        assert!(include_str!("../../../kernels/kron.cu").contains("sizeof(KronParams) == 112"));
+        assert_eq!(offset_of!(KronParams, rows), 40);
+        assert_eq!(offset_of!(KronParams, ldx), 80);
+        assert_eq!(offset_of!(KronParams, v_sa), 128);
+        assert_eq!(offset_of!(KronParams, batch), 136);
+        assert_eq!(offset_of!(KronParams, scale), 184);
+        assert!(include_str!("../../../kernels/kron.cu").contains("sizeof(KronParams) == 192"));
         assert_eq!(offset_of!(EigenParams, ldx), 72);
-        assert_eq!(offset_of!(EigenParams, m), 112);
-        assert_eq!(offset_of!(EigenParams, pad), 140);
-        assert!(include_str!("../../../kernels/eigen.cu").contains("sizeof(EigenParams) == 144"));
+        assert_eq!(offset_of!(EigenParams, ca_cs), 88);
+        assert_eq!(offset_of!(EigenParams, m), 120);
+        assert_eq!(offset_of!(EigenParams, to_base), 148);
+        assert!(include_str!("../../../kernels/eigen.cu").contains("sizeof(EigenParams) == 152"));
     }
 
     fn covers(grid: u32, per: usize, n: usize) -> bool {
@@ -649,8 +690,10 @@ mod tests {
     #[test]
     fn kernel_names() {
         let names = kernels_for_sm(90);
-        assert_eq!(names.len(), 13);
+        assert_eq!(names.len(), 19);
         assert!(names.contains(&"kron_forward_bf16".to_string()));
+        assert!(names.contains(&"kron_backward_uv_f16".to_string()));
+        assert!(names.contains(&"kron_backward_dx_f32".to_string()));
         assert!(names.contains(&"eigen_core_f32".to_string()));
     }
 }

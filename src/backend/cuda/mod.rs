@@ -7,6 +7,7 @@
 //! probed with `is_culib_present()` before any cudarc call (cudarc panics when it is missing).
 
 pub mod algebra_ops;
+pub mod kinds;
 pub mod launch;
 pub mod modules;
 pub mod quant;

@@ -58,6 +58,9 @@ pub static PTX: &[PtxModule] = &[
     ptx!("eigen", 70),
     ptx!("eigen", 80),
     ptx!("eigen", 90),
+    ptx!("compose", 70),
+    ptx!("compose", 80),
+    ptx!("compose", 90),
 ];
 
 /// The PTX build a device of compute capability `sm` (major * 10 + minor) loads: the newest
@@ -92,6 +95,8 @@ pub fn stem_of(kernel: &str) -> Option<&'static str> {
         Some("kron")
     } else if kernel.starts_with("eigen_") {
         Some("eigen")
+    } else if kernel.starts_with("compose_") {
+        Some("compose")
     } else {
         None
     }
@@ -166,13 +171,14 @@ pub fn ptx_target(ptx: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cuda::{algebra_ops, launch, train};
+    use crate::backend::cuda::{algebra_ops, kinds, launch, train};
 
     /// Every kernel the host can ask for on `sm`: the linear path, training, algebra.
     fn kernels_for_sm(sm: u32) -> Vec<String> {
         let mut v = launch::kernels_for_sm(sm);
         v.extend(train::kernels_for_sm(sm));
         v.extend(algebra_ops::kernels_for_sm(sm));
+        v.extend(kinds::kernels_for_sm(sm));
         v
     }
 
@@ -183,6 +189,7 @@ mod tests {
             "adamw" => std::mem::size_of::<train::AdamwParams>(),
             "kron" => std::mem::size_of::<algebra_ops::KronParams>(),
             "eigen" => std::mem::size_of::<algebra_ops::EigenParams>(),
+            "compose" => std::mem::size_of::<kinds::ComposeParams>(),
             _ => std::mem::size_of::<launch::LinearParams>(),
         }
     }
