@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared command for a machine with an NVIDIA GPU (the CUDA backend's checks that need one):
-#   1. nvidia-smi, 2. the GPU tests (tests/cuda.rs: every kernel path vs the f64 reference, the
+#   1. nvidia-smi, 2. the GPU tests (tests/cuda/main.rs: every kernel path vs the f64 reference, the
 #   PEFT fixtures; tests/cuda_train.rs: LoRA backward, device AdamW / clip, KRAdapter, EigenLoRAx
 #   vs the CPU), which must not skip, 3. examples/cuda_bench (fused / base-only, decode
 #   bandwidth vs device copy bandwidth, mixed batches) writing JSON.
@@ -25,7 +25,7 @@ if [ "$mode" = prepare ]; then
   mkdir -p target/gpu-bin
   cargo build --release --features cuda --example cuda_bench
   cp target/release/examples/cuda_bench target/gpu-bin/
-  bin=$(cargo test --release --features cuda --test cuda --no-run 2>&1 | sed -n 's/.*Executable tests\/cuda.rs (\(.*\))/\1/p' | tail -1)
+  bin=$(cargo test --release --features cuda --test cuda --no-run 2>&1 | sed -n 's/.*Executable tests\/cuda\/main.rs (\(.*\))/\1/p' | tail -1)
   cp "$bin" target/gpu-bin/cuda-tests
   bin=$(cargo test --release --features cuda --test cuda_train --no-run 2>&1 | sed -n 's/.*Executable tests\/cuda_train.rs (\(.*\))/\1/p' | tail -1)
   cp "$bin" target/gpu-bin/cuda-train-tests

@@ -1,4 +1,4 @@
-//! Modules of every kind for the method tests (tests/methods.rs, tests/cuda_kinds.rs).
+//! Modules of every kind for the method tests (tests/methods.rs, tests/cuda/kinds.rs).
 
 use faer::Mat;
 use rankfuse::adapter::BasisModule;

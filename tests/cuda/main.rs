@@ -14,6 +14,8 @@ use rankfuse::ffi::types::*;
 use rankfuse::{Device, Runtime, RuntimeOptions, Status};
 use std::ffi::{c_void, CStr};
 
+mod kinds;
+
 fn cuda_opts(index: i32) -> RuntimeOptions {
     RuntimeOptions {
         device: Device::Cuda,

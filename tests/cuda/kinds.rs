@@ -1,14 +1,16 @@
-//! KRAdapter and EigenLoRAx modules on a CUDA runtime against the CPU runtime (itself checked
+//! (module of tests/cuda/main.rs) KRAdapter and EigenLoRAx modules on a CUDA runtime against the CPU runtime (itself checked
 //! against the dense reference and finite differences in tests/methods.rs): `rf_linear`'s
 //! forward with LoRA, KRAdapter and EigenLoRAx slots (two bases, one slot truncated) in mixed and
 //! stacked calls, dtype mixes, ld > cols, shapes of several tiles; the backward's gradients and
 //! dx. Needs feature `cuda` and a GPU; prints one `skipped:` line otherwise.
 
-mod common;
+#[cfg(feature = "cuda")]
+#[path = "../common/kinds.rs"]
+mod common_kinds;
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use super::common::kinds::modules;
+    use super::common_kinds::modules;
     use rankfuse::backend::cuda::{CudaBackend, DeviceMatrix};
     use rankfuse::methods::Slots;
     use rankfuse::rng::SplitMix64;
@@ -227,10 +229,4 @@ mod gpu {
             }
         }
     }
-}
-
-#[cfg(not(feature = "cuda"))]
-#[test]
-fn gpu_comparisons_need_feature_cuda() {
-    println!("skipped: KRAdapter / EigenLoRAx GPU comparisons need a build with --features cuda (and a GPU)");
 }
