@@ -5,13 +5,18 @@
 //! 2. resident bytes after touching every adapter under the budget, evictions;
 //! 3. steady state: one mixed batch of 64 rows over 16 adapters acquired from the store vs the
 //!    same rows on one adapter (rf_linear, median);
-//! 4. rf_linear throughput (m = 1, 2 caller threads doing acquire + linear + release) with and
-//!    without a publisher thread publishing a new version of one of the adapters every ms.
+//! 4. rf_linear throughput (m = 1, `--callers` threads doing acquire + linear + release, 2 by
+//!    default) with and without a publisher thread publishing a new version of one of the
+//!    adapters every ms. `--callers 1 --pool-threads 1` leaves the second core of a 2-core
+//!    machine to the publisher, so the ratio shows what publishing costs the callers (the
+//!    version swap, retiring old versions, cache and memory traffic) rather than the CPU time
+//!    the publisher's own work takes from them.
 //!
 //! Reports, asserts nothing.
 //!
 //!   cargo run --release --example store_bench -- [--adapters 1000] [--k 4096] [--n 4096]
-//!       [--r 16] [--budget-mib 256] [--seconds 3] [--rounds 3]
+//!       [--r 16] [--budget-mib 256] [--seconds 3] [--rounds 3] [--callers 2]
+//!       [--pool-threads 0 (all cores)]
 
 use rankfuse::adapter::{peft, Adapter, Lora, Scaling, TensorData};
 use rankfuse::ffi::handles::*;
@@ -122,6 +127,8 @@ fn main() {
     let budget = num("--budget-mib", "256") as u64 * 1024 * 1024;
     let secs: f64 = get("--seconds", "3").parse().unwrap();
     let rounds = num("--rounds", "3");
+    let callers = num("--callers", "2");
+    let pool_threads = num("--pool-threads", "0");
     let dir = tempfile::tempdir().unwrap();
     let mut rng = SplitMix64::new(7);
     let t0 = Instant::now();
@@ -150,7 +157,15 @@ fn main() {
     );
     unsafe {
         let mut rt = null_mut();
-        ok(rf_runtime_create(null(), &mut rt));
+        let opts = rf_runtime_options {
+            struct_size: std::mem::size_of::<rf_runtime_options>() as u32,
+            device: rf_device::RF_DEVICE_CPU,
+            device_index: 0,
+            num_threads: pool_threads as u32,
+            cuda_stream: null_mut(),
+            act_quant: rf_act_quant::RF_ACT_QUANT_EXACT,
+        };
+        ok(rf_runtime_create(&opts, &mut rt));
         let mut store = null_mut();
         ok(rf_store_create(rt, budget, &mut store));
         for i in 0..count {
@@ -231,7 +246,7 @@ fn main() {
             let (rt_u, st_u) = (rt as usize, store as usize);
             let mut pubs = 0u64;
             std::thread::scope(|sc| {
-                for _ in 0..2 {
+                for _ in 0..callers {
                     let (stop, calls, x1, w) = (&stop, &calls, &x1, &w);
                     sc.spawn(move || {
                         let mut y = Matrix::zeros(DType::F32, 1, n).unwrap();
@@ -310,7 +325,7 @@ fn main() {
             peft_cpu.push(c.2 / qc);
         }
         println!(
-            "rf_linear m=1 {k} -> {n} bf16, 2 caller threads, {rounds} rounds of {secs} s: {:.0} calls/s without a publisher \
+            "rf_linear m=1 {k} -> {n} bf16, {callers} caller thread(s), pool threads {pool_threads} (0 = all), {rounds} rounds of {secs} s: {:.0} calls/s without a publisher \
              (median of {quiet:.0?}), {:.0} CPU-µs per call (process)",
             median(quiet.clone()),
             median(quiet_cpu.clone())

@@ -85,6 +85,10 @@ typedef enum {
    llama.cpp Q4_K: super-blocks of 256 weights in 144 bytes; `cols`/`ld` multiples of 256.
    */
   RF_DTYPE_Q4_K = 5,
+  /*
+   llama.cpp Q6_K: super-blocks of 256 weights in 210 bytes; `cols`/`ld` multiples of 256.
+   */
+  RF_DTYPE_Q6_K = 6,
 } rf_dtype;
 
 /*
@@ -177,7 +181,7 @@ typedef enum {
 } rf_device;
 
 /*
- How decode on a block-quantized W (Q8_0 / Q4_0 / Q4_K) reads x (`rf_runtime_options`).
+ How decode on a block-quantized W (Q8_0 / Q4_0 / Q4_K / Q6_K) reads x (`rf_runtime_options`).
  */
 typedef enum {
   /*
@@ -839,7 +843,7 @@ rf_error *rf_eigen_basis_build(const rf_adapter *const *adapters, size_t n, uint
  has m entries and row i uses `slots[row_slot[i]]` only; -1 = base only (mixed batch).
  scale(slot) = scale_mult * (alpha / r | alpha / sqrt(r) | fixed), r = the rank used.
  dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32. w may also be
- block-quantized (RF_DTYPE_Q8_0 / Q4_0 / Q4_K, e.g. a GGUF tensor from `rf_weights_get`):
+ block-quantized (RF_DTYPE_Q8_0 / Q4_0 / Q4_K / Q6_K, e.g. a GGUF tensor from `rf_weights_get`):
  its blocks are dequantized in registers (m <= 8) or into f32 panels / shared-memory tiles
  (larger m), on CPU and CUDA runtimes (CUDA: w's data 2-byte aligned, 4-byte for Q4_K).
  Thread-safe: many threads may call it at once on shared weights and adapters.
@@ -1265,8 +1269,8 @@ rf_error *rf_weights_name(const rf_weights *w, size_t i, const char **name_out);
 
 /*
  A view of a tensor: 1-D as 1 x n; more than 2 dims is RF_STATUS_FORMAT; a dtype other than
- F32/F16/BF16/Q8_0/Q4_0/Q4_K is RF_STATUS_UNSUPPORTED. A GGUF tensor with dims [ne0, ne1]
- (innermost first) is an ne1 x ne0 matrix; a quantized one (RF_DTYPE_Q8_0/Q4_0/Q4_K) is
+ F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q6_K is RF_STATUS_UNSUPPORTED. A GGUF tensor with dims [ne0, ne1]
+ (innermost first) is an ne1 x ne0 matrix; a quantized one (RF_DTYPE_Q8_0/Q4_0/Q4_K/Q6_K) is
  valid only as `w` of `rf_linear`. On a CPU runtime (and with `RF_WEIGHTS_HOST`)
  `out->data` points into the mapping (zero-copy, read-only memory: do not write through it).
  On a CUDA runtime it is a device pointer into the weights' device copy (do not write through

@@ -90,7 +90,7 @@ struct dtype_of<bf16> {
 
 /** Bytes per element of a dtype (0 for a value that is not an rf_dtype, and for the
     block-quantized dtypes, whose elements share per-block scales: 34 bytes per 32 for Q8_0,
-    18 per 32 for Q4_0, 144 per 256 for Q4_K). */
+    18 per 32 for Q4_0, 144 per 256 for Q4_K, 210 per 256 for Q6_K). */
 inline std::size_t dtype_size(rf_dtype d) noexcept {
   switch (d) {
     case RF_DTYPE_F32: return 4;
@@ -98,7 +98,8 @@ inline std::size_t dtype_size(rf_dtype d) noexcept {
     case RF_DTYPE_BF16: return 2;
     case RF_DTYPE_Q8_0:
     case RF_DTYPE_Q4_0:
-    case RF_DTYPE_Q4_K: return 0;
+    case RF_DTYPE_Q4_K:
+    case RF_DTYPE_Q6_K: return 0;
   }
   return 0;
 }

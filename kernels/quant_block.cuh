@@ -8,14 +8,19 @@
 //   Q4_K: 144 bytes / 256 weights: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins
 //         (get_scale_min_k4), 128 bytes of nibbles: 32-byte run c holds sub-block 2c in its low
 //         nibbles and 2c + 1 in its high ones.                       w = (d * sc) * q - dmin * m
+//   Q6_K: 210 bytes / 256 weights: 128 bytes ql (low nibbles), 64 bytes qh (2-bit high parts),
+//         16 x i8 scales (one per 16 weights), f16 d at byte 208; 32-weight group g = 4 h + j of
+//         a super-block takes ql[64 h + 32 (j & 1) + l] >> 4 (j >> 1), qh[32 h + l] >> 2 j and
+//         scales 8 h + 2 j (+ 1 for l >= 16).                         w = (d * sc) * (q - 32)
 //
 // The kernels see a row of W as groups of 32 weights (a Q8_0 / Q4_0 block, a Q4_K sub-block),
 // each split into 4 pieces of 8 weights; piece `li` of a group yields weights at group offsets
 // o0 .. o0 + 3 and o1 .. o1 + 3 (runs of 4, so x can be read as float4):
 //   Q8_0: o0 = 8 li, o1 = 8 li + 4      Q4_0: o0 = 4 li, o1 = 16 + 4 li
-//   Q4_K: o0 = 8 li, o1 = 8 li + 4 (of the sub-block)
+//   Q4_K, Q6_K: o0 = 8 li, o1 = 8 li + 4 (of the sub-block / group)
 // Loads are 16-bit for Q8_0 / Q4_0 (blocks of 34 / 18 bytes are 2-byte aligned when W is) and
-// 32-bit for Q4_K (144-byte blocks are 4-byte aligned when W is); launch checks W's alignment
+// 32-bit for Q4_K (144-byte blocks are 4-byte aligned when W is), 16-bit for Q6_K (210 bytes);
+// launch checks W's alignment
 // (src/backend/cuda/quant.rs `w_aligned`).
 #pragma once
 #include "common.cuh"
@@ -23,6 +28,7 @@
 #define RF_Q8_0 3
 #define RF_Q4_0 4
 #define RF_Q4_K 5
+#define RF_Q6_K 6
 
 typedef unsigned char u8;
 
@@ -102,6 +108,34 @@ struct QTagQ4_K {
     for (int e = 0; e < 4; ++e) {
       out.w[e] = __fsub_rn(__fmul_rn(d1, (float)((qa >> (8 * e + shift)) & 0x0fu)), m1);
       out.w[4 + e] = __fsub_rn(__fmul_rn(d1, (float)((qb >> (8 * e + shift)) & 0x0fu)), m1);
+    }
+  }
+};
+
+struct QTagQ6_K {
+  enum { code = RF_Q6_K, elems = 256, bytes = 210 };
+  static __device__ __forceinline__ int o0(int li) { return 8 * li; }
+  static __device__ __forceinline__ int o1(int li) { return 8 * li + 4; }
+  // Group g is group g % 8 of super-block g / 8; piece li = its weights 8 li .. 8 li + 7.
+  static __device__ __forceinline__ void piece(const u8 *row, int g, int li, QPiece &out) {
+    const u8 *b = row + (i64)(g >> 3) * 210;
+    const int h = (g & 7) >> 2, j = g & 3;
+    const float d = f16_to_f32((u16)ld16(b + 208));
+    const int si = 8 * h + 2 * j + (li >> 1);
+    const u32 sw = ld16(b + 192 + (si & ~1));
+    const float dsc = __fmul_rn(d, (float)(int)(signed char)((sw >> (8 * (si & 1))) & 0xffu));
+    const u8 *ql = b + 64 * h + 32 * (j & 1) + 8 * li;
+    const u8 *qh = b + 128 + 32 * h + 8 * li;
+    const int ls = 4 * (j >> 1), hs = 2 * j;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const u32 l2 = ld16(ql + 2 * e), h2 = ld16(qh + 2 * e);
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const u32 lb = (l2 >> (8 * t)) & 0xffu, hb = (h2 >> (8 * t)) & 0xffu;
+        const int q = (int)(((lb >> ls) & 0x0fu) | (((hb >> hs) & 3u) << 4)) - 32;
+        out.w[2 * e + t] = __fmul_rn(dsc, (float)q);
+      }
     }
   }
 };

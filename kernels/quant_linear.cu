@@ -1,15 +1,16 @@
-// Fused base + adapter linear on a block-quantized W (Q8_0, Q4_0, Q4_K; quant_block.cuh):
+// Fused base + adapter linear on a block-quantized W (Q8_0, Q4_0, Q4_K, Q6_K; quant_block.cuh):
 //   y = x W^T + bias + T B_cat^T      (T from lora_shrink, f32; zero off-slot)
 // W is dequantized exactly (bit-identical to src/quant.rs) in registers and accumulated in f32;
-// no dequantized copy of W is ever stored. Specialized on W's type (`<op>_q8_0|q4_0|q4_k`);
+// no dequantized copy of W is ever stored. Specialized on W's type (`<op>_q8_0|q4_0|q4_k|q6_k`);
 // x, bias, B and y dtypes are runtime arguments (f32, f16, bf16). cols, ld of W are multiples of
-// the block (so k is too), and W is 2-byte (Q8_0, Q4_0) or 4-byte (Q4_K) aligned: launch checks.
+// the block (so k is too), and W is 2-byte (Q8_0, Q4_0, Q6_K) or 4-byte (Q4_K) aligned: launch
+// checks.
 //
 // quant_decode_* (m = 1..8): a GEMV streaming each row of W once. Warp w of a block owns output
 // columns (blockIdx.x * 8 + w) * 2 + {0, 1}, walked together; its 32 lanes walk 8 groups of 32
 // weights per step
 // (lane = group (lane / 4) of the step, piece lane % 4), so one step reads 256 consecutive
-// weights' blocks (a Q4_K super-block, 8 Q8_0 / Q4_0 blocks). K is split across grid.y when the
+// weights' blocks (a Q4_K / Q6_K super-block, 8 Q8_0 / Q4_0 blocks). K is split across grid.y when the
 // columns alone give too few blocks (k_chunk elements per split, a multiple of 256); inside a
 // split x is staged through shared memory as f32 in chunks of quant_stage(m) elements.
 // With one split the same CTA finishes the outputs: the adapter expand (T_i B_s^T, lane-strided
@@ -238,3 +239,5 @@ extern "C" __global__ void __launch_bounds__(256, 2) quant_decode_q4_k(const Lin
 extern "C" __global__ void __launch_bounds__(256) quant_linear_q8_0(const LinearParams p) { quant_linear_tile<QTagQ8_0>(p); }
 extern "C" __global__ void __launch_bounds__(256) quant_linear_q4_0(const LinearParams p) { quant_linear_tile<QTagQ4_0>(p); }
 extern "C" __global__ void __launch_bounds__(256) quant_linear_q4_k(const LinearParams p) { quant_linear_tile<QTagQ4_K>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) quant_decode_q6_k(const LinearParams p) { quant_decode<QTagQ6_K>(p); }
+extern "C" __global__ void __launch_bounds__(256) quant_linear_q6_k(const LinearParams p) { quant_linear_tile<QTagQ6_K>(p); }

@@ -6,10 +6,11 @@ rankfuse must read back from them, computed by the same package (so the tests ne
     python3 scripts/make_gguf_fixtures.py
 
 Files:
-  tiny.gguf          Q8_0, Q4_0, Q4_K, F16, BF16 and F32 tensors; metadata of every value type
-                     (nested array included). Q8_0/Q4_0/BF16/F16 come from gguf.quants.quantize;
-                     the package cannot quantize Q4_K, so its blocks are random bytes with small
-                     finite scales (every nibble and 6-bit scale/min pattern occurs).
+  tiny.gguf          Q8_0, Q4_0, Q4_K, Q6_K, F16, BF16 and F32 tensors; metadata of every value
+                     type (nested array included). Q8_0/Q4_0/BF16/F16 come from
+                     gguf.quants.quantize; the package cannot quantize Q4_K or Q6_K, so their
+                     blocks are random bytes with small finite scales (every nibble, 2-bit high
+                     part and scale/min pattern occurs).
   tiny.ref.safetensors
                      per tensor '<name>': gguf.quants.dequantize of its bytes (f32), the values
                      rankfuse must decode bit-exactly; and for each quantized W: 'x.<name>',
@@ -40,6 +41,15 @@ def q4_k_blocks(rows, cols):
     return b.reshape(rows, nb * 144)
 
 
+def q6_k_blocks(rows, cols):
+    # gguf cannot quantize Q6_K either: random ql / qh / i8 scales, a small finite d (last).
+    nb = cols // 256
+    b = rng.integers(0, 256, size=(rows, nb, 210), dtype=np.uint8)
+    d = rng.uniform(0.00005, 0.0008, size=(rows, nb)).astype(np.float16)
+    b[:, :, 208:210] = d.view(np.uint8).reshape(rows, nb, 2)
+    return b.reshape(rows, nb * 210)
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     w = GGUFWriter(str(OUT / "tiny.gguf"), arch="rankfuse-test")
@@ -68,10 +78,13 @@ def main():
         "w.f16": (T.F16, 4, 40),
         "w.bf16": (T.BF16, 2, 16),
         "w.f32": (T.F32, 3, 8),
+        "w.q6_k": (T.Q6_K, 3, 512),
     }
     for name, (t, rows, cols) in shapes.items():
         if t == T.Q4_K:
             raw = q4_k_blocks(rows, cols)
+        elif t == T.Q6_K:
+            raw = q6_k_blocks(rows, cols)
         else:
             raw = quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), t)
         if t in (T.F16, T.F32):
@@ -80,7 +93,7 @@ def main():
             w.add_tensor(name, raw, raw_dtype=t)
         deq = quants.dequantize(raw, t).astype(np.float32).reshape(rows, cols)
         ref[name] = deq
-        if t in (T.Q8_0, T.Q4_0, T.Q4_K):
+        if t in (T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K):
             m, r = 3, 4
             x = rng.uniform(-1, 1, (m, cols)).astype(np.float32)
             a = rng.uniform(-1, 1, (r, cols)).astype(np.float32)

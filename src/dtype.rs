@@ -15,13 +15,16 @@ pub enum DType {
     Q4_0 = 4,
     /// 256-weight super-blocks in 144 bytes (f16 d, f16 dmin, 6-bit scales/mins, nibbles).
     Q4_K = 5,
+    /// 256-weight super-blocks in 210 bytes (4 + 2-bit quants, 16 i8 scales, f16 d; value =
+    /// (d * scale) * (q - 32)): the type Q4_K_M / Q5_K_M files use for attn_v and ffn_down.
+    Q6_K = 6,
 }
 
 impl DType {
     /// The dense element types (every matrix role accepts them).
     pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
     /// The block-quantized types (only a base weight `w` of the fused linear).
-    pub const QUANT: [DType; 3] = [DType::Q8_0, DType::Q4_0, DType::Q4_K];
+    pub const QUANT: [DType; 4] = [DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K];
 
     /// A dense dtype from its `rf_dtype` number (quantized numbers give `None`: most matrix
     /// roles cannot hold them; see [`DType::from_raw_any`]).
@@ -37,6 +40,7 @@ impl DType {
             3 => Some(DType::Q8_0),
             4 => Some(DType::Q4_0),
             5 => Some(DType::Q4_K),
+            6 => Some(DType::Q6_K),
             _ => None,
         }
     }
@@ -49,7 +53,7 @@ impl DType {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
             DType::Q8_0 | DType::Q4_0 => crate::quant::QK,
-            DType::Q4_K => crate::quant::QK_K,
+            DType::Q4_K | DType::Q6_K => crate::quant::QK_K,
         }
     }
     /// Bytes of one element (dense) or of one block (quantized): `bytes(block_elems())`.
@@ -60,6 +64,7 @@ impl DType {
             DType::Q8_0 => crate::quant::Q8_0_BYTES,
             DType::Q4_0 => crate::quant::Q4_0_BYTES,
             DType::Q4_K => crate::quant::Q4_K_BYTES,
+            DType::Q6_K => crate::quant::Q6_K_BYTES,
         }
     }
     /// Bytes of `elems` consecutive elements, checked; for quantized types `elems` must be a
@@ -80,6 +85,7 @@ impl DType {
             DType::Q8_0 => "Q8_0",
             DType::Q4_0 => "Q4_0",
             DType::Q4_K => "Q4_K",
+            DType::Q6_K => "Q6_K",
         }
     }
     pub fn parse(s: &str) -> Option<DType> {
@@ -90,6 +96,7 @@ impl DType {
             "q8_0" => Some(DType::Q8_0),
             "q4_0" => Some(DType::Q4_0),
             "q4_k" => Some(DType::Q4_K),
+            "q6_k" => Some(DType::Q6_K),
             _ => None,
         }
     }
@@ -148,7 +155,9 @@ pub unsafe fn load_f32(p: *const u8, dtype: DType, i: usize) -> f32 {
         DType::F32 => (p as *const f32).add(i).read_unaligned(),
         DType::F16 => f16::from_bits((p as *const u16).add(i).read_unaligned()).to_f32(),
         DType::BF16 => bf16::from_bits((p as *const u16).add(i).read_unaligned()).to_f32(),
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => crate::quant::load_elem(p, dtype, i),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
+            crate::quant::load_elem(p, dtype, i)
+        }
     }
 }
 
@@ -169,7 +178,7 @@ pub unsafe fn store_f32(p: *mut u8, dtype: DType, i: usize, v: f32) {
         // No view of a quantized dtype is writable (LinearProblem::check and the matrix
         // constructors refuse them as outputs), so this arm is never reached; writing nothing is
         // the only safe answer (one element cannot be re-quantized alone).
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
             debug_assert!(false, "store into a quantized matrix");
         }
     }
@@ -211,7 +220,9 @@ pub unsafe fn convert_to_f32(src: *const u8, dtype: DType, dst: &mut [f32]) {
                 *d = f32::from_bits((b as u32) << 16);
             }
         }
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => crate::quant::dequant(src, dtype, dst),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
+            crate::quant::dequant(src, dtype, dst)
+        }
     }
 }
 
@@ -227,7 +238,7 @@ pub unsafe fn convert_from_f32(src: &[f32], dst: *mut u8, dtype: DType) {
     match dtype {
         // Byte copy: `dst` may be unaligned.
         DType::F32 => std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst, src.len() * 4),
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
             debug_assert!(false, "store into a quantized matrix");
         }
         _ => {

@@ -18,6 +18,21 @@ pub(crate) const Q8_0_BYTES: usize = 2 + QK;
 pub(crate) const Q4_0_BYTES: usize = 2 + QK / 2;
 /// f16 d, f16 dmin, 12 bytes of packed 6-bit scales and mins, 128 bytes of nibbles.
 pub(crate) const Q4_K_BYTES: usize = 2 + 2 + 12 + QK_K / 2;
+/// 128 bytes of low nibbles (ql), 64 bytes of 2-bit high parts (qh), 16 x i8 scales, f16 d.
+pub(crate) const Q6_K_BYTES: usize = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2;
+/// Byte offsets inside a Q6_K block.
+pub(crate) const Q6_K_QH: usize = QK_K / 2;
+pub(crate) const Q6_K_SCALES: usize = Q6_K_QH + QK_K / 4;
+pub(crate) const Q6_K_D: usize = Q6_K_SCALES + QK_K / 16;
+
+/// Byte offset of a block's f16 scale `d` (Q6_K keeps it last, the others first).
+pub fn d_offset(dtype: DType) -> usize {
+    if dtype == DType::Q6_K {
+        Q6_K_D
+    } else {
+        0
+    }
+}
 
 #[inline(always)]
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -80,6 +95,42 @@ pub fn dequant_q4_k(b: &[u8; Q4_K_BYTES], y: &mut [f32; QK_K]) {
     }
 }
 
+/// Where 32-weight group `g` (0..8) of a Q6_K block lives: (offset of its 32 ql bytes, nibble
+/// shift (0 or 4), its 32 qh bytes' offset, qh shift (0, 2, 4, 6), index of the scale of its
+/// first 16 weights; the next 16 use the next scale). Group g = 4 h + j covers elements
+/// 128 h + 32 j .. + 32 (`dequantize_row_q6_K`: q1..q4 of each 128-element half).
+#[inline(always)]
+pub fn q6_k_group(g: usize) -> (usize, u32, usize, u32, usize) {
+    let (h, j) = (g / 4, g % 4);
+    (
+        64 * h + 32 * (j & 1),
+        4 * (j as u32 >> 1),
+        Q6_K_QH + 32 * h,
+        2 * j as u32,
+        8 * h + 2 * j,
+    )
+}
+
+/// The 6-bit value (0..63) of element `l` (0..32) of Q6_K group `g` (see `q6_k_group`).
+#[inline(always)]
+pub fn q6_k_q(b: &[u8], g: usize, l: usize) -> u8 {
+    let (ql, ls, qh, hs, _) = q6_k_group(g);
+    ((b[ql + l] >> ls) & 0x0F) | (((b[qh + l] >> hs) & 3) << 4)
+}
+
+/// One Q6_K super-block: `y = (d * sc) * (q - 32)`, sixteen 16-weight scales.
+#[inline]
+pub fn dequant_q6_k(b: &[u8; Q6_K_BYTES], y: &mut [f32; QK_K]) {
+    let d = f16_at(b, Q6_K_D);
+    for g in 0..8 {
+        let (.., is) = q6_k_group(g);
+        for l in 0..32 {
+            let sc = b[Q6_K_SCALES + is + l / 16] as i8;
+            y[32 * g + l] = d * sc as f32 * (q6_k_q(b, g, l) as i32 - 32) as f32;
+        }
+    }
+}
+
 /// Decodes block `blk` of a row at `p` into `y[..dtype.block_elems()]`.
 ///
 /// # Safety
@@ -98,6 +149,7 @@ pub unsafe fn dequant_block(p: *const u8, dtype: DType, blk: usize, y: &mut [f32
             (&mut y[..QK]).try_into().expect("32"),
         ),
         DType::Q4_K => dequant_q4_k(b.try_into().expect("Q4_K block"), y),
+        DType::Q6_K => dequant_q6_k(b.try_into().expect("Q6_K block"), y),
         DType::F32 | DType::F16 | DType::BF16 => unreachable!("dense dtype in dequant_block"),
     }
 }
@@ -257,6 +309,22 @@ pub unsafe fn q8_block_dot_f64(
             }
             total
         }
+        DType::Q6_K => {
+            let d = f16_at(blk, Q6_K_D) as f64;
+            let mut total = 0f64;
+            for g in 0..8 {
+                let sub = b * (QK_K / QK) + g;
+                let (.., is) = q6_k_group(g);
+                for half in 0..2 {
+                    let sc = blk[Q6_K_SCALES + is + half] as i8 as f64;
+                    let dot: i32 = (16 * half..16 * half + 16)
+                        .map(|l| (q6_k_q(blk, g, l) as i32 - 32) * xq[sub * QK + l] as i32)
+                        .sum();
+                    total += d * sc * x.d[i * nb + sub] as f64 * dot as f64;
+                }
+            }
+            total
+        }
         DType::F32 | DType::F16 | DType::BF16 => unreachable!("dense dtype in q8_block_dot_f64"),
     }
 }
@@ -273,6 +341,26 @@ mod tests {
         let mut y = [0f32; QK];
         dequant_q4_0(&b, &mut y);
         assert_eq!((y[0], y[16], y[1]), (-4.0, 3.5, -4.0));
+    }
+
+    #[test]
+    fn q6_k_layout() {
+        // Element 64 + 5 (group 2: ql[5] high nibble, qh[5] bits 4-5, scale 4) and element
+        // 128 + 32 + 20 (group 5: ql[64 + 32 + 20] low nibble, qh[32 + 20] bits 2-3, scale 11).
+        let mut b = [0u8; Q6_K_BYTES];
+        b[Q6_K_D..].copy_from_slice(&f16::from_f32(0.25).to_bits().to_le_bytes());
+        b[5] = 0xA0;
+        b[Q6_K_QH + 5] = 0b0010_0000;
+        b[Q6_K_SCALES + 4] = (-3i8) as u8;
+        b[116] = 0x07;
+        b[Q6_K_QH + 52] = 0b0000_1100;
+        b[Q6_K_SCALES + 11] = 5;
+        let mut y = [0f32; QK_K];
+        dequant_q6_k(&b, &mut y);
+        // q = 0xA | (2 << 4) = 42: 0.25 * -3 * 10; q = 7 | (3 << 4) = 55: 0.25 * 5 * 23.
+        assert_eq!((y[69], y[180]), (-7.5, 28.75));
+        // Untouched elements are (d * 0) * -32 (scales 0) = -0.
+        assert_eq!(y[0], 0.0);
     }
 
     #[test]

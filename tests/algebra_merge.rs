@@ -20,7 +20,9 @@ fn base_file(dt: DType) -> PathBuf {
         DType::F32 => "base.safetensors",
         DType::F16 => "base-f16.safetensors",
         DType::BF16 => "base-bf16.safetensors",
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("merge refuses quantized bases"),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
+            unreachable!("merge refuses quantized bases")
+        }
     })
 }
 
@@ -30,7 +32,9 @@ fn tol(dt: DType, v: f32) -> f32 {
         DType::F32 => 1.2e-7,
         DType::F16 => 9.8e-4,
         DType::BF16 => 7.9e-3,
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("merge refuses quantized bases"),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
+            unreachable!("merge refuses quantized bases")
+        }
     };
     1e-6 + 2.0 * eps * v.abs()
 }

@@ -59,9 +59,10 @@ fn inspect_file_and_adapter() {
     let (ok, out) = rankfuse(&["inspect", gguf.to_str().unwrap()]);
     assert!(ok, "{out}");
     for want in [
-        "GGUF, 7 tensors",
+        "GGUF, 8 tensors",
         "w.q4_k",
         "Q4_K [3, 512] 864 bytes",
+        "Q6_K [3, 512] 1260 bytes",
         "metadata test.f64 = -2.5e-300",
         "metadata test.u64 = 9223372036854775813",
         "metadata test.array_str = [string; 3] [\"a\", \"bc\", \"\"]",

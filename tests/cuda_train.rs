@@ -46,7 +46,9 @@ mod gpu {
             DType::F32 => 1e-5,
             DType::F16 => 2e-3,
             DType::BF16 => 1.6e-2,
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("a quantized output"),
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
+                unreachable!("a quantized output")
+            }
         }
     }
 

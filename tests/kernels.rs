@@ -180,7 +180,7 @@ fn rtol(dt: DType) -> f32 {
         DType::F16 => 2e-3,
         DType::BF16 => 1.6e-2,
         // Outputs are dense; quantized W is tested in tests/gguf_linear.rs.
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("a quantized output"),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => unreachable!("a quantized output"),
     }
 }
 

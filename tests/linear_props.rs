@@ -37,7 +37,7 @@ fn y_rtol(dt: DType) -> f32 {
         DType::F32 => 1e-6,
         DType::F16 => 1e-3,
         DType::BF16 => 8e-3,
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("a quantized output"),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => unreachable!("a quantized output"),
     }
 }
 

@@ -51,7 +51,7 @@ fn run(
         DType::F32 => 2e-5,
         DType::F16 => 2e-3,
         DType::BF16 => 1.6e-2,
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("a quantized output"),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => unreachable!("a quantized output"),
     };
     assert_close(
         &format!("{module}: packed W vs W"),

@@ -1,4 +1,4 @@
-//! The fused linear on block-quantized W (Q8_0, Q4_0, Q4_K), random blocks: every kernel
+//! The fused linear on block-quantized W (Q8_0, Q4_0, Q4_K, Q6_K), random blocks: every kernel
 //! variant this CPU runs against the f64 reference on the exactly dequantized W, decode (m <= 8)
 //! and GEMM (m > 8) paths, stacked and mixed slots, every x / y dtype; and the refusals.
 
@@ -19,10 +19,14 @@ fn random_quant(dt: DType, rows: usize, k: usize, rng: &mut SplitMix64) -> Vec<u
         for v in b.iter_mut() {
             *v = rng.next_u64() as u8;
         }
-        let d = f16::from_f32(rng.uniform(0.002, 0.03))
+        // Q6_K: (q - 32) up to 32 times an i8 scale up to 128: d 32x smaller keeps |w| <= 4,
+        // as Q8_0's.
+        let dscale = if dt == DType::Q6_K { 1.0 / 32.0 } else { 1.0 };
+        let d = f16::from_f32(rng.uniform(0.002, 0.03) * dscale)
             .to_bits()
             .to_le_bytes();
-        b[..2].copy_from_slice(&d);
+        let at = rankfuse::quant::d_offset(dt);
+        b[at..at + 2].copy_from_slice(&d);
         if dt == DType::Q4_K {
             let dmin = f16::from_f32(rng.uniform(0.0, 0.02))
                 .to_bits()

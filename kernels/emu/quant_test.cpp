@@ -1,13 +1,14 @@
 // Executes the block-quantized linear kernels (quant_linear.cu: quant_decode_*, quant_linear_*),
 // with lora_shrink.cu computing T and decode.cu's epilogue adding K splits, on the CPU emulator
 // (cuda_emu.h) against a double-precision reference on W dequantized exactly as ggml-quants.c
-// (`d * q`, `d * (q - 8)`, `(d * sc) * q - dmin * m`, f32 operations, no FMA).
+// (`d * q`, `d * (q - 8)`, `(d * sc) * q - dmin * m`, `(d * sc) * (q - 32)`, f32 operations, no
+// FMA).
 //
 // Layouts are tied to src/quant.rs by quant_vectors.txt (blocks and their dequantized f32 bits,
 // written and checked by the Rust test `backend::cuda::quant::tests::emulator_vectors_are_src_quant`):
 // both this file's reference and the kernels' block decoder must reproduce them bit for bit.
 // Then: one-hot x rows read single weights through both kernels (bit-exact), and random problems
-// over Q8_0 / Q4_0 / Q4_K, odd n, ld > cols, m = 1..8 (one split, K splits, staged x) and m > 8,
+// over Q8_0 / Q4_0 / Q4_K / Q6_K, odd n, ld > cols, m = 1..8 (one split, K splits, staged x) and m > 8,
 // stacked and mixed slots with ranks above 32, gains, bias, every x / y / B dtype.
 #include "cuda_emu.h"
 
@@ -20,14 +21,41 @@
 #include <fstream>
 #include <sstream>
 
-static int elems_of(int qt) { return qt == RF_Q4_K ? 256 : 32; }
-static int bytes_of(int qt) { return qt == RF_Q8_0 ? 34 : qt == RF_Q4_0 ? 18 : 144; }
-static const char *name_of(int qt) { return qt == RF_Q8_0 ? "Q8_0" : qt == RF_Q4_0 ? "Q4_0" : "Q4_K"; }
+static int elems_of(int qt) { return qt == RF_Q4_K || qt == RF_Q6_K ? 256 : 32; }
+static int bytes_of(int qt) { return qt == RF_Q8_0 ? 34 : qt == RF_Q4_0 ? 18 : qt == RF_Q4_K ? 144 : 210; }
+static const char *name_of(int qt) {
+  return qt == RF_Q8_0 ? "Q8_0" : qt == RF_Q4_0 ? "Q4_0" : qt == RF_Q4_K ? "Q4_K" : "Q6_K";
+}
+// Byte offset of the f16 scale d in a block.
+static int d_at(int qt) { return qt == RF_Q6_K ? 208 : 0; }
 
 static float h2f(const uint8_t *p) { return f16_to_f32((u16)(p[0] | (p[1] << 8))); }
 
-// ggml-quants.c dequantize_row_q8_0 / q4_0 / q4_K for one block, written from the C source.
+// ggml-quants.c dequantize_row_q8_0 / q4_0 / q4_K / q6_K for one block, written from the C source.
 static void ref_block(int qt, const uint8_t *b, float *y) {
+  if (qt == RF_Q6_K) {
+    const float d = h2f(b + 208);
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    for (int n = 0; n < 256; n += 128) {
+      for (int l = 0; l < 32; ++l) {
+        const int is = l / 16;
+        const int8_t q1 = (int8_t)((ql[l + 0] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+        const int8_t q2 = (int8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+        const int8_t q3 = (int8_t)((ql[l + 0] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+        const int8_t q4 = (int8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+        y[l + 0] = d * sc[is + 0] * q1;
+        y[l + 32] = d * sc[is + 2] * q2;
+        y[l + 64] = d * sc[is + 4] * q3;
+        y[l + 96] = d * sc[is + 6] * q4;
+      }
+      y += 128;
+      ql += 64;
+      qh += 32;
+      sc += 8;
+    }
+    return;
+  }
   if (qt == RF_Q8_0) {
     const float d = h2f(b);
     for (int j = 0; j < 32; ++j) y[j] = (float)(int8_t)b[2 + j] * d;
@@ -76,9 +104,12 @@ static void kernel_group(int qt, const uint8_t *row, int g, float *out32) {
     } else if (qt == RF_Q4_0) {
       QTagQ4_0::piece(row, g, li, pc);
       o0 = QTagQ4_0::o0(li), o1 = QTagQ4_0::o1(li);
-    } else {
+    } else if (qt == RF_Q4_K) {
       QTagQ4_K::piece(row, g, li, pc);
       o0 = QTagQ4_K::o0(li), o1 = QTagQ4_K::o1(li);
+    } else {
+      QTagQ6_K::piece(row, g, li, pc);
+      o0 = QTagQ6_K::o0(li), o1 = QTagQ6_K::o1(li);
     }
     for (int e = 0; e < 4; ++e) {
       out32[o0 + e] = pc.w[e];
@@ -104,7 +135,11 @@ static void vectors_case() {
     std::istringstream ls(line);
     std::string type, hex;
     ls >> type >> hex;
-    const int qt = type == "Q8_0" ? RF_Q8_0 : type == "Q4_0" ? RF_Q4_0 : type == "Q4_K" ? RF_Q4_K : -1;
+    const int qt = type == "Q8_0"   ? RF_Q8_0
+                   : type == "Q4_0" ? RF_Q4_0
+                   : type == "Q4_K" ? RF_Q4_K
+                   : type == "Q6_K" ? RF_Q6_K
+                                    : -1;
     CHECK(qt >= 0, "unknown type %s", type.c_str());
     if (qt < 0) continue;
     CHECK((int)hex.size() == 2 * bytes_of(qt), "%s block of %zu hex digits", type.c_str(), hex.size());
@@ -146,8 +181,9 @@ struct QBuf {
     for (int blk = 0; blk < nb; ++blk) {
       uint8_t *b = p + (size_t)blk * bytes_of(qt);
       for (int i = 0; i < bytes_of(qt); ++i) b[i] = (uint8_t)g.next();
-      u16 d = f32_to_f16(g.uni(0.002f, 0.03f));
-      std::memcpy(b, &d, 2);
+      // Q6_K: d 32x smaller keeps |w| <= 4 (i8 scales times q - 32), as Q8_0's.
+      u16 d = f32_to_f16(g.uni(0.002f, 0.03f) * (qt == RF_Q6_K ? 1.f / 32 : 1.f));
+      std::memcpy(b + d_at(qt), &d, 2);
       if (qt == RF_Q4_K) {
         u16 dm = f32_to_f16(g.uni(0.f, 0.02f));
         std::memcpy(b + 2, &dm, 2);
@@ -312,14 +348,20 @@ static void quant_case(const QCase &c, uint64_t seed) {
     partial.assign((size_t)p.splits * m * n, NAN);
     p.partial = partial.data();
     const size_t smem = (size_t)m * std::min(p.k_chunk, stage_of(m)) * 4;
-    auto dec = c.qt == RF_Q8_0 ? quant_decode_q8_0 : c.qt == RF_Q4_0 ? quant_decode_q4_0 : quant_decode_q4_k;
+    auto dec = c.qt == RF_Q8_0   ? quant_decode_q8_0
+               : c.qt == RF_Q4_0 ? quant_decode_q4_0
+               : c.qt == RF_Q4_K ? quant_decode_q4_k
+                                 : quant_decode_q6_k;
     emu_launch(dec, dim3{cdiv(n, 16), (unsigned)p.splits, 1}, p, smem);
     if (p.splits > 1) {
       auto epi = pick(c.y_dt, decode_epilogue_f32, decode_epilogue_f16, decode_epilogue_bf16);
       emu_launch(epi, dim3{cdiv(n, 256), (unsigned)m, 1}, p);
     }
   } else {
-    auto gemm = c.qt == RF_Q8_0 ? quant_linear_q8_0 : c.qt == RF_Q4_0 ? quant_linear_q4_0 : quant_linear_q4_k;
+    auto gemm = c.qt == RF_Q8_0   ? quant_linear_q8_0
+                : c.qt == RF_Q4_0 ? quant_linear_q4_0
+                : c.qt == RF_Q4_K ? quant_linear_q4_k
+                                  : quant_linear_q6_k;
     emu_launch(gemm, dim3{cdiv(n, 64), cdiv(m, 64), 1}, p);
   }
 
@@ -334,7 +376,10 @@ static void quant_case(const QCase &c, uint64_t seed) {
         continue;
       }
       if (c.one_hot) {
-        CHECK(bits(got) == bits(wd[j][hot[i]]), "%s m=%d one-hot y[%d][%d] = %08x, W[%d][%d] = %08x", name_of(c.qt), m, i,
+        // Bit for bit, except that a weight of -0 (Q6_K: (q - 32) = 0 times a negative d * sc)
+        // reads back as +0: the accumulation starts at +0 and +0 + -0 = +0.
+        const float wv = wd[j][hot[i]];
+        CHECK(bits(got) == bits(wv) || (got == 0.f && wv == 0.f), "%s m=%d one-hot y[%d][%d] = %08x, W[%d][%d] = %08x", name_of(c.qt), m, i,
               j, bits(got), j, hot[i], bits(wd[j][hot[i]]));
         continue;
       }
@@ -350,9 +395,10 @@ int main() {
   vectors_case();
   std::printf("quant vectors: %ld checks, %d failures\n", checks, failures);
   uint64_t seed = 1;
-  for (int qt : {RF_Q8_0, RF_Q4_0, RF_Q4_K}) {
-    const int k1 = qt == RF_Q4_K ? 512 : 96;     // Q8_0 / Q4_0: fewer groups than a warp step
-    const int k2 = qt == RF_Q4_K ? 1280 : 800;   // m = 8 stages x in 1024-element chunks
+  for (int qt : {RF_Q8_0, RF_Q4_0, RF_Q4_K, RF_Q6_K}) {
+    const bool kq = qt == RF_Q4_K || qt == RF_Q6_K;
+    const int k1 = kq ? 512 : 96;     // Q8_0 / Q4_0: fewer groups than a warp step
+    const int k2 = kq ? 1280 : 800;   // m = 8 stages x in 1024-element chunks
     // Exactness: unit x rows pick single weights through decode and GEMM.
     quant_case({qt, 8, 19, k2, F, F, F, {}, false, false, false, 0, true}, seed++);
     quant_case({qt, 70, 67, k1, F, F, F, {}, false, false, false, 0, true}, seed++);

@@ -1,4 +1,4 @@
-//! Decode on block-quantized W next to BF16: the same (m, k, n, r) with W in Q8_0, Q4_0, Q4_K and
+//! Decode on block-quantized W next to BF16: the same (m, k, n, r) with W in Q8_0, Q4_0, Q4_K, Q6_K and
 //! BF16, base-only and fused, interleaved. Decode reads W once per call, so the figures to compare
 //! are time and the W read rate (bytes of W in its own format per second).
 
@@ -44,7 +44,8 @@ pub fn random_blocks(rng: &mut SplitMix64, dt: DType, rows: usize, cols: usize) 
             *v = rng.next_u64() as u8;
         }
         let d = half::f16::from_f32(rng.uniform(0.001, 0.01)).to_bits();
-        b[..2].copy_from_slice(&d.to_le_bytes());
+        let at = crate::quant::d_offset(dt);
+        b[at..at + 2].copy_from_slice(&d.to_le_bytes());
         if dt == DType::Q4_K {
             b[2..4].copy_from_slice(&d.to_le_bytes());
         }
@@ -52,8 +53,8 @@ pub fn random_blocks(rng: &mut SplitMix64, dt: DType, rows: usize, cols: usize) 
     out
 }
 
-/// Times `dt` (Q8_0, Q4_0, Q4_K or a dense dtype) as W with f32 x and y; k must be a multiple of
-/// 256 for Q4_K.
+/// Times `dt` (Q8_0, Q4_0, Q4_K, Q6_K or a dense dtype) as W with f32 x and y; k must be a
+/// multiple of 256 for the K-quants.
 #[allow(clippy::too_many_arguments)]
 pub fn run_quant_case(
     rt: &Runtime,

@@ -38,7 +38,7 @@ pub unsafe fn read_matrix(p: *const rf_matrix, name: &str) -> Result<Desc> {
 }
 
 /// Reads and checks an `rf_matrix` argument that may also be block-quantized (Q8_0, Q4_0,
-/// Q4_K: cols and ld must then be whole blocks, else RF_STATUS_SHAPE).
+/// Q4_K, Q6_K: cols and ld must then be whole blocks, else RF_STATUS_SHAPE).
 ///
 /// # Safety
 /// A non-NULL `p` must point to an `rf_matrix`.
@@ -50,7 +50,7 @@ pub unsafe fn read_matrix_w(p: *const rf_matrix, name: &str) -> Result<Desc> {
     let dtype = DType::from_raw_any(raw_dtype as i64).ok_or_else(|| {
         Error::dtype(format!(
             "{name}: dtype {raw_dtype} is not an rf_dtype (0 = F32, 1 = F16, 2 = BF16, 3 = Q8_0, \
-             4 = Q4_0, 5 = Q4_K)"
+             4 = Q4_0, 5 = Q4_K, 6 = Q6_K)"
         ))
     })?;
     let data = addr_of!((*p).data).read_unaligned() as *mut u8;
@@ -129,7 +129,7 @@ impl Desc {
 /// has m entries and row i uses `slots[row_slot[i]]` only; -1 = base only (mixed batch).
 /// scale(slot) = scale_mult * (alpha / r | alpha / sqrt(r) | fixed), r = the rank used.
 /// dtypes of x, w, A/B and y may differ (f32, f16, bf16); accumulation is f32. w may also be
-/// block-quantized (RF_DTYPE_Q8_0 / Q4_0 / Q4_K, e.g. a GGUF tensor from `rf_weights_get`):
+/// block-quantized (RF_DTYPE_Q8_0 / Q4_0 / Q4_K / Q6_K, e.g. a GGUF tensor from `rf_weights_get`):
 /// its blocks are dequantized in registers (m <= 8) or into f32 panels / shared-memory tiles
 /// (larger m), on CPU and CUDA runtimes (CUDA: w's data 2-byte aligned, 4-byte for Q4_K).
 /// Thread-safe: many threads may call it at once on shared weights and adapters.

@@ -45,6 +45,8 @@ pub enum rf_dtype {
     RF_DTYPE_Q4_0 = 4,
     /// llama.cpp Q4_K: super-blocks of 256 weights in 144 bytes; `cols`/`ld` multiples of 256.
     RF_DTYPE_Q4_K = 5,
+    /// llama.cpp Q6_K: super-blocks of 256 weights in 210 bytes; `cols`/`ld` multiples of 256.
+    RF_DTYPE_Q6_K = 6,
 }
 
 /// Types of metadata values (`rf_weights_meta_type`); the numbers are GGUF's value types.
@@ -76,7 +78,7 @@ pub enum rf_device {
     RF_DEVICE_CUDA = 1,
 }
 
-/// How decode on a block-quantized W (Q8_0 / Q4_0 / Q4_K) reads x (`rf_runtime_options`).
+/// How decode on a block-quantized W (Q8_0 / Q4_0 / Q4_K / Q6_K) reads x (`rf_runtime_options`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum rf_act_quant {
@@ -201,6 +203,7 @@ impl From<crate::DType> for rf_dtype {
             crate::DType::Q8_0 => rf_dtype::RF_DTYPE_Q8_0,
             crate::DType::Q4_0 => rf_dtype::RF_DTYPE_Q4_0,
             crate::DType::Q4_K => rf_dtype::RF_DTYPE_Q4_K,
+            crate::DType::Q6_K => rf_dtype::RF_DTYPE_Q6_K,
         }
     }
 }

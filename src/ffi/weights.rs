@@ -209,8 +209,8 @@ pub unsafe extern "C" fn rf_weights_name(
 }
 
 /// A view of a tensor: 1-D as 1 x n; more than 2 dims is RF_STATUS_FORMAT; a dtype other than
-/// F32/F16/BF16/Q8_0/Q4_0/Q4_K is RF_STATUS_UNSUPPORTED. A GGUF tensor with dims [ne0, ne1]
-/// (innermost first) is an ne1 x ne0 matrix; a quantized one (RF_DTYPE_Q8_0/Q4_0/Q4_K) is
+/// F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q6_K is RF_STATUS_UNSUPPORTED. A GGUF tensor with dims [ne0, ne1]
+/// (innermost first) is an ne1 x ne0 matrix; a quantized one (RF_DTYPE_Q8_0/Q4_0/Q4_K/Q6_K) is
 /// valid only as `w` of `rf_linear`. On a CPU runtime (and with `RF_WEIGHTS_HOST`)
 /// `out->data` points into the mapping (zero-copy, read-only memory: do not write through it).
 /// On a CUDA runtime it is a device pointer into the weights' device copy (do not write through

@@ -165,7 +165,7 @@ fn ggml_type(id: u32) -> Option<(&'static str, u64, u64, Option<DType>)> {
         11 => ("Q3_K", 256, 110, None),
         12 => ("Q4_K", 256, 144, Some(DType::Q4_K)),
         13 => ("Q5_K", 256, 176, None),
-        14 => ("Q6_K", 256, 210, None),
+        14 => ("Q6_K", 256, 210, Some(DType::Q6_K)),
         15 => ("Q8_K", 256, 292, None),
         16 => ("IQ2_XXS", 256, 66, None),
         17 => ("IQ2_XS", 256, 74, None),

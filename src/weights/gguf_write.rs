@@ -31,6 +31,7 @@ pub fn ggml_type_id(d: DType) -> u32 {
         DType::Q4_0 => 2,
         DType::Q8_0 => 8,
         DType::Q4_K => 12,
+        DType::Q6_K => 14,
         DType::BF16 => 30,
     }
 }

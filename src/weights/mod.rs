@@ -626,7 +626,7 @@ impl Weights {
         let dtype = t.dtype.ok_or_else(|| {
             Error::unsupported(format!(
                 "file '{}': tensor '{name}' has dtype {}; rankfuse computes with F32, F16, BF16, \
-                 Q8_0, Q4_0 and Q4_K",
+                 Q8_0, Q4_0, Q4_K and Q6_K",
                 self.path.display(),
                 t.dtype_name
             ))
@@ -663,7 +663,7 @@ impl safetensors::View for &TensorOut<'_> {
             DType::BF16 => StDtype::BF16,
             // write_safetensors refuses these before serializing (safetensors has no block
             // types); raw bytes are the honest fallback.
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => StDtype::U8,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => StDtype::U8,
         }
     }
     fn shape(&self) -> &[usize] {

@@ -531,7 +531,9 @@ mod gpu {
             DType::F32 => 1e-5,
             DType::F16 => 2e-3,
             DType::BF16 => 1.6e-2,
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("a quantized output"),
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
+                unreachable!("a quantized output")
+            }
         }
     }
 
@@ -819,8 +821,11 @@ mod gpu {
             for v in b.iter_mut() {
                 *v = rng.next_u64() as u8;
             }
-            let d = half::f16::from_f32(rng.uniform(0.002, 0.03));
-            b[..2].copy_from_slice(&d.to_le_bytes());
+            // Q6_K: d 32x smaller keeps |w| <= 4 (i8 scales times q - 32), as Q8_0's.
+            let dscale = if dt == DType::Q6_K { 1.0 / 32.0 } else { 1.0 };
+            let d = half::f16::from_f32(rng.uniform(0.002, 0.03) * dscale);
+            let at = rankfuse::quant::d_offset(dt);
+            b[at..at + 2].copy_from_slice(&d.to_le_bytes());
             if dt == DType::Q4_K {
                 let dmin = half::f16::from_f32(rng.uniform(0.0, 0.02));
                 b[2..4].copy_from_slice(&dmin.to_le_bytes());
@@ -829,7 +834,7 @@ mod gpu {
         out
     }
 
-    /// A block-quantized W (Q8_0, Q4_0, Q4_K) through quant_decode_* (one split with the expand
+    /// A block-quantized W (Q8_0, Q4_0, Q4_K, Q6_K) through quant_decode_* (one split with the expand
     /// in the CTA, K splits with the epilogue) and quant_linear_*, against the f64 reference on
     /// the exactly dequantized W; ld one block wider than k, stacked and mixed slots, host and
     /// device adapters, every x / y dtype.

@@ -50,6 +50,7 @@ ENUMS = {
         "RF_DTYPE_Q8_0": 3,
         "RF_DTYPE_Q4_0": 4,
         "RF_DTYPE_Q4_K": 5,
+        "RF_DTYPE_Q6_K": 6,
     },
     "rf_meta_type": {
         "RF_META_U8": 0,

@@ -289,7 +289,9 @@ unsafe fn store_row_avx2(src: &[f32], dst: *mut u8, dt: DType) {
         // Bytes: y may be unaligned.
         DType::F32 => std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst, n * 4),
         // Never an output (LinearProblem::check); the generic path handles every dtype.
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => dtype::convert_from_f32(src, dst, dt),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
+            dtype::convert_from_f32(src, dst, dt)
+        }
         DType::F16 => {
             let mut i = 0;
             while i < n8 {
@@ -337,7 +339,7 @@ impl MicroKernel for Avx2 {
             DType::BF16 => pack_b_full::<LoadBf16>(src, r0, c0, kc, Self::NR, dst),
             // Quantized W is dequantized by backend::cpu::quant before it reaches a pack; the
             // generic packer reads any dtype through MatRef::row_f32 all the same.
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
                 pack_b_generic(src, r0, rows, c0, kc, Self::NR, dst)
             }
         }
@@ -361,7 +363,7 @@ impl MicroKernel for Avx2 {
             DType::BF16 => gemv_dispatch::<LoadBf16>(x, ldx, m, w, c0, k, out, ldo, acc),
             // Quantized W has its own decode kernels (backend::cpu::quant); stay correct if one
             // arrives here anyway.
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
                 gemv_generic(x, ldx, m, w, c0, k, out, ldo, acc)
             }
         }

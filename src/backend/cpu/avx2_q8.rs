@@ -1,21 +1,24 @@
 //! AVX2 decode on block-quantized W with x quantized to Q8 blocks (`Q8Rows`; the opt-in
 //! `ActQuant::Q8` mode): integer dot products as llama.cpp does them on AVX2. Each 32-weight
-//! block becomes 32 bytes in one register (Q4: nibbles unpacked with and/shift; Q4_0 re-centred
-//! by -8), then per x row `vpmaddubsw` (u8 x i8 pairs -> i16) and `vpmaddwd` (-> 8 i32), one
+//! block becomes 32 bytes in one register (Q4: nibbles unpacked with and/shift, kept unsigned),
+//! then per x row `vpmaddubsw` (u8 x i8 pairs -> i16) and `vpmaddwd` (-> 8 i32), one
 //! convert and one FMA by `d_w * d_x`. Per 32 weights that is ~12 instructions against ~40 for
 //! the exact f32 path (widen to i32, convert, FMA in four 8-lane parts), so one core decodes
 //! faster than memory delivers the blocks.
 //!
 //! `vpmaddubsw` takes unsigned x signed: signed pairs go through the sign trick
 //! (`|w| * sign(x, w)`), exact because |x_q| <= 127 (Q8Rows clamps) and |w| <= 128, so a pair
-//! sum stays below the i16 limit (2 * 128 * 127 = 32512). Q4_K nibbles are unsigned already;
-//! its min term uses each x block's `d * sum(q)` (`Q8Rows::ds`).
+//! sum stays below the i16 limit (2 * 128 * 127 = 32512). Q4 nibbles are unsigned (0..15) and
+//! go straight in; Q4_0's -8 and Q4_K's min term use each x block's `d * sum(q)` (`Q8Rows::ds`).
 
 use super::avx2_quant::{f16_at, hsum};
 use super::driver::DECODE_MAX_M;
 use crate::dtype::DType;
 use crate::matrix::MatRef;
-use crate::quant::{scale_min_k4, Q8Rows, Q4_0_BYTES, Q4_K_BYTES, Q8_0_BYTES, QK, QK_K};
+use crate::quant::{
+    q6_k_group, scale_min_k4, Q8Rows, Q4_0_BYTES, Q4_K_BYTES, Q6_K_BYTES, Q6_K_D, Q6_K_SCALES,
+    Q8_0_BYTES, QK, QK_K,
+};
 use std::arch::x86_64::*;
 
 /// Signed w . signed x over 32 bytes, as 8 f32 lanes of exact i32 partial sums.
@@ -34,22 +37,18 @@ unsafe fn dot_u4(w: __m256i, x: __m256i) -> __m256 {
     ))
 }
 
-/// Block `b` of a Q8_0 / Q4_0 row as 32 signed bytes in element order, and its scale.
+/// Block `b` of a Q4_0 row as 32 unsigned nibble values (0..15) in element order, and its
+/// scale. The -8 is not applied here: `Σ (q - 8) x = Σ q x - 8 Σ x`, and `Σ x` per x block is
+/// `Q8Rows::ds`, so the block needs no re-centring and no sign trick (`dot_u4`).
 #[inline(always)]
-unsafe fn block_i8(row: *const u8, dt: DType, b: usize) -> (__m256i, f32) {
-    if dt == DType::Q8_0 {
-        let bp = row.add(b * Q8_0_BYTES);
-        (_mm256_loadu_si256(bp.add(2) as *const __m256i), f16_at(bp))
-    } else {
-        let bp = row.add(b * Q4_0_BYTES);
-        let v = _mm_loadu_si128(bp.add(2) as *const __m128i);
-        let low = _mm_set1_epi8(0x0F);
-        // Elements 0..16 are the low nibbles, 16..32 the high ones.
-        let lo = _mm_and_si128(v, low);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low);
-        let w = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
-        (w, f16_at(bp))
-    }
+unsafe fn block_u4(row: *const u8, b: usize) -> (__m256i, f32) {
+    let bp = row.add(b * Q4_0_BYTES);
+    let v = _mm_loadu_si128(bp.add(2) as *const __m128i);
+    let low = _mm_set1_epi8(0x0F);
+    // Elements 0..16 are the low nibbles, 16..32 the high ones.
+    let lo = _mm_and_si128(v, low);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low);
+    (_mm256_set_m128i(hi, lo), f16_at(bp))
 }
 
 /// Dot products of one quantized W row with M Q8 x rows; A accumulators per row (2 overlap
@@ -65,11 +64,12 @@ unsafe fn row_dot<const M: usize, const A: usize>(
     let mut acc = [[_mm256_setzero_ps(); A]; M];
     let mut mins = [0f32; M];
     match dt {
-        DType::Q8_0 | DType::Q4_0 => {
+        DType::Q8_0 => {
             let mut b = 0;
             while b + A <= nb {
                 for u in 0..A {
-                    let (w, dw) = block_i8(row, dt, b + u);
+                    let bp = row.add((b + u) * Q8_0_BYTES);
+                    let (w, dw) = (_mm256_loadu_si256(bp.add(2) as *const __m256i), f16_at(bp));
                     for (i, a) in acc.iter_mut().enumerate() {
                         let xv = _mm256_loadu_si256(xq.add(i * k + (b + u) * QK) as *const __m256i);
                         let s = _mm256_set1_ps(dw * *xd.add(i * nb + b + u));
@@ -79,13 +79,26 @@ unsafe fn row_dot<const M: usize, const A: usize>(
                 b += A;
             }
             while b < nb {
-                let (w, dw) = block_i8(row, dt, b);
+                let bp = row.add(b * Q8_0_BYTES);
+                let (w, dw) = (_mm256_loadu_si256(bp.add(2) as *const __m256i), f16_at(bp));
                 for (i, a) in acc.iter_mut().enumerate() {
                     let xv = _mm256_loadu_si256(xq.add(i * k + b * QK) as *const __m256i);
                     let s = _mm256_set1_ps(dw * *xd.add(i * nb + b));
                     a[0] = _mm256_fmadd_ps(s, dot_i8(w, xv), a[0]);
                 }
                 b += 1;
+            }
+        }
+        DType::Q4_0 => {
+            for b in 0..nb {
+                let (w, dw) = block_u4(row, b);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_si256(xq.add(i * k + b * QK) as *const __m256i);
+                    let s = _mm256_set1_ps(dw * *xd.add(i * nb + b));
+                    a[b % A] = _mm256_fmadd_ps(s, dot_u4(w, xv), a[b % A]);
+                    // The -8 of every weight: 8 d_w (d_x Σ x_q).
+                    mins[i] += 8.0 * dw * *xds.add(i * nb + b);
+                }
             }
         }
         DType::Q4_K => {
@@ -111,6 +124,46 @@ unsafe fn row_dot<const M: usize, const A: usize>(
                             a[h % A] = _mm256_fmadd_ps(s, dot_u4(w, xv), a[h % A]);
                             mins[i] += mm * *xds.add(i * nb + sub);
                         }
+                    }
+                }
+            }
+        }
+        DType::Q6_K => {
+            let (low, three, c32) = (
+                _mm256_set1_epi8(0x0F),
+                _mm256_set1_epi8(3),
+                _mm256_set1_epi8(32),
+            );
+            for sb in 0..k / QK_K {
+                let bp = row.add(sb * Q6_K_BYTES);
+                let d = f16_at(bp.add(Q6_K_D));
+                for g in 0..QK_K / QK {
+                    let (ql, ls, qh, hs, is) = q6_k_group(g);
+                    let (ls, hs) = (_mm_cvtsi32_si128(ls as i32), _mm_cvtsi32_si128(hs as i32));
+                    let l = _mm256_loadu_si256(bp.add(ql) as *const __m256i);
+                    let h = _mm256_loadu_si256(bp.add(qh) as *const __m256i);
+                    // q - 32 in -32..31: signed bytes for the sign trick (dot_i8).
+                    let w = _mm256_sub_epi8(
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srl_epi16(l, ls), low),
+                            _mm256_slli_epi16::<4>(_mm256_and_si256(
+                                _mm256_srl_epi16(h, hs),
+                                three,
+                            )),
+                        ),
+                        c32,
+                    );
+                    // dot_i8's lanes 0..3 sum elements 0..15 (first scale), 4..7 16..31.
+                    let sc = bp.add(Q6_K_SCALES + is) as *const i8;
+                    let sv = _mm256_set_m128(
+                        _mm_set1_ps(d * *sc.add(1) as f32),
+                        _mm_set1_ps(d * *sc as f32),
+                    );
+                    let sub = sb * (QK_K / QK) + g;
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_si256(xq.add(i * k + sub * QK) as *const __m256i);
+                        let s = _mm256_mul_ps(sv, _mm256_set1_ps(*xd.add(i * nb + sub)));
+                        a[g % A] = _mm256_fmadd_ps(s, dot_i8(w, xv), a[g % A]);
                     }
                 }
             }

@@ -1,6 +1,6 @@
-//! AVX2 + FMA + F16C decode on block-quantized W (Q8_0, Q4_0, Q4_K): each 32-weight group is
-//! widened to four f32 vectors in registers (int8 or nibbles -> i32 -> f32, times its scale,
-//! minus its min for Q4_K) and FMA'd into every x row's accumulators; W is read once and
+//! AVX2 + FMA + F16C decode on block-quantized W (Q8_0, Q4_0, Q4_K, Q6_K): each 32-weight group
+//! is widened to four f32 vectors in registers (int8, nibbles or Q6_K's nibble + 2 bits -> i32 ->
+//! f32, times its scale, minus its min or offset) and FMA'd into every x row's accumulators; W is read once and
 //! nothing is dequantized to memory.
 //!
 //! All m <= 8 x rows go through in one pass, so each block is decoded once per call: up to 4
@@ -10,7 +10,7 @@
 use super::driver::DECODE_MAX_M;
 use crate::dtype::DType;
 use crate::matrix::MatRef;
-use crate::quant::{scale_min_k4, QK, QK_K};
+use crate::quant::{q6_k_group, scale_min_k4, Q6_K_BYTES, Q6_K_D, Q6_K_SCALES, QK, QK_K};
 use std::arch::x86_64::*;
 
 /// The f16 at `p` (unaligned) as f32, via F16C.
@@ -166,6 +166,33 @@ unsafe fn row_dot<const M: usize, const A: usize>(
                         }
                         fma_group::<M, A>(&mut acc, &w, x, ldx, sb * QK_K + 64 * c + 32 * h);
                     }
+                }
+            }
+        }
+        DType::Q6_K => {
+            let (low, three) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(3));
+            for sb in 0..k / QK_K {
+                let bp = row.add(sb * Q6_K_BYTES);
+                let d = f16_at(bp.add(Q6_K_D));
+                for g in 0..QK_K / QK {
+                    let (ql, ls, qh, hs, is) = q6_k_group(g);
+                    let (ls, hs) = (_mm_cvtsi32_si128(ls as i32), _mm_cvtsi32_si128(hs as i32));
+                    let mut w = [_mm256_setzero_ps(); 4];
+                    for half in 0..2 {
+                        // (d * sc) * (q - 32) as q * dsc - 32 dsc in one FMA: 32 dsc is exact
+                        // and the FMA rounds once, as ggml's (d * sc) * (q - 32).
+                        let dsc = d * *(bp.add(Q6_K_SCALES + is + half) as *const i8) as f32;
+                        let (dv, d32) = (_mm256_set1_ps(dsc), _mm256_set1_ps(32.0 * dsc));
+                        let l = _mm_loadu_si128(bp.add(ql + 16 * half) as *const __m128i);
+                        let h = _mm_loadu_si128(bp.add(qh + 16 * half) as *const __m128i);
+                        let q = _mm_or_si128(
+                            _mm_and_si128(_mm_srl_epi16(l, ls), low),
+                            _mm_slli_epi16::<4>(_mm_and_si128(_mm_srl_epi16(h, hs), three)),
+                        );
+                        w[2 * half] = _mm256_fmsub_ps(u8x8_ps(q), dv, d32);
+                        w[2 * half + 1] = _mm256_fmsub_ps(u8x8_ps(_mm_srli_si128::<8>(q)), dv, d32);
+                    }
+                    fma_group::<M, A>(&mut acc, &w, x, ldx, sb * QK_K + QK * g);
                 }
             }
         }

@@ -59,7 +59,9 @@ unsafe fn load16(p: *const u8, dt: DType) -> __m512 {
             _mm256_loadu_si256(p as *const __m256i),
         ))),
         // `gemv` sends quantized W to the generic path before any load16.
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("quantized W in load16"),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
+            unreachable!("quantized W in load16")
+        }
     }
 }
 
@@ -160,7 +162,7 @@ impl MicroKernel for Avx512 {
             DType::BF16 => pack_b_full::<LoadBf16>(src, r0, c0, kc, NR, dst),
             // Quantized W is dequantized by backend::cpu::quant before it reaches a pack; the
             // generic packer reads any dtype through MatRef::row_f32 all the same.
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
                 pack_b_generic(src, r0, rows, c0, kc, NR, dst)
             }
         }

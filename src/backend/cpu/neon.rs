@@ -232,7 +232,7 @@ impl MicroKernel for Neon {
             DType::BF16 => gemv_dispatch::<LoadBf16>(x, ldx, m, w, c0, k, out, ldo, acc),
             // Quantized W has its own decode kernels (MicroKernel::gemv_quant); stay correct if
             // one arrives here anyway.
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => {
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => {
                 gemv_generic(x, ldx, m, w, c0, k, out, ldo, acc)
             }
         }

@@ -37,7 +37,7 @@ impl PanelLayout {
             DType::BF16 => PanelLayout::Bf16Pairs,
             // Runtime::pack refuses quantized W (a pack in f32 would quadruple its memory);
             // were one packed, f32 panels hold its exactly dequantized values.
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_K => PanelLayout::F32,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => PanelLayout::F32,
         }
     }
     /// Bytes per element.

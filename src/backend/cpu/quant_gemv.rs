@@ -8,7 +8,9 @@
 use super::driver::DECODE_MAX_M;
 use crate::dtype::DType;
 use crate::matrix::MatRef;
-use crate::quant::{dequant_block, scale_min_k4, Q8Rows, QK, QK_K};
+use crate::quant::{
+    dequant_block, q6_k_group, q6_k_q, scale_min_k4, Q8Rows, Q6_K_D, Q6_K_SCALES, QK, QK_K,
+};
 use half::f16;
 
 /// 8-lane partial sums, so LLVM vectorizes the dot product (and the order is fixed, unlike a
@@ -131,6 +133,25 @@ pub unsafe fn gemv_q8_portable(
                                 }
                                 *s += d * sc as f32 * xd[sub] * dot as f32
                                     - dmin * mn as f32 * xds[sub];
+                            }
+                        }
+                    }
+                }
+                DType::Q6_K => {
+                    for sb in 0..k / QK_K {
+                        let blk = std::slice::from_raw_parts(row.add(sb * bytes), bytes);
+                        let d = f16::from_bits(u16::from_le_bytes([blk[Q6_K_D], blk[Q6_K_D + 1]]))
+                            .to_f32();
+                        for g in 0..QK_K / QK {
+                            let sub = sb * (QK_K / QK) + g;
+                            let (.., is) = q6_k_group(g);
+                            let xb = &xq[sub * QK..(sub + 1) * QK];
+                            for half in 0..2 {
+                                let sc = blk[Q6_K_SCALES + is + half] as i8;
+                                let dot: i32 = (16 * half..16 * half + 16)
+                                    .map(|l| (q6_k_q(blk, g, l) as i32 - 32) * xb[l] as i32)
+                                    .sum();
+                                *s += d * sc as f32 * xd[sub] * dot as f32;
                             }
                         }
                     }

@@ -34,7 +34,7 @@ pub(crate) struct Case<'a> {
     pattern: &'a [i32],
 }
 
-use DType::{BF16, F16, F32, Q4_0, Q4_K, Q8_0};
+use DType::{BF16, F16, F32, Q4_0, Q4_K, Q6_K, Q8_0};
 
 const CASES: &[Case<'static>] = &[
     // The AMX native path (bf16 x, bf16 W, m > 8) with tails in every dimension, mixed slots.
@@ -219,7 +219,7 @@ fn run_case(linear: Runner<'_>, case: &Case<'_>, seed: u64) -> Result<(), String
         F32 => 1e-5,
         F16 => 2e-3,
         BF16 => 1.6e-2,
-        Q8_0 | Q4_0 | Q4_K => unreachable!("the self-check writes dense outputs only"),
+        Q8_0 | Q4_0 | Q4_K | Q6_K => unreachable!("the self-check writes dense outputs only"),
     };
     for i in 0..m {
         for j in 0..ldy {

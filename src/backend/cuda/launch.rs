@@ -48,7 +48,7 @@ fn dtype_suffix(d: DType) -> &'static str {
         DType::BF16 => "bf16",
         // Only W may be block-quantized (LinearProblem::check); its kernels are named in
         // quant.rs. Never asked for: kernels_for_sm walks the dense dtypes here.
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => "quantized",
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => "quantized",
     }
 }
 
@@ -261,7 +261,9 @@ pub fn base_kernel(path: Path, w_dtype: DType) -> Result<&'static str> {
                 "no tensor-core kernel for f32 (mma_eligible must reject it)",
             ))
         }
-        (_, DType::Q8_0 | DType::Q4_0 | DType::Q4_K) => return super::quant::kernel(path, w_dtype),
+        (_, DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K) => {
+            return super::quant::kernel(path, w_dtype)
+        }
     })
 }
 
@@ -272,7 +274,7 @@ pub fn epilogue_kernel(y_dtype: DType) -> &'static str {
         DType::F16 => "decode_epilogue_f16",
         DType::BF16 => "decode_epilogue_bf16",
         // y is never quantized (LinearProblem::check).
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("a quantized y"),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => unreachable!("a quantized y"),
     }
 }
 
@@ -283,7 +285,7 @@ pub fn shrink_kernel(x_dtype: DType) -> &'static str {
         DType::F16 => "lora_shrink_f16",
         DType::BF16 => "lora_shrink_bf16",
         // x is never quantized (LinearProblem::check).
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => unreachable!("a quantized x"),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => unreachable!("a quantized x"),
     }
 }
 

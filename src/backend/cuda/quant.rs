@@ -1,5 +1,5 @@
-//! Launch planning for the block-quantized W kernels (`kernels/quant_linear.cu`): Q8_0, Q4_0 and
-//! Q4_K weights are dequantized inside the fused kernels (registers for m <= 8, shared-memory
+//! Launch planning for the block-quantized W kernels (`kernels/quant_linear.cu`): Q8_0, Q4_0,
+//! Q4_K and Q6_K weights are dequantized inside the fused kernels (registers for m <= 8, shared-memory
 //! tiles above), never into a buffer. Pure functions, unit-tested without a GPU; each mirrors the
 //! geometry comment at the top of quant_linear.cu.
 //!
@@ -28,6 +28,7 @@ fn suffix(d: DType) -> Option<&'static str> {
         DType::Q8_0 => Some("q8_0"),
         DType::Q4_0 => Some("q4_0"),
         DType::Q4_K => Some("q4_k"),
+        DType::Q6_K => Some("q6_k"),
         DType::F32 | DType::F16 | DType::BF16 => None,
     }
 }
@@ -38,9 +39,11 @@ pub fn kernel(path: Path, w: DType) -> Result<&'static str> {
         (Path::Decode, DType::Q8_0) => "quant_decode_q8_0",
         (Path::Decode, DType::Q4_0) => "quant_decode_q4_0",
         (Path::Decode, DType::Q4_K) => "quant_decode_q4_k",
+        (Path::Decode, DType::Q6_K) => "quant_decode_q6_k",
         (Path::Tile, DType::Q8_0) => "quant_linear_q8_0",
         (Path::Tile, DType::Q4_0) => "quant_linear_q4_0",
         (Path::Tile, DType::Q4_K) => "quant_linear_q4_k",
+        (Path::Tile, DType::Q6_K) => "quant_linear_q6_k",
         _ => {
             return Err(Error::internal(format!(
                 "no quantized kernel for {path:?} with w {}",
@@ -66,8 +69,8 @@ pub fn kernels_for_sm(_sm: u32) -> Vec<String> {
     v
 }
 
-/// The kernels read Q8_0 / Q4_0 blocks with 16-bit loads and Q4_K with 32-bit loads: W must be
-/// 2- or 4-byte aligned (rows then are too: 34, 18 and 144 bytes per block). GGUF tensors and
+/// The kernels read Q8_0 / Q4_0 / Q6_K blocks with 16-bit loads and Q4_K with 32-bit loads: W
+/// must be 2- or 4-byte aligned (rows then are too: 34, 18, 210 and 144 bytes per block). GGUF tensors and
 /// device allocations are far more aligned than that.
 pub fn w_aligned(addr: u64, w: DType) -> bool {
     match w {
@@ -334,9 +337,10 @@ mod tests {
                 // Finite scales of both signs (block 3 keeps a random d: large magnitudes too,
                 // unless it decodes to a NaN / inf).
                 let scale = [0.0125f32, -0.75, 3.0e-5, f32::NAN][blk];
-                if !scale.is_nan() || !f16::from_le_bytes([b[0], b[1]]).is_finite() {
+                let at = if d == DType::Q6_K { 208 } else { 0 };
+                if !scale.is_nan() || !f16::from_le_bytes([b[at], b[at + 1]]).is_finite() {
                     let s = if scale.is_nan() { 0.5 } else { scale };
-                    b[..2].copy_from_slice(&f16::from_f32(s).to_le_bytes());
+                    b[at..at + 2].copy_from_slice(&f16::from_f32(s).to_le_bytes());
                 }
                 if d == DType::Q4_K && !f16::from_le_bytes([b[2], b[3]]).is_finite() {
                     b[2..4].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());

@@ -33,7 +33,7 @@ pub struct Args {
     /// Skip the mixed-batch case (64 rows over 16 adapters, ranks 8..64).
     #[arg(long)]
     no_mixed: bool,
-    /// Only time decode on block-quantized W (Q8_0, Q4_0, Q4_K) next to BF16 W: f32 x and y,
+    /// Only time decode on block-quantized W (Q8_0, Q4_0, Q4_K, Q6_K) next to BF16 W: f32 x and y,
     /// the --m values <= 8, every shape and rank; base and fused.
     #[arg(long)]
     quant: bool,
@@ -243,7 +243,13 @@ fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf
             for &r in &opts.ranks {
                 let mut bf16_ms = None;
                 let mut bf16_cpu = None;
-                for dt in [DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_K] {
+                for dt in [
+                    DType::BF16,
+                    DType::Q8_0,
+                    DType::Q4_0,
+                    DType::Q4_K,
+                    DType::Q6_K,
+                ] {
                     if !k.is_multiple_of(dt.block_elems()) {
                         continue;
                     }

@@ -63,7 +63,7 @@ pub(crate) fn dtype_suffix(d: DType) -> &'static str {
         DType::BF16 => "bf16",
         // No CUDA kernel reads block-quantized data: Runtime::linear refuses a quantized W on
         // CUDA and LinearProblem::check refuses it in every other role.
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_K => "quantized",
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => "quantized",
     }
 }
 
