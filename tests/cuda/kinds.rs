@@ -11,41 +11,16 @@ mod common_kinds;
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::common_kinds::modules;
+    use crate::gpu::runtime;
     use rankfuse::backend::cuda::{CudaBackend, DeviceMatrix};
     use rankfuse::methods::Slots;
     use rankfuse::rng::SplitMix64;
     use rankfuse::train::Mode;
-    use rankfuse::{DType, Device, LinearProblem, Lora, MatMut, Matrix, Runtime, RuntimeOptions};
-    use std::ffi::c_void;
+    use rankfuse::{DType, LinearProblem, Lora, MatMut, Matrix, Runtime};
 
-    fn runtime() -> Option<Runtime> {
-        let opts = RuntimeOptions {
-            device: Device::Cuda,
-            ..Default::default()
-        };
-        match Runtime::new(opts) {
-            Ok(rt) => Some(rt),
-            Err(e) => {
-                println!("skipped: no CUDA device ({})", e.message);
-                None
-            }
-        }
-    }
-
+    /// d's rows x cols, read back (without the padding past cols).
     fn download(cuda: &CudaBackend, d: &DeviceMatrix<'_>) -> Vec<f32> {
-        let mut host = Matrix::zeros(d.dtype, d.rows, d.ld).unwrap();
-        let bytes = rankfuse::matrix::span_elems(d.rows, d.cols, d.ld).unwrap() * d.dtype.size();
-        // SAFETY: host has rows * ld elements >= the span; d is device memory of that span.
-        unsafe {
-            cuda.copy_to_host(
-                host.bytes_mut().as_mut_ptr() as *mut c_void,
-                d.buf.as_ptr(),
-                bytes,
-            )
-            .unwrap();
-        }
-        cuda.synchronize().unwrap();
-        let v = host.to_f32_vec();
+        let v = crate::gpu::download(cuda, d).to_f32_vec();
         (0..d.rows)
             .flat_map(|i| v[i * d.ld..i * d.ld + d.cols].to_vec())
             .collect()

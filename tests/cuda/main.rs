@@ -516,7 +516,7 @@ mod gpu {
     use rankfuse::rng::SplitMix64;
     use rankfuse::{MatMut, MatRef, Matrix};
 
-    fn runtime() -> Option<Runtime> {
+    pub(crate) fn runtime() -> Option<Runtime> {
         match Runtime::new(cuda_opts(0)) {
             Ok(rt) => Some(rt),
             Err(e) => {
@@ -548,7 +548,7 @@ mod gpu {
         v.top_left(v.rows, cols)
     }
 
-    fn download(cuda: &CudaBackend, d: &DeviceMatrix<'_>) -> Matrix {
+    pub(crate) fn download(cuda: &CudaBackend, d: &DeviceMatrix<'_>) -> Matrix {
         let mut host = Matrix::zeros(d.dtype, d.rows, d.ld).unwrap();
         let bytes = rankfuse::matrix::span_elems(d.rows, d.cols, d.ld).unwrap() * d.dtype.size();
         // SAFETY: host has rows * ld elements >= the span; d is device memory of that span.

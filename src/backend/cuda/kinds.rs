@@ -171,6 +171,22 @@ fn bytes4(n: usize) -> Result<usize> {
 }
 
 impl CudaBackend {
+    /// Runs `f` with one stream-ordered scratch allocation laid out as `sizes` (256-byte aligned
+    /// regions; `at(i)` is region i's device address) and frees it (ordered after the work `f`
+    /// queued) whatever `f` returns.
+    fn with_scratch<T>(
+        &self,
+        sizes: &[usize],
+        f: impl FnOnce(&dyn Fn(usize) -> sys::CUdeviceptr) -> Result<T>,
+    ) -> Result<T> {
+        let reg = regions(sizes)?;
+        let scratch = self.alloc_scratch(reg.total)?;
+        let at = |i: usize| scratch + reg.offs[i] as sys::CUdeviceptr;
+        let result = f(&at);
+        let freed = self.free_scratch(scratch);
+        result.and_then(|v| freed.map(|()| v))
+    }
+
     /// `y = round(x Wᵀ + bias + Σ LoRA slots + Σ kron + Σ eigen)`: `p` holds the LoRA slots
     /// (the other kinds' positions None). x, w, bias, y device memory. Asynchronous.
     pub fn linear_composed(
@@ -269,10 +285,7 @@ impl CudaBackend {
             sizes.push(bytes4(m * kb)?); // z
             sizes.push(bytes4(m * kb)?); // u
         }
-        let reg = regions(&sizes)?;
-        let scratch = self.alloc_scratch(reg.total)?;
-        let at = |i: usize| scratch + reg.offs[i] as sys::CUdeviceptr;
-        let result = (|| -> Result<()> {
+        self.with_scratch(&sizes, |at| {
             for &(i, bytes) in &host {
                 self.copy_htod_raw(at(i), bytes.as_ptr(), bytes.len())?;
             }
@@ -388,9 +401,7 @@ impl CudaBackend {
                 compose_store_geometry(m, n)?,
                 &cp,
             )
-        })();
-        let freed = self.free_scratch(scratch);
-        result.and(freed)
+        })
     }
 
     /// A KRAdapter's gradients for `dy` at `x` (device memory, batch rows): returns dU (m x r)
@@ -435,10 +446,8 @@ impl CudaBackend {
             "kron backward",
             &[("batch", batch), ("out", out), ("in", inp)],
         )?;
-        let mut du = vec![0f32; m * u.r];
-        let mut dv = vec![0f32; m * u.w];
         if batch == 0 {
-            return Ok((du, dv));
+            return Ok((vec![0f32; m * u.r], vec![0f32; m * u.w]));
         }
         guard(|| {
             self.bind()?;
@@ -453,20 +462,19 @@ impl CudaBackend {
             let sizes = [
                 bytes4(u.u.len())?,
                 bytes4(u.vt.len())?,
-                bytes4(du.len())?,
-                bytes4(dv.len())?,
+                bytes4(m * u.r)?,
+                bytes4(m * u.w)?,
             ];
-            let reg = regions(&sizes)?;
-            let scratch = self.alloc_scratch(reg.total)?;
-            let at = |i: usize| scratch + reg.offs[i] as sys::CUdeviceptr;
-            let result = (|| -> Result<()> {
+            self.with_scratch(&sizes, |at| {
                 self.copy_htod_raw(at(0), f32_bytes(u.u).as_ptr(), sizes[0])?;
                 self.copy_htod_raw(at(1), f32_bytes(u.vt).as_ptr(), sizes[1])?;
                 // SAFETY: regions 2 and 3 are device memory of these sizes.
-                check(
-                    unsafe { sys::cuMemsetD8Async(at(2), 0, reg.total - reg.offs[2], self.stream) },
-                    "zeroing gradients",
-                )?;
+                for (r, &bytes) in sizes.iter().enumerate().skip(2) {
+                    check(
+                        unsafe { sys::cuMemsetD8Async(at(r), 0, bytes, self.stream) },
+                        "zeroing gradients",
+                    )?;
+                }
                 let mut params = KronParams {
                     x: x.as_ptr() as *const c_void,
                     u: at(0) as *const f32,
@@ -508,26 +516,15 @@ impl CudaBackend {
                         &params,
                     )?;
                 }
-                // SAFETY: the host vectors hold the regions' sizes; the stream orders the copies
-                // after the kernels and the synchronize below waits for them.
+                // SAFETY: regions 2 and 3 hold dU (m x r) and dV (m x w) f32.
                 unsafe {
-                    self.copy_to_host(
-                        du.as_mut_ptr() as *mut c_void,
-                        at(2) as *const c_void,
-                        sizes[2],
-                    )?;
-                    self.copy_to_host(
-                        dv.as_mut_ptr() as *mut c_void,
-                        at(3) as *const c_void,
-                        sizes[3],
-                    )?;
+                    Ok((
+                        self.read_f32(at(2) as *const c_void, m * u.r)?,
+                        self.read_f32(at(3) as *const c_void, m * u.w)?,
+                    ))
                 }
-                self.synchronize()
-            })();
-            let freed = self.free_scratch(scratch);
-            result.and(freed)
-        })?;
-        Ok((du, dv))
+            })
+        })
     }
 
     /// An EigenLoRAx module's backward at the first `k` basis components: z = x C_A[:, :k] and
@@ -595,10 +592,7 @@ impl CudaBackend {
                 bytes4(m * k)?, // z, then dzin
                 bytes4(m * k)?, // dz
             ];
-            let reg = regions(&sizes)?;
-            let scratch = self.alloc_scratch(reg.total)?;
-            let at = |i: usize| scratch + reg.offs[i] as sys::CUdeviceptr;
-            let result = (|| -> Result<()> {
+            self.with_scratch(&sizes, |at| {
                 self.copy_htod_raw(at(0), ca_t.as_ptr(), sizes[0])?;
                 self.copy_htod_raw(at(1), cb.as_ptr(), sizes[1])?;
                 let common = EigenParams {
@@ -640,22 +634,13 @@ impl CudaBackend {
                     eigen_project_geometry(m, k)?,
                     &pdz,
                 )?;
-                let mut z = vec![0f32; m * k];
-                let mut dz = vec![0f32; m * k];
-                // SAFETY: regions 2 and 3 hold m x k f32; synchronize waits for the copies.
-                unsafe {
-                    self.copy_to_host(
-                        z.as_mut_ptr() as *mut c_void,
-                        at(2) as *const c_void,
-                        sizes[2],
-                    )?;
-                    self.copy_to_host(
-                        dz.as_mut_ptr() as *mut c_void,
-                        at(3) as *const c_void,
-                        sizes[3],
-                    )?;
-                }
-                self.synchronize()?;
+                // SAFETY: regions 2 and 3 hold z and dz (m x k f32 each).
+                let (z, dz) = unsafe {
+                    (
+                        self.read_f32(at(2) as *const c_void, m * k)?,
+                        self.read_f32(at(3) as *const c_void, m * k)?,
+                    )
+                };
                 let dzin = host(&z, &dz)?;
                 if dzin.len() != m * k {
                     return Err(Error::internal("dzin has the wrong size"));
@@ -687,9 +672,7 @@ impl CudaBackend {
                     self.synchronize()?;
                 }
                 Ok(())
-            })();
-            let freed = self.free_scratch(scratch);
-            result.and(freed)
+            })
         })
     }
 }

@@ -680,6 +680,19 @@ impl CudaBackend {
     }
 
     /// Waits for all work on the stream.
+    /// `n` f32 read back from device memory at `src` after the work queued before it
+    /// (synchronizes).
+    ///
+    /// # Safety
+    /// `src` is device memory holding `n` f32.
+    pub(crate) unsafe fn read_f32(&self, src: *const c_void, n: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; n];
+        // `out` lives until the synchronize below.
+        self.copy_to_host(out.as_mut_ptr() as *mut c_void, src, n * 4)?;
+        self.synchronize()?;
+        Ok(out)
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
         // SAFETY: the stream is alive (ours until Drop, or the host's by contract).

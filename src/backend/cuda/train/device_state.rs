@@ -84,14 +84,8 @@ impl CudaBackend {
     }
 
     fn download_f32(&self, buf: &DeviceBuffer<'_>, n: usize) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; n];
-        // SAFETY: buf holds at least n f32 (allocated for them); `out` lives until the
-        // synchronize below.
-        unsafe {
-            self.copy_to_host(out.as_mut_ptr() as *mut c_void, buf.as_ptr(), n * 4)?;
-        }
-        self.synchronize()?;
-        Ok(out)
+        // SAFETY: buf holds at least n f32 (allocated for them).
+        unsafe { self.read_f32(buf.as_ptr(), n) }
     }
 
     fn tensor(
