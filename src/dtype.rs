@@ -276,7 +276,9 @@ mod tests {
         // Quantized numbers are only read where a quantized matrix is allowed.
         assert_eq!(DType::from_raw(3), None);
         assert_eq!(DType::from_raw_any(3), Some(DType::Q8_0));
-        assert_eq!(DType::from_raw_any(6), None);
+        assert_eq!(DType::from_raw_any(6), Some(DType::Q6_K));
+        assert_eq!(DType::from_raw_any(7), None);
+        assert_eq!(DType::Q6_K.bytes(512), Some(420));
         assert_eq!(DType::Q4_K.bytes(512), Some(288));
         assert_eq!(DType::Q8_0.bytes(33), None);
     }
