@@ -10,7 +10,7 @@
 
 use super::launch::{dtype_code, Geometry};
 use super::train::{check_int_dims, dtype_suffix, rows_grid, tile_grid};
-use super::{guard, CudaBackend, DeviceBuffer};
+use super::{f32_bytes, guard, CudaBackend, DeviceBuffer};
 use crate::adapter::kron::Kron;
 use crate::algebra::eigen::{BasisModule, EigenModule};
 use crate::backend::LinearProblem;
@@ -293,11 +293,6 @@ pub struct DeviceEigenCores<'a> {
     pub n_cores: usize,
     pub stacked: bool,
     buf: DeviceBuffer<'a>,
-}
-
-fn f32_bytes(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding; any bit pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) }
 }
 
 impl CudaBackend {

@@ -28,7 +28,7 @@ use super::launch::{dtype_code, Geometry};
 use super::train::{
     check_int_dims, dtype_suffix, dx_geometry, dx_kernel, rows_grid, tile_grid, BackwardParams,
 };
-use super::{check, guard, CudaBackend};
+use super::{check, f32_bytes, guard, CudaBackend};
 use crate::adapter::BasisModule;
 use crate::backend::LinearProblem;
 use crate::dtype::DType;
@@ -153,11 +153,6 @@ fn regions(sizes: &[usize]) -> Result<Regions> {
         offs,
         total: off.max(256),
     })
-}
-
-fn f32_bytes(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding; any bit pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
 fn i32_bytes(v: &[i32]) -> &[u8] {

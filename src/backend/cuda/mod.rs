@@ -911,6 +911,12 @@ impl Drop for CudaBackend {
     }
 }
 
+/// An f32 slice's bytes (for uploads).
+pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding; any bit pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
 fn span_bytes(m: &MatRef<'_>) -> usize {
     crate::matrix::span_bytes(m.rows, m.cols, m.ld, m.dtype).unwrap_or(0)
 }

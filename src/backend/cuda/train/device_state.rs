@@ -5,7 +5,7 @@
 use super::backward::Gains;
 use super::DeviceGrads;
 use crate::adapter::Lora;
-use crate::backend::cuda::{check, guard, CudaBackend, DeviceBuffer};
+use crate::backend::cuda::{check, f32_bytes, guard, CudaBackend, DeviceBuffer};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::matrix::{MatMut, MatRef};
@@ -71,11 +71,6 @@ pub struct TrainSnapshot {
     pub vb: Vec<f32>,
     pub me: Vec<f32>,
     pub ve: Vec<f32>,
-}
-
-fn f32_bytes(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any bit pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) }
 }
 
 impl CudaBackend {
