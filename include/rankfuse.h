@@ -13,6 +13,17 @@
 
 
 /*
+ Rows per interleaved group.
+ */
+#define GROUP 8
+
+/*
+ Bytes of W copies a quant case rotates over: several times any last-level cache seen on
+ these machines (32 MiB on the Zen 3 / Zen 4 VMs).
+ */
+#define ROTATE_BYTES (256 << 20)
+
+/*
  ABI version; bumped on any change to an existing signature or struct layout.
  */
 #define RF_ABI_VERSION 1
@@ -416,11 +427,13 @@ typedef struct {
   rf_dtype dtype;
   /*
    Bytes the packed matrix owns: W's bytes rounded up to whole panels (and, for bf16 on
-   AMX / AVX512-BF16 kernels, k rounded up to 32).
+   AMX / AVX512-BF16 kernels, k rounded up to 32; for Q4_0 / Q8_0, the blocks with rows
+   rounded up to a multiple of 8).
    */
   size_t bytes;
   /*
-   Columns per panel of the layout (the kernels' register-tile width).
+   Columns per panel of the layout (the kernels' register-tile width); 8 for Q4_0 / Q8_0
+   (W rows per interleaved record).
    */
   uint32_t panel_cols;
   /*
@@ -931,8 +944,11 @@ rf_error *rf_weights_meta_array_get_str(const rf_weights *w, const char *key, si
  Packs the base matrix `w` (n x k, F32/F16/BF16, any `ld`, host memory) once into the layout
  this CPU runtime's kernels consume (panels of the register-tile width in W's own element
  type; bf16 as VNNI k-pairs, the operand order of `vdpbf16ps` / AMX), so `rf_linear_packed`
- never re-packs it. Memory: about W's own bytes (see `rf_packed_info.bytes`); `w`'s memory
- is copied and may be freed or unmapped afterwards. Packing reads all of W once on the
+ never re-packs it. A Q4_0 or Q8_0 `w` (a GGUF view) keeps its blocks bit for bit, regrouped
+ as 8-row interleaved records that the decode kernels read without shuffles (docs/c-api.md);
+ Q4_K / Q6_K: RF_STATUS_DTYPE (pass them to `rf_linear` as they are). Memory: about W's own
+ bytes (see `rf_packed_info.bytes`); `w`'s memory is copied and may be freed or unmapped
+ afterwards. Packing reads all of W once on the
  runtime's threads. On a CUDA runtime: RF_STATUS_UNSUPPORTED (the kernels there read W in place
  from device memory).
  The caller owns `*out` (free with `rf_packed_free`). A packed matrix is immutable: any number

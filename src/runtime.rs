@@ -242,12 +242,13 @@ impl Runtime {
     /// kernel table (`KernelTable::pack`), so a pack serves runtimes with the same table. CPU
     /// runtimes only: on a CUDA runtime W is device-resident and read in place by the kernels.
     pub fn pack(&self, w: &MatRef<'_>) -> Result<PackedW> {
-        if w.dtype.is_quantized() {
-            // Panels are f32/f16/bf16: a pack would hold 4-8x the quantized bytes, and decode
-            // already streams the blocks once.
+        if w.dtype.is_quantized() && !crate::backend::cpu::quant_pack::supports(w.dtype) {
+            // Q4_0 / Q8_0 repack into 8-row interleaved blocks (same bytes); the K-quants have
+            // no such layout yet, and f32 panels would hold 7x their bytes.
             return Err(Error::dtype(format!(
-                "w is {}: block-quantized weights are not packed; pass them to rf_linear as they \
-                 are",
+                "w is {}: of the block-quantized types only Q4_0 and Q8_0 are packed; pass {} \
+                 weights to rf_linear as they are",
+                w.dtype.name(),
                 w.dtype.name()
             )));
         }
@@ -292,7 +293,12 @@ impl Runtime {
         }
         match &self.backend {
             Backend::Cpu => {
-                let f = self.kernels.linear_packed;
+                let f = match self.act_quant {
+                    ActQuant::Q8 if packed.dtype().is_quantized() => {
+                        self.kernels.linear_packed_act_q8
+                    }
+                    _ => self.kernels.linear_packed,
+                };
                 self.pool.install(|| f(&q, packed, y));
                 Ok(())
             }

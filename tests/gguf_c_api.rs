@@ -7,7 +7,9 @@ use common::capi::{cs, expect, ok};
 use rankfuse::ffi::handles::*;
 use rankfuse::ffi::linear::rf_linear;
 use rankfuse::ffi::meta::*;
-use rankfuse::ffi::packed::rf_weights_pack;
+use rankfuse::ffi::packed::{
+    rf_linear_packed, rf_packed_free, rf_packed_info, rf_packed_info_get, rf_weights_pack,
+};
 use rankfuse::ffi::runtime::*;
 use rankfuse::ffi::types::rf_status::*;
 use rankfuse::ffi::types::*;
@@ -185,18 +187,54 @@ fn quantized_tensor_as_w_of_rf_linear_only() {
             assert!((y[j] - want).abs() < 1e-4, "{j}: {} vs {want}", y[j]);
             assert_eq!(y[7 + j], y[j]);
         }
-        // Quantized as x, or packed: DTYPE. Columns not whole blocks: SHAPE.
+        // Quantized as x: DTYPE. Columns not whole blocks: SHAPE.
         expect(
             rf_linear(rt, &wm, &wm, null(), null(), 0, null(), &mut ym),
             RF_STATUS_DTYPE,
             &["x", "Q4_0"],
         );
+        // Packed (8-row interleaved blocks, the same bytes plus a padding row to 8): the
+        // same y; the K-quants are not packed.
+        let mut pk = null_mut();
+        ok(rf_weights_pack(rt, &wm, &mut pk));
+        let mut info: rf_packed_info = std::mem::zeroed();
+        ok(rf_packed_info_get(pk, &mut info));
+        assert_eq!(info.dtype, rf_dtype::RF_DTYPE_Q4_0);
+        assert_eq!(
+            (info.rows, info.cols, info.bytes),
+            (7, 64, 2 * (16 + 8 * 16))
+        );
+        let mut yp = vec![0f32; 2 * 7];
+        let mut ypm = rf_matrix {
+            data: yp.as_mut_ptr() as *mut c_void,
+            ..ym
+        };
+        ok(rf_linear_packed(
+            rt,
+            &xm,
+            pk,
+            null(),
+            null(),
+            0,
+            null(),
+            &mut ypm,
+        ));
+        for (a, b) in yp.iter().zip(&y) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "packed {a} vs {b}"
+            );
+        }
+        rf_packed_free(pk);
+        let mut wk: rf_matrix = std::mem::zeroed();
+        ok(rf_weights_get(w, cs("w.q4_k").as_ptr(), &mut wk));
         let mut pk = null_mut();
         expect(
-            rf_weights_pack(rt, &wm, &mut pk),
+            rf_weights_pack(rt, &wk, &mut pk),
             RF_STATUS_DTYPE,
-            &["Q4_0"],
+            &["Q4_K"],
         );
+        assert!(pk.is_null());
         let bad = rf_matrix {
             cols: 48,
             ld: 48,

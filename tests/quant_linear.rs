@@ -190,7 +190,12 @@ fn quantized_dtypes_are_refused_outside_w() {
         Matrix::zeros(DType::Q4_0, 1, 32).unwrap_err().status,
         Status::DType
     );
-    assert_eq!(rt.pack(&w).err().unwrap().status, Status::DType);
+    // Q4_0 / Q8_0 pack (8-row interleaved blocks); the K-quants are refused.
+    let wk = random_quant(DType::Q4_K, 4, 256, &mut rng);
+    let wk = MatRef::from_bytes(&wk, DType::Q4_K, 4, 256, 256).unwrap();
+    let e = rt.pack(&wk).err().unwrap();
+    assert_eq!(e.status, Status::DType, "{e}");
+    assert!(e.message.contains("Q4_K"), "{e}");
     let a = mat(DType::F32, 2, k, &mut rng);
     let b = mat(DType::F32, 4, 2, &mut rng);
     let slot = Slot {
@@ -340,5 +345,72 @@ fn q8_activation_error_stays_within_its_bound() {
             "{}: Q8 equals exact everywhere: x was not quantized",
             wdt.name()
         );
+    }
+}
+
+/// `rf_weights_pack` of a Q4_0 / Q8_0 W (8-row interleaved blocks) on every variant: exact and
+/// Q8-activation decode for every m, the GEMM path (m > 8), n not a multiple of 8 (thread
+/// chunks end inside a group), ld > k, stacked and mixed slots; against the reference on the
+/// unpacked W.
+#[test]
+fn packed_q4_0_and_q8_0_match_the_reference_on_every_variant() {
+    let exact = runtimes();
+    let q8 = q8_runtimes();
+    let mut rng = SplitMix64::new(140);
+    for wdt in [DType::Q4_0, DType::Q8_0] {
+        for (n, k) in [(37, 512), (8, 64), (3, 32)] {
+            let ld = k + 32;
+            let wb = random_quant(wdt, n, ld, &mut rng);
+            let w = MatRef::from_bytes(&wb, wdt, n, k, ld).unwrap();
+            let a = mat(DType::F32, 4, k, &mut rng);
+            let b = mat(DType::BF16, n, 4, &mut rng);
+            let bias = mat(DType::F32, 1, n, &mut rng);
+            let slots = [
+                Some(Slot {
+                    a: a.view(),
+                    b: b.view(),
+                    scale: 0.8,
+                    gains: None,
+                    module: "s0",
+                }),
+                None,
+            ];
+            for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 20] {
+                let xdt = [DType::F32, DType::BF16, DType::F16][m % 3];
+                let x = hostile_x(xdt, m, k, &mut rng);
+                let rs: Vec<i32> = (0..m).map(|i| (i % 3) as i32 - 1).collect();
+                for row_slot in [None, Some(rs.as_slice())] {
+                    let p = LinearProblem {
+                        x: x.view(),
+                        w,
+                        bias: Some(bias.view()),
+                        slots: &slots,
+                        row_slot,
+                    };
+                    let (mut want, mut want_q8) = (
+                        Matrix::zeros(DType::F32, m, n).unwrap(),
+                        Matrix::zeros(DType::F32, m, n).unwrap(),
+                    );
+                    reference::linear(&p, &mut want.view_mut());
+                    reference::linear_act_q8(&p, &mut want_q8.view_mut());
+                    for (rts, want, mode) in [(&exact, &want, "exact"), (&q8, &want_q8, "q8")] {
+                        for (isa, rt) in rts {
+                            let pk = rt.pack(&w).unwrap();
+                            let rec = 16 + 8 * (wdt.size() - 2);
+                            assert_eq!(pk.bytes(), n.div_ceil(8) * (k / 32) * rec);
+                            let mut y = Matrix::zeros(DType::F32, m, n).unwrap();
+                            rt.linear_packed(&p, &pk, &mut y.view_mut()).unwrap();
+                            let what = format!(
+                                "packed {} {} {mode} n={n} k={k} m={m} mixed={}",
+                                isa.name(),
+                                wdt.name(),
+                                row_slot.is_some()
+                            );
+                            assert_close(&what, &y.to_f32_vec(), &want.to_f32_vec(), 1e-3, 1e-4);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -199,6 +199,27 @@ fn sum_words_scalar(s: &[u64]) -> u64 {
     lanes.iter().fold(tail, |a, &b| a.wrapping_add(b))
 }
 
+/// Reads `bytes` once with the pool's threads (one contiguous part each, summed as u64 words):
+/// the plain streaming read of the very bytes a kernel reads, to time beside it.
+pub(super) fn stream_read(pool: &rayon::ThreadPool, bytes: &[u8]) -> u64 {
+    use rayon::prelude::*;
+    // SAFETY: u64 has no invalid bit patterns; align_to gives the aligned middle only.
+    let (head, words, tail) = unsafe { bytes.align_to::<u64>() };
+    let parts = pool.current_num_threads().max(1);
+    let chunk = words.len().div_ceil(parts).max(1);
+    let s: u64 = pool.install(|| {
+        words
+            .par_chunks(chunk)
+            .map(sum_words)
+            .reduce(|| 0, |a, b| a.wrapping_add(b))
+    });
+    let edge = head
+        .iter()
+        .chain(tail)
+        .fold(0u64, |a, &b| a.wrapping_add(b as u64));
+    s.wrapping_add(edge)
+}
+
 /// Streaming read bandwidth: sums a `mib` MiB buffer with `threads` threads, median of 5.
 pub fn measure_bandwidth(mib: usize, threads: usize) -> Result<Bandwidth> {
     use rayon::prelude::*;

@@ -4,7 +4,7 @@
 use super::boundary::{arg_out, arg_ref};
 use super::error::rf_error;
 use super::handles::{rf_packed, rf_runtime};
-use super::linear::{read_matrix, read_opt_matrix, read_row_slot, resolve_slots};
+use super::linear::{read_matrix, read_matrix_w, read_opt_matrix, read_row_slot, resolve_slots};
 use super::types::*;
 use crate::backend::LinearProblem;
 use std::ffi::c_char;
@@ -19,9 +19,11 @@ pub struct rf_packed_info {
     pub cols: i64,
     pub dtype: rf_dtype,
     /// Bytes the packed matrix owns: W's bytes rounded up to whole panels (and, for bf16 on
-    /// AMX / AVX512-BF16 kernels, k rounded up to 32).
+    /// AMX / AVX512-BF16 kernels, k rounded up to 32; for Q4_0 / Q8_0, the blocks with rows
+    /// rounded up to a multiple of 8).
     pub bytes: usize,
-    /// Columns per panel of the layout (the kernels' register-tile width).
+    /// Columns per panel of the layout (the kernels' register-tile width); 8 for Q4_0 / Q8_0
+    /// (W rows per interleaved record).
     pub panel_cols: u32,
     /// The kernels the layout is for (`"avx2"`, `"avx512bf16"`, ...; the runtime's `isa` in
     /// `rf_runtime_info`); a NUL-terminated static string.
@@ -31,8 +33,11 @@ pub struct rf_packed_info {
 /// Packs the base matrix `w` (n x k, F32/F16/BF16, any `ld`, host memory) once into the layout
 /// this CPU runtime's kernels consume (panels of the register-tile width in W's own element
 /// type; bf16 as VNNI k-pairs, the operand order of `vdpbf16ps` / AMX), so `rf_linear_packed`
-/// never re-packs it. Memory: about W's own bytes (see `rf_packed_info.bytes`); `w`'s memory
-/// is copied and may be freed or unmapped afterwards. Packing reads all of W once on the
+/// never re-packs it. A Q4_0 or Q8_0 `w` (a GGUF view) keeps its blocks bit for bit, regrouped
+/// as 8-row interleaved records that the decode kernels read without shuffles (docs/c-api.md);
+/// Q4_K / Q6_K: RF_STATUS_DTYPE (pass them to `rf_linear` as they are). Memory: about W's own
+/// bytes (see `rf_packed_info.bytes`); `w`'s memory is copied and may be freed or unmapped
+/// afterwards. Packing reads all of W once on the
 /// runtime's threads. On a CUDA runtime: RF_STATUS_UNSUPPORTED (the kernels there read W in place
 /// from device memory).
 /// The caller owns `*out` (free with `rf_packed_free`). A packed matrix is immutable: any number
@@ -45,7 +50,7 @@ pub unsafe extern "C" fn rf_weights_pack(
 ) -> *mut rf_error {
     boundary!({
         let rt = arg_ref(rt, "rt")?;
-        let wd = read_matrix(w, "w")?;
+        let wd = read_matrix_w(w, "w")?;
         let out = arg_out(out, "out")?;
         let packed = rt.inner.pack(&wd.as_ref())?;
         *out = Box::into_raw(Box::new(rf_packed {
@@ -80,7 +85,11 @@ pub unsafe extern "C" fn rf_packed_info_get(
             cols: pw.cols() as i64,
             dtype: pw.dtype().into(),
             bytes: pw.bytes(),
-            panel_cols: pw.nr() as u32,
+            panel_cols: if pw.layout().is_panels() {
+                pw.nr() as u32
+            } else {
+                crate::backend::cpu::quant_pack::GROUP as u32
+            },
             kernels: isa_cstr(pw.spec().isa),
         };
         Ok(())

@@ -160,6 +160,7 @@ pub(crate) unsafe fn micro_panel_6x16(
         PanelLayout::F32 => micro_6x16::<Plain<LoadF32>>(kc, a, b, 16, c, ldc, acc),
         PanelLayout::F16 => micro_6x16::<Plain<LoadF16>>(kc, a, b, 16, c, ldc, acc),
         PanelLayout::Bf16Pairs => micro_6x16::<Bf16Pairs>(kc, a, b, 16, c, ldc, acc),
+        PanelLayout::Interleaved8 => unreachable!("quant packs are not read as panels"),
     }
 }
 
@@ -303,6 +304,7 @@ pub(crate) unsafe fn gemv_panels_16(
         PanelLayout::Bf16Pairs => {
             gemv_rows::<Bf16Pairs>(a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7, a.8, a.9, a.10, a.11)
         }
+        PanelLayout::Interleaved8 => unreachable!("quant packs are not read as panels"),
     }
 }
 
@@ -313,5 +315,6 @@ pub(crate) fn half_offset(layout: PanelLayout) -> usize {
         PanelLayout::F32 => 16 * 4,
         PanelLayout::F16 => 16 * 2,
         PanelLayout::Bf16Pairs => 16 * 4,
+        PanelLayout::Interleaved8 => unreachable!("quant packs are not read as panels"),
     }
 }

@@ -173,6 +173,112 @@ unsafe fn row_dot<const M: usize, const A: usize>(
     r
 }
 
+/// One Q4_0 block of 8 W rows (row r in lane r) against x row i's block b: `lo[c]` / `hi[c]`
+/// hold the unsigned low / high nibbles of the rows' quant bytes 4c..4c+4 (elements 4c.. and
+/// 16+4c..). Returns `acc + d_w * d_x * sum((q_w - 8) q_x)` per lane: the x dword of each
+/// 4 elements broadcast, 8 `vpmaddubsw` summed in i16 (8 x 2 x 15 x 127 = 30480 < 32767),
+/// one `vpmaddwd`, and the -8 from x's block sum (`ds` = d_x sum(q_x)) once per block.
+///
+/// # Safety
+/// x holds row i with block b; AVX2 + FMA (inlined into such functions only).
+#[inline(always)]
+pub(super) unsafe fn q4_lanes_step(
+    lo: &[__m256i; 4],
+    hi: &[__m256i; 4],
+    x: &Q8Rows,
+    i: usize,
+    b: usize,
+    dw: __m256,
+    acc: __m256,
+) -> __m256 {
+    let nb = x.k / QK;
+    let xb = x.q.as_ptr().add(i * x.k + b * QK) as *const i32;
+    let bx = |g: usize| _mm256_set1_epi32(xb.add(g).read_unaligned());
+    let mut p = _mm256_maddubs_epi16(lo[0], bx(0));
+    for (g, l) in lo.iter().enumerate().skip(1) {
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(*l, bx(g)));
+    }
+    for (g, h) in hi.iter().enumerate() {
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(*h, bx(4 + g)));
+    }
+    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    // d_x * sum(q_w x) - 8 d_x sum(x) = d_x * sum((q_w - 8) x), then times d_w.
+    let t = _mm256_fmadd_ps(
+        _mm256_set1_ps(*x.ds.as_ptr().add(i * nb + b)),
+        _mm256_set1_ps(-8.0),
+        _mm256_mul_ps(_mm256_set1_ps(*x.d.as_ptr().add(i * nb + b)), dot),
+    );
+    _mm256_fmadd_ps(dw, t, acc)
+}
+
+/// Q4_0 against M Q8 x rows for 8 W rows at once (`w0` = row j0, rows `ls` bytes apart), read
+/// in place from the GGUF layout: lane r of a vector is W row j0 + r, so the per-block work
+/// that `row_dot` does once per row (i32 sum, convert, scale multiply-add) is done once per
+/// 8 rows, and the nibbles stay unsigned (`vpmaddubsw` wants them so: no sign trick, no -8 per
+/// byte; the -8 comes once per block from x's block sum, `8 * d_x * sum(q_x)` = `8 * ds`).
+///
+/// Per block the 8 rows' 16 quant bytes are loaded two rows to a register and transposed in
+/// 4-byte groups (8 unpacks), so chunk c holds bytes 4c..4c+4 of every row: its low nibbles are
+/// elements 4c..4c+4, its high nibbles 16+4c..16+4c+4. Each is multiplied by the x dword of
+/// those elements broadcast to every lane; the 8 i16 products add up without overflow
+/// (8 x 2 x 15 x 127 = 30480 < 32767) before one `vpmaddwd`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows8_q4_0<const M: usize>(
+    w0: *const u8,
+    ls: usize,
+    x: &Q8Rows,
+    out: *mut f32,
+    ldo: usize,
+    acc_out: bool,
+) {
+    let (nb, low) = (x.k / QK, _mm256_set1_epi8(0x0F));
+    let mut acc = [_mm256_setzero_ps(); M];
+    for b in 0..nb {
+        let bp = w0.add(b * Q4_0_BYTES);
+        let qs = |r: usize| bp.add(r * ls + 2) as *const __m128i;
+        let h = |r: usize| (bp.add(r * ls) as *const i16).read_unaligned();
+        // Register lo half = rows 0..3, hi half = rows 4..7.
+        let (r0, r1, r2, r3) = (
+            _mm256_loadu2_m128i(qs(4), qs(0)),
+            _mm256_loadu2_m128i(qs(5), qs(1)),
+            _mm256_loadu2_m128i(qs(6), qs(2)),
+            _mm256_loadu2_m128i(qs(7), qs(3)),
+        );
+        let (t0, t1) = (_mm256_unpacklo_epi32(r0, r1), _mm256_unpacklo_epi32(r2, r3));
+        let (t2, t3) = (_mm256_unpackhi_epi32(r0, r1), _mm256_unpackhi_epi32(r2, r3));
+        let c = [
+            _mm256_unpacklo_epi64(t0, t1),
+            _mm256_unpackhi_epi64(t0, t1),
+            _mm256_unpacklo_epi64(t2, t3),
+            _mm256_unpackhi_epi64(t2, t3),
+        ];
+        let lo = c.map(|v| _mm256_and_si256(v, low));
+        let hi = c.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), low));
+        let dw = _mm256_cvtph_ps(_mm_set_epi16(
+            h(7),
+            h(6),
+            h(5),
+            h(4),
+            h(3),
+            h(2),
+            h(1),
+            h(0),
+        ));
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = q4_lanes_step(&lo, &hi, x, i, b, dw, *a);
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let o = out.add(i * ldo);
+        let v = if acc_out {
+            _mm256_add_ps(_mm256_loadu_ps(o), *a)
+        } else {
+            *a
+        };
+        _mm256_storeu_ps(o, v);
+    }
+}
+
 /// As `quant_gemv::gemv_q8_portable`, with AVX2 + FMA + F16C.
 ///
 /// # Safety
@@ -181,7 +287,25 @@ pub unsafe fn gemv(x: &Q8Rows, m: usize, w: &MatRef<'_>, out: *mut f32, ldo: usi
     debug_assert!(w.dtype.is_quantized() && m <= DECODE_MAX_M && w.cols == x.k);
     debug_assert!(x.q.len() >= m * x.k);
     let dt = w.dtype;
-    for j in 0..w.rows {
+    let mut j = 0;
+    if dt == DType::Q4_0 {
+        let ls = w.ld / QK * Q4_0_BYTES;
+        while j + 8 <= w.rows {
+            let (w0, o) = (w.row_ptr(j), out.add(j));
+            match m {
+                1 => rows8_q4_0::<1>(w0, ls, x, o, ldo, acc),
+                2 => rows8_q4_0::<2>(w0, ls, x, o, ldo, acc),
+                3 => rows8_q4_0::<3>(w0, ls, x, o, ldo, acc),
+                4 => rows8_q4_0::<4>(w0, ls, x, o, ldo, acc),
+                5 => rows8_q4_0::<5>(w0, ls, x, o, ldo, acc),
+                6 => rows8_q4_0::<6>(w0, ls, x, o, ldo, acc),
+                7 => rows8_q4_0::<7>(w0, ls, x, o, ldo, acc),
+                _ => rows8_q4_0::<8>(w0, ls, x, o, ldo, acc),
+            }
+            j += 8;
+        }
+    }
+    for j in j..w.rows {
         let row = w.row_ptr(j);
         let r = match m {
             1 => row_dot::<1, 2>(row, dt, x),

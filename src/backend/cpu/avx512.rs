@@ -231,8 +231,23 @@ impl MicroKernel for Avx512 {
     /// Decode reads every packed layout with the AVX2 panel kernel, once per 16-column half:
     /// W-bandwidth-bound, and Zen 4 runs 512-bit ops as two 256-bit halves anyway. The GEMM
     /// path converts f16 / bf16 panel blocks to f32 once per block (`reads_panel` is false).
-    fn gemv_reads_panel(_: PanelLayout) -> bool {
-        true
+    fn gemv_reads_panel(l: PanelLayout) -> bool {
+        l.is_panels()
+    }
+    unsafe fn gemv_qpack(
+        base: *const u8,
+        dt: DType,
+        nb: usize,
+        j0: usize,
+        rows: usize,
+        x: (*const f32, usize),
+        xq: Option<&crate::quant::Q8Rows>,
+        m: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        // SAFETY: as gemv_quant (AVX2, FMA and F16C are present on every AVX-512 CPU we select).
+        super::avx2_qpack::gemv(base, dt, nb, j0, rows, x, xq, m, out, ldo)
     }
     unsafe fn gemv_panels(
         x: *const f32,

@@ -10,6 +10,8 @@ pub mod avx2_panel;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2_q8;
 #[cfg(target_arch = "x86_64")]
+pub mod avx2_qpack;
+#[cfg(target_arch = "x86_64")]
 pub mod avx2_quant;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
@@ -22,6 +24,7 @@ pub mod neon;
 pub mod pack;
 pub mod portable;
 pub mod quant_gemv;
+pub mod quant_pack;
 pub mod reference;
 pub mod selfcheck;
 
@@ -100,6 +103,8 @@ pub struct KernelTable {
     pub linear_packed: PackedLinearFn,
     /// `linear` in the `ActQuant::Q8` mode (x quantized to Q8 blocks for quantized-W decode).
     pub linear_act_q8: LinearFn,
+    /// `linear_packed` in the `ActQuant::Q8` mode (for a repacked Q4_0 / Q8_0 W).
+    pub linear_packed_act_q8: PackedLinearFn,
     /// Variants that were better for this CPU but failed the start-up self-check (empty when
     /// the table was not chosen by `select` or nothing was rejected).
     pub rejected: &'static [Rejected],
@@ -176,6 +181,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
         },
         linear_packed: reference::linear_packed,
         linear_act_q8: reference::linear_act_q8,
+        linear_packed_act_q8: reference::linear_packed_act_q8,
         rejected: &[],
     };
     if isa >= Isa::Portable {
@@ -190,6 +196,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
             },
             linear_packed: driver::linear_packed::<portable::Portable>,
             linear_act_q8: driver::linear_act_q8::<portable::Portable>,
+            linear_packed_act_q8: driver::linear_packed_act_q8::<portable::Portable>,
             rejected: &[],
         };
     }
@@ -206,6 +213,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
             },
             linear_packed: driver::linear_packed::<neon::Neon>,
             linear_act_q8: driver::linear_act_q8::<neon::Neon>,
+            linear_packed_act_q8: driver::linear_packed_act_q8::<neon::Neon>,
             rejected: &[],
         };
     }
@@ -223,6 +231,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 },
                 linear_packed: driver::linear_packed::<avx2::Avx2>,
                 linear_act_q8: driver::linear_act_q8::<avx2::Avx2>,
+                linear_packed_act_q8: driver::linear_packed_act_q8::<avx2::Avx2>,
                 rejected: &[],
             };
         }
@@ -238,6 +247,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 },
                 linear_packed: driver::linear_packed::<avx512::Avx512>,
                 linear_act_q8: driver::linear_act_q8::<avx512::Avx512>,
+                linear_packed_act_q8: driver::linear_packed_act_q8::<avx512::Avx512>,
                 rejected: &[],
             };
         }
@@ -253,6 +263,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 },
                 linear_packed: avx512bf16::linear_packed,
                 linear_act_q8: driver::linear_act_q8::<avx512::Avx512>,
+                linear_packed_act_q8: driver::linear_packed_act_q8::<avx512::Avx512>,
                 rejected: &[],
             };
         }
@@ -268,6 +279,7 @@ pub fn table(isa: Isa) -> Result<KernelTable> {
                 },
                 linear_packed: amx::linear_packed,
                 linear_act_q8: driver::linear_act_q8::<avx512::Avx512>,
+                linear_packed_act_q8: driver::linear_packed_act_q8::<avx512::Avx512>,
                 rejected: &[],
             };
         }

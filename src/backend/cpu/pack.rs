@@ -11,13 +11,18 @@
 //!   so one k pair of a 16-column group is exactly one 512-bit `vdpbf16ps` operand, and even /
 //!   odd k are one shift / one mask away from f32 lanes on any ISA.
 //!
-//! For every layout the panel data for k offset `p0` (even) starts `p0 * nr` elements into the
-//! panel, so the driver's KC blocks address packed W exactly like its own per-call packing.
+//! For every panel layout the panel data for k offset `p0` (even) starts `p0 * nr` elements into
+//! the panel, so the driver's KC blocks address packed W exactly like its own per-call packing.
+//!
+//! Block-quantized W (Q4_0, Q8_0) is not cut into panels: it keeps its blocks, regrouped as 8-row
+//! interleaved records (`Interleaved8`, `quant_pack`), which the decode kernels read directly and
+//! the GEMM path dequantizes per KC block like an unpacked quantized W.
 
-use super::Isa;
+use super::{quant_pack, Isa};
 use crate::dtype::{self, DType};
 use crate::error::{Error, Result};
 use crate::matrix::MatRef;
+use crate::quant::{dequant_block, QK, QK_K};
 use rayon::prelude::*;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
@@ -27,6 +32,8 @@ pub enum PanelLayout {
     F32,
     F16,
     Bf16Pairs,
+    /// Q4_0 / Q8_0 blocks of 8 rows interleaved (`quant_pack`); not a panel layout.
+    Interleaved8,
 }
 
 impl PanelLayout {
@@ -35,23 +42,30 @@ impl PanelLayout {
             DType::F32 => PanelLayout::F32,
             DType::F16 => PanelLayout::F16,
             DType::BF16 => PanelLayout::Bf16Pairs,
-            // Runtime::pack refuses quantized W (a pack in f32 would quadruple its memory);
-            // were one packed, f32 panels hold its exactly dequantized values.
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::Q6_K => PanelLayout::F32,
+            DType::Q8_0 | DType::Q4_0 => PanelLayout::Interleaved8,
+            // Runtime::pack refuses the K-quants (no interleaved layout yet; f32 panels would
+            // hold 7x their bytes).
+            DType::Q4_K | DType::Q6_K => PanelLayout::F32,
         }
     }
-    /// Bytes per element.
+    /// Bytes per element (panel layouts; `Interleaved8` records are `quant_pack::record_bytes`).
     pub fn size(self) -> usize {
         match self {
             PanelLayout::F32 => 4,
             PanelLayout::F16 | PanelLayout::Bf16Pairs => 2,
+            PanelLayout::Interleaved8 => 1,
         }
+    }
+    /// Whether this is a layout of panels (`panel`, `panel_bytes`, the panel readers).
+    pub fn is_panels(self) -> bool {
+        self != PanelLayout::Interleaved8
     }
     pub fn name(self) -> &'static str {
         match self {
             PanelLayout::F32 => "f32 panels",
             PanelLayout::F16 => "f16 panels",
             PanelLayout::Bf16Pairs => "bf16 pair (VNNI) panels",
+            PanelLayout::Interleaved8 => "8-row interleaved quant blocks",
         }
     }
 }
@@ -146,6 +160,9 @@ impl PackedW {
             )));
         }
         let layout = PanelLayout::for_dtype(w.dtype);
+        if layout == PanelLayout::Interleaved8 {
+            return Self::pack_interleaved(w, spec);
+        }
         let kp = if layout == PanelLayout::Bf16Pairs {
             k.next_multiple_of(spec.kgran)
         } else {
@@ -190,6 +207,35 @@ impl PackedW {
         })
     }
 
+    /// Q4_0 / Q8_0: 8-row interleaved records (`quant_pack`), groups packed in parallel.
+    fn pack_interleaved(w: &MatRef<'_>, spec: PackSpec) -> Result<PackedW> {
+        let (n, k, dt) = (w.rows, w.cols, w.dtype);
+        let bytes = quant_pack::packed_bytes(dt, n, k)
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(|| Error::oom(format!("packing a {n} x {k} matrix overflows")))?;
+        let data = AlignedBytes::zeroed(bytes)?;
+        let base = SendPtr(data.ptr);
+        let groups = n.div_ceil(quant_pack::GROUP);
+        (0..groups.div_ceil(16)).into_par_iter().for_each(|t| {
+            // SAFETY: w has whole blocks; each task writes its own groups of the pack.
+            unsafe { quant_pack::pack_groups(w, 16 * t, (16 * t + 16).min(groups), base.get()) }
+        });
+        Ok(PackedW {
+            spec,
+            layout: PanelLayout::Interleaved8,
+            dtype: dt,
+            n,
+            k,
+            kp: k,
+            data,
+        })
+    }
+
+    /// Start of the pack's bytes (for the `Interleaved8` readers).
+    pub fn data_ptr(&self) -> *const u8 {
+        self.data.ptr
+    }
+
     pub fn spec(&self) -> PackSpec {
         self.spec
     }
@@ -225,6 +271,7 @@ impl PackedW {
     /// jp < rows().div_ceil(nr), p0 <= cols() (and even for pairs).
     #[inline]
     pub unsafe fn panel(&self, jp: usize, p0: usize) -> *const u8 {
+        debug_assert!(self.layout.is_panels());
         debug_assert!(self.layout != PanelLayout::Bf16Pairs || p0.is_multiple_of(2));
         let es = self.layout.size();
         self.data.ptr.add((jp * self.kp + p0) * self.spec.nr * es)
@@ -243,6 +290,9 @@ impl PackedW {
     pub fn row_f32(&self, j: usize, c0: usize, out: &mut [f32]) {
         let (nr, jp, jj) = (self.spec.nr, j / self.spec.nr, j % self.spec.nr);
         assert!(j < self.n && c0 + out.len() <= self.k);
+        if self.layout == PanelLayout::Interleaved8 {
+            return self.quant_row_f32(j, c0, out);
+        }
         for (q, o) in out.iter_mut().enumerate() {
             let p = c0 + q;
             let idx = match self.layout {
@@ -252,6 +302,28 @@ impl PackedW {
             // SAFETY: idx < kp * nr inside panel jp.
             let base = unsafe { self.panel(jp, 0) };
             *o = unsafe { dtype::load_f32(base, self.dtype, idx) };
+        }
+    }
+
+    /// `row_f32` of an `Interleaved8` pack: each block rebuilt in GGUF form and dequantized
+    /// exactly (`quant::dequant_block`), so a pack reads back bit-identical to W.
+    fn quant_row_f32(&self, j: usize, c0: usize, out: &mut [f32]) {
+        let (dt, nb) = (self.dtype, self.k / QK);
+        let (g, r) = (j / quant_pack::GROUP, j % quant_pack::GROUP);
+        let rec = quant_pack::record_bytes(dt);
+        let (mut blk, mut vals) = ([0u8; 2 + QK], [0f32; QK_K]);
+        let mut p = c0;
+        while p < c0 + out.len() {
+            let b = p / QK;
+            // SAFETY: group g, block b < nb is a whole record inside the pack; blk holds one
+            // block of dt (<= 34 bytes).
+            unsafe {
+                quant_pack::unpack_block(self.data.ptr.add((g * nb + b) * rec), dt, r, &mut blk);
+                dequant_block(blk.as_ptr(), dt, 0, &mut vals);
+            }
+            let e = ((b + 1) * QK).min(c0 + out.len());
+            out[p - c0..e - c0].copy_from_slice(&vals[p - b * QK..e - b * QK]);
+            p = e;
         }
     }
 
@@ -271,6 +343,27 @@ impl PackedW {
     /// As `panel`, p0 + kc <= kp; dst holds kc * nr floats.
     pub unsafe fn panel_to_f32(&self, jp: usize, p0: usize, kc: usize, dst: *mut f32) {
         let nr = self.spec.nr;
+        if self.layout == PanelLayout::Interleaved8 {
+            // Row by row through the exact block decode, 256 columns at a time (no heap).
+            let mut row = [0f32; 256];
+            for jj in 0..nr {
+                let j = jp * nr + jj;
+                let mut q0 = 0;
+                while q0 < kc {
+                    let len = (kc - q0).min(row.len());
+                    if j < self.n {
+                        self.row_f32(j, p0 + q0, &mut row[..len]);
+                    } else {
+                        row[..len].fill(0.0);
+                    }
+                    for (q, v) in row[..len].iter().enumerate() {
+                        *dst.add((q0 + q) * nr + jj) = *v;
+                    }
+                    q0 += len;
+                }
+            }
+            return;
+        }
         let src = self.panel(jp, p0);
         match self.layout {
             PanelLayout::F32 => std::ptr::copy_nonoverlapping(src as *const f32, dst, kc * nr),
@@ -297,6 +390,7 @@ impl PackedW {
                     }
                 }
             }
+            PanelLayout::Interleaved8 => unreachable!("handled above"),
         }
     }
 }

@@ -23,6 +23,29 @@ pub fn linear(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
     linear_base_x(p, y, None)
 }
 
+/// `linear_act_q8` with W read from a pack: a quantized pack is rebuilt into GGUF rows (the
+/// pack keeps the blocks bit for bit), a panel pack is `linear_packed`.
+pub fn linear_packed_act_q8(p: &LinearProblem<'_>, packed: &PackedW, y: &mut MatMut<'_>) {
+    if packed.layout().is_panels() {
+        return linear_packed(p, packed, y);
+    }
+    let (n, k, dt) = (packed.rows(), packed.cols(), packed.dtype());
+    let nb = k / crate::quant::QK;
+    let mut rows = Vec::with_capacity(n * nb * dt.size());
+    let mut buf = Vec::new();
+    for g in 0..n.div_ceil(super::quant_pack::GROUP) {
+        let gr = super::quant_pack::GROUP.min(n - g * super::quant_pack::GROUP);
+        // SAFETY: the pack holds group g of dt with nb blocks per row.
+        unsafe { super::quant_pack::group_rows(packed.data_ptr(), dt, nb, g, gr, &mut buf) };
+        rows.extend_from_slice(&buf[..gr * nb * dt.size()]);
+    }
+    let q = LinearProblem {
+        w: MatRef::from_bytes(&rows, dt, n, k, k).expect("whole blocks"),
+        ..*p
+    };
+    linear_act_q8(&q, y)
+}
+
 /// The reference of `ActQuant::Q8`: on a quantized W with m <= DECODE_MAX_M rows, the base
 /// product reads x quantized to Q8 blocks (`Q8Rows`, values `d * q` in f64, so the sums are the
 /// kernels' exact integer dots); bias and adapters read x as given. Otherwise `linear`.

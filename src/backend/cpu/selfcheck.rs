@@ -380,6 +380,7 @@ pub(crate) fn verify_bf16_gemm(
         pack: spec,
         linear_packed,
         linear_act_q8: reference::linear_act_q8,
+        linear_packed_act_q8: reference::linear_packed_act_q8,
         rejected: &[],
     };
     verify(&t)?;
@@ -445,6 +446,7 @@ mod tests {
                 pack: spec,
                 linear_packed: fp,
                 linear_act_q8: reference::linear_act_q8,
+                linear_packed_act_q8: reference::linear_packed_act_q8,
                 rejected: &[],
             };
             verify(&t).unwrap_or_else(|e| panic!("{name}: {e}"));

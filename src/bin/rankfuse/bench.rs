@@ -221,7 +221,7 @@ fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf
         None
     };
     eprintln!(
-        "{:>9} {:>3} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6} {:>9} {:>9} {:>9}",
+        "{:>12} {:>3} {:>6} {:>6} {:>4} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>9}",
         "W",
         "m",
         "k",
@@ -232,6 +232,8 @@ fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf
         "fused ms",
         "f/base",
         "W GB/s",
+        "rd GB/s",
+        "%read",
         "%bw",
         "vs bf16",
         "cpu ms",
@@ -258,20 +260,40 @@ fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf
                     } else {
                         &[rt]
                     };
-                    for run_rt in runtimes {
-                        let q =
-                            run_quant_case(run_rt, dt, m, k, n, r, opts.min_time, opts.max_iters)?;
+                    // Q4_0 / Q8_0 also from a pack (rf_weights_pack: 8-row interleaved blocks).
+                    let packs: &[bool] = if rankfuse::backend::cpu::quant_pack::supports(dt) {
+                        &[false, true]
+                    } else {
+                        &[false]
+                    };
+                    for (run_rt, &packed) in runtimes
+                        .iter()
+                        .flat_map(|r| packs.iter().map(move |p| (r, p)))
+                    {
+                        let q = run_quant_case(
+                            run_rt,
+                            dt,
+                            m,
+                            k,
+                            n,
+                            r,
+                            opts.min_time,
+                            opts.max_iters,
+                            packed,
+                        )?;
                         let base = *bf16_ms.get_or_insert(q.fused_ms);
                         let base_cpu = *bf16_cpu.get_or_insert(q.fused_cpu_ms);
-                        let label = match q.act {
-                            "q8" => format!("{}+q8x", q.dtype),
-                            _ => q.dtype.to_string(),
-                        };
+                        let label = format!(
+                            "{}{}{}",
+                            q.dtype,
+                            if q.packed { "+pk" } else { "" },
+                            if q.act == "q8" { "+q8x" } else { "" }
+                        );
                         let pct = bw.map_or("-".to_string(), |b| {
                             format!("{:.0}%", 100.0 * q.fused_w_gbs / b)
                         });
                         eprintln!(
-                            "{:>9} {:>3} {:>6} {:>6} {:>4} {:>9.1} {:>9.3} {:>9.3} {:>7.3} {:>8.1} {:>6} {:>8.2}x {:>9.3} {:>8.2}x",
+                            "{:>12} {:>3} {:>6} {:>6} {:>4} {:>9.1} {:>9.3} {:>9.3} {:>7.3} {:>8.1} {:>8.1} {:>5.0}% {:>6} {:>8.2}x {:>9.3} {:>8.2}x",
                             label,
                             m,
                             k,
@@ -282,6 +304,8 @@ fn run_quant(rt: &Runtime, opts: &BenchOptions, json: &Option<std::path::PathBuf
                             q.fused_ms,
                             q.fused_ms / q.base_ms,
                             q.fused_w_gbs,
+                            q.stream_gbs,
+                            100.0 * q.of_stream,
                             pct,
                             base / q.fused_ms,
                             q.fused_cpu_ms,

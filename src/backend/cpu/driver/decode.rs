@@ -125,7 +125,8 @@ pub(super) fn decode<K: MicroKernel>(
     }
     let xf: &[f32] = xf;
     // Q8 activations: x is quantized once per call, before the n split.
-    let q8 = act == ActQuant::Q8 && p.w.dtype.is_quantized() && packed.is_none() && k > 0;
+    // (Panel packs hold dense dtypes; a quantized pack is Q4_0 / Q8_0 interleaved.)
+    let q8 = act == ActQuant::Q8 && p.w.dtype.is_quantized() && k > 0;
     if q8 {
         xq.quantize(xf, m, k, k);
     }
@@ -179,7 +180,13 @@ pub(super) fn decode<K: MicroKernel>(
         |s: usize| -> bool { slot_at(p, s).is_some() && (0..m).any(|i| p.applies(s, i)) };
     let threads = rayon::current_num_threads().max(1);
     let mut cols = n.div_ceil(threads * 8).clamp(16, 512);
-    if packed.is_some() {
+    // A quantized pack (8-row records) is read whole groups at a time; panel packs by panels.
+    let qpack = packed.filter(|pw| !pw.layout().is_panels());
+    let packed = packed.filter(|pw| pw.layout().is_panels());
+    if let Some(pw) = qpack {
+        cols = cols.next_multiple_of(super::super::quant_pack::GROUP);
+        debug_assert!(pw.cols() == k);
+    } else if packed.is_some() {
         // Chunks of whole panels.
         cols = cols.next_multiple_of(K::NR);
     }
@@ -212,6 +219,26 @@ pub(super) fn decode<K: MicroKernel>(
                         ldo,
                     )
                 },
+                None if qpack.is_some() => {
+                    let pw = qpack.expect("quant pack");
+                    let xq = if q8 { Some(xq) } else { None };
+                    // SAFETY: j0 is a multiple of 8 (cols is); rows j0..j1 are in the pack; x
+                    // (or xq) holds m rows of k; out is m x nt at ld nt.
+                    unsafe {
+                        K::gemv_qpack(
+                            pw.data_ptr(),
+                            pw.dtype(),
+                            k / crate::quant::QK,
+                            j0,
+                            nt,
+                            (xf.as_ptr(), k),
+                            xq,
+                            m,
+                            out.as_mut_ptr(),
+                            ldo,
+                        )
+                    };
+                }
                 None => {
                     let wv = p.w.row_range(j0, nt);
                     if q8 {

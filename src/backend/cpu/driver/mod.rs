@@ -125,6 +125,29 @@ pub trait MicroKernel: Sync + Send + 'static {
         super::quant_gemv::gemv_q8_portable(x, m, w, out, ldo, acc)
     }
 
+    /// Decode on a repacked Q4_0 / Q8_0 W (`PanelLayout::Interleaved8`): rows
+    /// `j0 .. j0 + rows` (j0 a multiple of 8) against x exact (`xq` None: x is m rows at
+    /// stride ldx) or x as Q8 blocks; `out[i * ldo + j - j0]` = row j . x row i (overwrites).
+    ///
+    /// # Safety
+    /// `base` is such a pack of `dt` with `nb` blocks per row holding those rows; x / xq hold m
+    /// rows of nb * 32 values; out has m rows of `rows` writable floats at stride ldo.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemv_qpack(
+        base: *const u8,
+        dt: DType,
+        nb: usize,
+        j0: usize,
+        rows: usize,
+        x: (*const f32, usize),
+        xq: Option<&crate::quant::Q8Rows>,
+        m: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        super::quant_pack::gemv_portable(base, dt, nb, j0, rows, x, xq, m, out, ldo)
+    }
+
     /// Whether `micro_panel` reads packed panels of `layout` natively (converting
     /// in registers). When false, the driver converts each packed block to f32 once per block
     /// and calls `micro`, and decode uses the portable `gemv_panel_generic`.
@@ -433,6 +456,7 @@ pub unsafe fn panel_elem(b: *const u8, layout: PanelLayout, nr: usize, p: usize,
                 .read_unaligned();
             f32::from_bits((bits as u32) << 16)
         }
+        PanelLayout::Interleaved8 => unreachable!("quant packs are not read as panels"),
     }
 }
 
@@ -554,6 +578,16 @@ pub fn linear_with<K: MicroKernel>(
 /// block-quantized W (`ActQuant::Q8`); everything else as `linear`.
 pub fn linear_act_q8<K: MicroKernel>(p: &LinearProblem<'_>, y: &mut MatMut<'_>) {
     linear_with_act::<K>(p, None, y, None, ActQuant::Q8)
+}
+
+/// `linear_packed` in the `ActQuant::Q8` mode: decode on a repacked Q4_0 / Q8_0 W reads x as Q8
+/// blocks (the GEMM path, m > 8, stays exact as for an unpacked W).
+pub fn linear_packed_act_q8<K: MicroKernel>(
+    p: &LinearProblem<'_>,
+    packed: &PackedW,
+    y: &mut MatMut<'_>,
+) {
+    linear_with_act::<K>(p, Some(packed), y, None, ActQuant::Q8)
 }
 
 /// `linear_with`, with the activation mode of quantized-W decode.
