@@ -390,7 +390,8 @@ class Runtime(_Handle):
     def pack(self, w: np.ndarray) -> "Packed":
         """Packs a frozen base matrix w (n x k; float32, float16 or uint16 bf16 bits) once into
         the layout this runtime's CPU kernels read, for linear(x, packed, ...). The pack is a copy:
-        w may change or go afterwards. CPU runtimes only."""
+        w may change or go afterwards. CPU runtimes only. (Through the C ABI a Q4_0 / Q8_0 GGUF
+        view packs too, into 8-row interleaved blocks.)"""
         p = self._live()
         wm = _matrix(w, "w")
         out = ctypes.POINTER(_ffi.rf_packed)()

@@ -211,17 +211,59 @@ pub(super) unsafe fn q4_lanes_step(
     _mm256_fmadd_ps(dw, t, acc)
 }
 
+/// Block b of 8 in-place Q4_0 rows (`w0` = the first, rows `ls` bytes apart) in the row-per-lane
+/// form of a packed record (`quant_pack`): the 8 scales as f32 lanes, and chunk c = quant bytes
+/// 4c..4c+4 of each row in lane r. The rows' 16 quant bytes are loaded two rows to a register
+/// and transposed in 4-byte groups (8 unpacks); the scales are 8 16-bit inserts.
+///
+/// # Safety
+/// The 8 rows hold block b; AVX2 + F16C (inlined into such functions only).
+#[inline(always)]
+pub(super) unsafe fn q4_0_rows8_block(
+    w0: *const u8,
+    ls: usize,
+    b: usize,
+) -> (__m256, [__m256i; 4]) {
+    let bp = w0.add(b * Q4_0_BYTES);
+    let qs = |r: usize| bp.add(r * ls + 2) as *const __m128i;
+    let h = |r: usize| (bp.add(r * ls) as *const i16).read_unaligned();
+    // Register lo half = rows 0..3, hi half = rows 4..7.
+    let (r0, r1, r2, r3) = (
+        _mm256_loadu2_m128i(qs(4), qs(0)),
+        _mm256_loadu2_m128i(qs(5), qs(1)),
+        _mm256_loadu2_m128i(qs(6), qs(2)),
+        _mm256_loadu2_m128i(qs(7), qs(3)),
+    );
+    let (t0, t1) = (_mm256_unpacklo_epi32(r0, r1), _mm256_unpacklo_epi32(r2, r3));
+    let (t2, t3) = (_mm256_unpackhi_epi32(r0, r1), _mm256_unpackhi_epi32(r2, r3));
+    let c = [
+        _mm256_unpacklo_epi64(t0, t1),
+        _mm256_unpackhi_epi64(t0, t1),
+        _mm256_unpacklo_epi64(t2, t3),
+        _mm256_unpackhi_epi64(t2, t3),
+    ];
+    let dw = _mm256_cvtph_ps(_mm_set_epi16(
+        h(7),
+        h(6),
+        h(5),
+        h(4),
+        h(3),
+        h(2),
+        h(1),
+        h(0),
+    ));
+    (dw, c)
+}
+
 /// Q4_0 against M Q8 x rows for 8 W rows at once (`w0` = row j0, rows `ls` bytes apart), read
 /// in place from the GGUF layout: lane r of a vector is W row j0 + r, so the per-block work
 /// that `row_dot` does once per row (i32 sum, convert, scale multiply-add) is done once per
 /// 8 rows, and the nibbles stay unsigned (`vpmaddubsw` wants them so: no sign trick, no -8 per
 /// byte; the -8 comes once per block from x's block sum, `8 * d_x * sum(q_x)` = `8 * ds`).
 ///
-/// Per block the 8 rows' 16 quant bytes are loaded two rows to a register and transposed in
-/// 4-byte groups (8 unpacks), so chunk c holds bytes 4c..4c+4 of every row: its low nibbles are
-/// elements 4c..4c+4, its high nibbles 16+4c..16+4c+4. Each is multiplied by the x dword of
-/// those elements broadcast to every lane; the 8 i16 products add up without overflow
-/// (8 x 2 x 15 x 127 = 30480 < 32767) before one `vpmaddwd`.
+/// Per block `q4_0_rows8_block` transposes the 8 rows so chunk c holds bytes 4c..4c+4 of every
+/// row: its low nibbles are elements 4c..4c+4, its high nibbles 16+4c..16+4c+4; then
+/// `q4_lanes_step` per x row.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows8_q4_0<const M: usize>(
     w0: *const u8,
@@ -234,36 +276,9 @@ unsafe fn rows8_q4_0<const M: usize>(
     let (nb, low) = (x.k / QK, _mm256_set1_epi8(0x0F));
     let mut acc = [_mm256_setzero_ps(); M];
     for b in 0..nb {
-        let bp = w0.add(b * Q4_0_BYTES);
-        let qs = |r: usize| bp.add(r * ls + 2) as *const __m128i;
-        let h = |r: usize| (bp.add(r * ls) as *const i16).read_unaligned();
-        // Register lo half = rows 0..3, hi half = rows 4..7.
-        let (r0, r1, r2, r3) = (
-            _mm256_loadu2_m128i(qs(4), qs(0)),
-            _mm256_loadu2_m128i(qs(5), qs(1)),
-            _mm256_loadu2_m128i(qs(6), qs(2)),
-            _mm256_loadu2_m128i(qs(7), qs(3)),
-        );
-        let (t0, t1) = (_mm256_unpacklo_epi32(r0, r1), _mm256_unpacklo_epi32(r2, r3));
-        let (t2, t3) = (_mm256_unpackhi_epi32(r0, r1), _mm256_unpackhi_epi32(r2, r3));
-        let c = [
-            _mm256_unpacklo_epi64(t0, t1),
-            _mm256_unpackhi_epi64(t0, t1),
-            _mm256_unpacklo_epi64(t2, t3),
-            _mm256_unpackhi_epi64(t2, t3),
-        ];
+        let (dw, c) = q4_0_rows8_block(w0, ls, b);
         let lo = c.map(|v| _mm256_and_si256(v, low));
         let hi = c.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), low));
-        let dw = _mm256_cvtph_ps(_mm_set_epi16(
-            h(7),
-            h(6),
-            h(5),
-            h(4),
-            h(3),
-            h(2),
-            h(1),
-            h(0),
-        ));
         for (i, a) in acc.iter_mut().enumerate() {
             *a = q4_lanes_step(&lo, &hi, x, i, b, dw, *a);
         }

@@ -11,7 +11,7 @@
 //! broadcast; the scale is applied per block to the dot (m <= 2) or to the weights (m > 2), as
 //! the in-place kernels do, so the results match theirs within f32 reassociation.
 
-use super::avx2_q8::q4_lanes_step;
+use super::avx2_q8::{q4_0_rows8_block, q4_lanes_step};
 use super::driver::DECODE_MAX_M;
 use super::quant_pack::{record_bytes, GROUP};
 use crate::dtype::DType;
@@ -40,43 +40,71 @@ unsafe fn chunk_ps(v: __m256i) -> [__m256; 4] {
     ]
 }
 
-/// Record `rec`'s signed element chunks: chunk i holds elements `first[i] .. first[i] + 4`.
-/// Q4_0: the nibbles minus 8 (low nibbles of chunk c at 4c, high at 16 + 4c); Q8_0: the bytes.
+/// Q4_0 nibble chunks (bytes 4c..4c+4 of each row, c < 4) as signed element chunks: the low
+/// nibbles minus 8 (elements 4c..) then the high ones (16 + 4c..).
 #[inline(always)]
-unsafe fn signed_chunks(rec: *const u8, dt: DType) -> ([__m256i; 8], [usize; 8]) {
-    let ld = |c: usize| _mm256_loadu_si256(rec.add(16 + 32 * c) as *const __m256i);
-    if dt == DType::Q4_0 {
-        let (low, eight) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(8));
-        let mut v = [_mm256_setzero_si256(); 8];
-        for c in 0..4 {
-            let q = ld(c);
-            v[c] = _mm256_sub_epi8(_mm256_and_si256(q, low), eight);
-            v[4 + c] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(q), low), eight);
+unsafe fn q4_signed(c: [__m256i; 4]) -> [__m256i; 8] {
+    let (low, eight) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(8));
+    let mut v = [_mm256_setzero_si256(); 8];
+    for (i, q) in c.into_iter().enumerate() {
+        v[i] = _mm256_sub_epi8(_mm256_and_si256(q, low), eight);
+        v[4 + i] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(q), low), eight);
+    }
+    v
+}
+
+/// 8 W rows' blocks in row-per-lane form: block b's 8 scales as f32 lanes and 8 signed element
+/// chunks (chunk i = elements 4i..4i+4, one byte each, row r in lane r).
+trait Rows8 {
+    unsafe fn block(&self, b: usize) -> (__m256, [__m256i; 8]);
+}
+
+/// A group of a pack (`quant_pack`), Q4_0 or Q8_0.
+struct Packed {
+    g0: *const u8,
+    dt: DType,
+}
+
+impl Rows8 for Packed {
+    #[inline(always)]
+    unsafe fn block(&self, b: usize) -> (__m256, [__m256i; 8]) {
+        let p = self.g0.add(b * record_bytes(self.dt));
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        let ld = |c: usize| _mm256_loadu_si256(p.add(16 + 32 * c) as *const __m256i);
+        if self.dt == DType::Q4_0 {
+            (dw, q4_signed([ld(0), ld(1), ld(2), ld(3)]))
+        } else {
+            (dw, [ld(0), ld(1), ld(2), ld(3), ld(4), ld(5), ld(6), ld(7)])
         }
-        (v, [0, 4, 8, 12, 16, 20, 24, 28])
-    } else {
-        (
-            [ld(0), ld(1), ld(2), ld(3), ld(4), ld(5), ld(6), ld(7)],
-            [0, 4, 8, 12, 16, 20, 24, 28],
-        )
+    }
+}
+
+/// 8 Q4_0 rows read in place (GGUF layout), transposed per block (`q4_0_rows8_block`).
+struct InPlaceQ4_0 {
+    w0: *const u8,
+    ls: usize,
+}
+
+impl Rows8 for InPlaceQ4_0 {
+    #[inline(always)]
+    unsafe fn block(&self, b: usize) -> (__m256, [__m256i; 8]) {
+        let (dw, c) = q4_0_rows8_block(self.w0, self.ls, b);
+        (dw, q4_signed(c))
     }
 }
 
 /// Exact dots of one 8-row group with M f32 x rows; lane r of result i = row r . x row i.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_exact<const M: usize>(
-    g0: *const u8,
-    dt: DType,
+unsafe fn group_exact<S: Rows8, const M: usize>(
+    src: &S,
     nb: usize,
     x: *const f32,
     ldx: usize,
 ) -> [__m256; M] {
-    let rec = record_bytes(dt);
     let mut acc = [_mm256_setzero_ps(); M];
+    let first = [0, 4, 8, 12, 16, 20, 24, 28];
     for b in 0..nb {
-        let p = g0.add(b * rec);
-        let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-        let (chunks, first) = signed_chunks(p, dt);
+        let (dw, chunks) = src.block(b);
         let xb = |i: usize, e: usize| _mm256_broadcast_ss(&*x.add(i * ldx + b * QK + e));
         if M <= 2 {
             // The block's dot first (4 chains per row hide the FMA latency), then d once.
@@ -157,18 +185,39 @@ unsafe fn pad<const M: usize>(r: [__m256; M]) -> [__m256; DECODE_MAX_M] {
 }
 
 macro_rules! by_m {
-    ($m:expr, $f:ident, $($a:expr),*) => {
+    ($m:expr, $f:ident $(:: <$t:ty>)?, $($a:expr),*) => {
         match $m {
-            1 => pad($f::<1>($($a),*)),
-            2 => pad($f::<2>($($a),*)),
-            3 => pad($f::<3>($($a),*)),
-            4 => pad($f::<4>($($a),*)),
-            5 => pad($f::<5>($($a),*)),
-            6 => pad($f::<6>($($a),*)),
-            7 => pad($f::<7>($($a),*)),
-            _ => pad($f::<8>($($a),*)),
+            1 => pad($f::<$($t,)? 1>($($a),*)),
+            2 => pad($f::<$($t,)? 2>($($a),*)),
+            3 => pad($f::<$($t,)? 3>($($a),*)),
+            4 => pad($f::<$($t,)? 4>($($a),*)),
+            5 => pad($f::<$($t,)? 5>($($a),*)),
+            6 => pad($f::<$($t,)? 6>($($a),*)),
+            7 => pad($f::<$($t,)? 7>($($a),*)),
+            _ => pad($f::<$($t,)? 8>($($a),*)),
         }
     };
+}
+
+/// Writes lanes 0..rows of r[i] to `out + i * ldo` for i < m, adding to what is there when
+/// `acc`.
+#[inline(always)]
+unsafe fn store(
+    r: &[__m256; DECODE_MAX_M],
+    m: usize,
+    rows: usize,
+    out: *mut f32,
+    ldo: usize,
+    acc: bool,
+) {
+    for (i, v) in r.iter().enumerate().take(m) {
+        let o = out.add(i * ldo);
+        let mut t = [0f32; GROUP];
+        _mm256_storeu_ps(t.as_mut_ptr(), *v);
+        for (l, tv) in t.iter().enumerate().take(rows) {
+            *o.add(l) = if acc { *o.add(l) + tv } else { *tv };
+        }
+    }
 }
 
 /// As `quant_pack::gemv_portable`, with AVX2 + FMA + F16C: rows `j0 .. j0 + rows` of the pack
@@ -197,19 +246,41 @@ pub unsafe fn gemv(
         let g0 = base.add((j0 + j) / GROUP * nb * rec);
         let r = match xq {
             Some(xq) => by_m!(m, group_q8, g0, dt, nb, xq),
-            None => by_m!(m, group_exact, g0, dt, nb, x.0, x.1),
+            None => by_m!(m, group_exact::<Packed>, &Packed { g0, dt }, nb, x.0, x.1),
         };
-        let gr = GROUP.min(rows - j);
-        for (i, v) in r.iter().enumerate().take(m) {
-            let o = out.add(i * ldo + j);
-            if gr == GROUP {
-                _mm256_storeu_ps(o, *v);
-            } else {
-                let mut t = [0f32; GROUP];
-                _mm256_storeu_ps(t.as_mut_ptr(), *v);
-                std::ptr::copy_nonoverlapping(t.as_ptr(), o, gr);
-            }
-        }
+        store(&r, m, GROUP.min(rows - j), out.add(j), ldo, false);
         j += GROUP;
     }
+}
+
+/// Exact decode of in-place Q4_0 rows `w0 ..` (`rows` of them, `ls` bytes apart, `nb` blocks),
+/// 8 at a time in row-per-lane form (`avx2_quant::gemv` hands its Q4_0 row groups here);
+/// returns the rows done (a multiple of 8; the caller takes the tail).
+///
+/// # Safety
+/// As `avx2_quant::gemv` for those rows; the CPU has AVX2, FMA and F16C.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemv_q4_0_in_place(
+    w0: *const u8,
+    ls: usize,
+    rows: usize,
+    nb: usize,
+    x: (*const f32, usize),
+    m: usize,
+    out: *mut f32,
+    ldo: usize,
+    acc: bool,
+) -> usize {
+    let mut j = 0;
+    while j + GROUP <= rows {
+        let src = InPlaceQ4_0 {
+            w0: w0.add(j * ls),
+            ls,
+        };
+        let r = by_m!(m, group_exact::<InPlaceQ4_0>, &src, nb, x.0, x.1);
+        store(&r, m, GROUP, out.add(j), ldo, acc);
+        j += GROUP;
+    }
+    j
 }

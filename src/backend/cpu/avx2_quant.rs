@@ -225,7 +225,25 @@ pub unsafe fn gemv(
 ) {
     debug_assert!(w.dtype.is_quantized() && m <= DECODE_MAX_M);
     let (k, dt) = (w.cols, w.dtype);
-    for j in 0..w.rows {
+    // Q4_0 8 rows at a time, one row per lane (avx2_qpack: ~1.7x fewer instructions per weight
+    // than one row at a time); the other types and the tail row by row.
+    let done = if dt == DType::Q4_0 && w.rows >= 8 {
+        let ls = w.ld / QK * crate::quant::Q4_0_BYTES;
+        super::avx2_qpack::gemv_q4_0_in_place(
+            w.row_ptr(0),
+            ls,
+            w.rows,
+            k / QK,
+            (x, ldx),
+            m,
+            out,
+            ldo,
+            acc,
+        )
+    } else {
+        0
+    };
+    for j in done..w.rows {
         let row = w.row_ptr(j);
         let r = match m {
             1 => row_dot::<1, 2>(row, dt, k, x, ldx),
