@@ -211,6 +211,18 @@ pub(super) unsafe fn q4_lanes_step(
     _mm256_fmadd_ps(dw, t, acc)
 }
 
+/// Prefetches the next 8 rows (`w0 + 8 ls`) 144 bytes per block b, so that over the 8 rows'
+/// pass the next group's 8 x ls bytes arrive as one sequential stream: the 8 row streams of a
+/// group at 2-4 KiB strides alone leave the hardware prefetchers behind (~2x slower in place
+/// than the same kernel on a pack, whose groups are contiguous).
+#[inline(always)]
+pub(super) unsafe fn prefetch_next_rows8(w0: *const u8, ls: usize, b: usize) {
+    let p = w0.wrapping_add(8 * ls + b * 144);
+    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64) as *const i8);
+    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128) as *const i8);
+}
+
 /// Block b of 8 in-place Q4_0 rows (`w0` = the first, rows `ls` bytes apart) in the row-per-lane
 /// form of a packed record (`quant_pack`): the 8 scales as f32 lanes, and chunk c = quant bytes
 /// 4c..4c+4 of each row in lane r. The rows' 16 quant bytes are loaded two rows to a register
@@ -276,6 +288,7 @@ unsafe fn rows8_q4_0<const M: usize>(
     let (nb, low) = (x.k / QK, _mm256_set1_epi8(0x0F));
     let mut acc = [_mm256_setzero_ps(); M];
     for b in 0..nb {
+        prefetch_next_rows8(w0, ls, b);
         let (dw, c) = q4_0_rows8_block(w0, ls, b);
         let lo = c.map(|v| _mm256_and_si256(v, low));
         let hi = c.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), low));
