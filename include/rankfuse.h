@@ -13,17 +13,6 @@
 
 
 /*
- Rows per interleaved group.
- */
-#define GROUP 8
-
-/*
- Bytes of W copies a quant case rotates over: several times any last-level cache seen on
- these machines (32 MiB on the Zen 3 / Zen 4 VMs).
- */
-#define ROTATE_BYTES (256 << 20)
-
-/*
  ABI version; bumped on any change to an existing signature or struct layout.
  */
 #define RF_ABI_VERSION 1

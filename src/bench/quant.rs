@@ -53,7 +53,7 @@ pub struct QuantResult {
 
 /// Bytes of W copies a quant case rotates over: several times any last-level cache seen on
 /// these machines (32 MiB on the Zen 3 / Zen 4 VMs).
-pub const ROTATE_BYTES: usize = 256 << 20;
+pub(crate) const ROTATE_BYTES: usize = 256 << 20;
 
 /// Random blocks with small finite scales (the values do not matter for timing; NaN/inf scales
 /// from random bytes would).

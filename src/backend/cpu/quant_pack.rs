@@ -21,7 +21,7 @@ use crate::matrix::MatRef;
 use crate::quant::{Q8Rows, Q4_0_BYTES, Q8_0_BYTES, QK};
 
 /// Rows per interleaved group.
-pub const GROUP: usize = 8;
+pub(crate) const GROUP: usize = 8;
 
 /// Whether `dt` has an interleaved layout (others are refused by `Runtime::pack`).
 pub fn supports(dt: DType) -> bool {
