@@ -249,3 +249,50 @@ fn demo_runs_from_any_directory() {
         "{text}"
     );
 }
+
+#[test]
+fn bench_quant_times_in_place_and_packed_w_against_a_read_of_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("q.json");
+    let (ok, out) = rankfuse(&[
+        "bench",
+        "--quant",
+        "--shapes",
+        "256:40",
+        "--m",
+        "1",
+        "--ranks",
+        "4",
+        "--min-ms",
+        "1",
+        "--bw-mib",
+        "0",
+        "--threads",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["quant"].as_array().unwrap();
+    // BF16, then Q8_0 / Q4_0 in place and packed, exact and Q8, then Q4_K / Q6_K both modes.
+    assert_eq!(rows.len(), 1 + 2 * 4 + 2 * 2, "{rows:?}");
+    for dt in ["Q8_0", "Q4_0"] {
+        for packed in [false, true] {
+            for act in ["exact", "q8"] {
+                assert!(
+                    rows.iter()
+                        .any(|r| r["dtype"] == dt && r["packed"] == packed && r["act"] == act),
+                    "{dt} packed={packed} {act} missing"
+                );
+            }
+        }
+    }
+    for r in rows {
+        assert!(r["stream_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["of_stream"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["w_copies"].as_u64().unwrap() >= 2, "{r}");
+    }
+    assert!(out.contains("Q4_0+pk+q8x"), "{out}");
+}

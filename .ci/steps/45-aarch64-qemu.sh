@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # aarch64: the NEON and portable CPU kernels against the f64 reference, under qemu-user
-# (self-check, every tile shape through the driver, tests/kernels.rs). The library's other code
+# (self-check, every tile shape through the driver, tests/kernels.rs, and the block-quantized W
+# paths of tests/quant_linear.rs: in place, Q4_0 / Q8_0 packs, Q8 activations). The library's other code
 # is target-independent Rust and runs natively in `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,4 +24,4 @@ t=aarch64-unknown-linux-gnu
 # build of faer/gemm dominates the step.
 deps='profile.dev.package."*".opt-level=1'
 cargo test --config "$deps" --target $t --no-default-features --lib backend::cpu
-cargo test --config "$deps" --target $t --no-default-features --test kernels
+cargo test --config "$deps" --target $t --no-default-features --test kernels --test quant_linear

@@ -399,20 +399,9 @@ impl MicroKernel for Avx2 {
     fn reads_panel(l: PanelLayout) -> bool {
         l.is_panels()
     }
-    unsafe fn gemv_qpack(
-        base: *const u8,
-        dt: DType,
-        nb: usize,
-        j0: usize,
-        rows: usize,
-        x: (*const f32, usize),
-        xq: Option<&crate::quant::Q8Rows>,
-        m: usize,
-        out: *mut f32,
-        ldo: usize,
-    ) {
+    unsafe fn gemv_qpack(c: &super::quant_pack::QPackGemv<'_>) {
         // SAFETY: installed only where AVX2, FMA and F16C were detected.
-        super::avx2_qpack::gemv(base, dt, nb, j0, rows, x, xq, m, out, ldo)
+        super::avx2_qpack::gemv(c)
     }
     unsafe fn micro_panel(
         kc: usize,

@@ -13,7 +13,7 @@
 
 use super::avx2_q8::{prefetch_next_rows8, q4_0_rows8_block, q4_lanes_step};
 use super::driver::DECODE_MAX_M;
-use super::quant_pack::{record_bytes, GROUP};
+use super::quant_pack::{record_bytes, QPackGemv, GROUP};
 use crate::dtype::DType;
 use crate::quant::{Q8Rows, QK};
 use std::arch::x86_64::*;
@@ -238,25 +238,24 @@ unsafe fn store(
     }
 }
 
-/// As `quant_pack::gemv_portable`, with AVX2 + FMA + F16C: rows `j0 .. j0 + rows` of the pack
-/// at `base` (j0 a multiple of 8), x exact (`xq` None) or Q8 blocks.
+/// As `quant_pack::gemv_portable`, with AVX2 + FMA + F16C.
 ///
 /// # Safety
 /// As `quant_pack::gemv_portable`, and the CPU has AVX2, FMA and F16C (the kernel table checks).
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemv(
-    base: *const u8,
-    dt: DType,
-    nb: usize,
-    j0: usize,
-    rows: usize,
-    x: (*const f32, usize),
-    xq: Option<&Q8Rows>,
-    m: usize,
-    out: *mut f32,
-    ldo: usize,
-) {
+pub unsafe fn gemv(c: &QPackGemv<'_>) {
+    let QPackGemv {
+        base,
+        dt,
+        nb,
+        j0,
+        rows,
+        x,
+        xq,
+        m,
+        out,
+        ldo,
+    } = *c;
     debug_assert!(j0.is_multiple_of(GROUP) && (1..=DECODE_MAX_M).contains(&m));
     let rec = record_bytes(dt);
     let mut j = 0;

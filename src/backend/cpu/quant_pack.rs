@@ -120,27 +120,43 @@ thread_local! {
     static GROUP_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Portable decode on the pack's rows `j0 .. j0 + rows` (j0 a multiple of 8): each group is
-/// unpacked to GGUF rows and run through the in-place portable kernels, so the pack gives the
-/// same results as W itself (`act_q8`: the Q8-activation kernel on `xq`, else the exact one on
-/// x). `out[i * ldo + j - j0]` (+)= row j . x row i.
+/// One decode call on a pack: rows `j0 .. j0 + rows` (j0 a multiple of 8) of the pack at `base`
+/// (`dt` Q4_0 / Q8_0, `nb` blocks per row) against m x rows, exact (`xq` None: x is m rows of
+/// nb * 32 floats at stride `x.1`) or as Q8 blocks; `out[i * ldo + j - j0]` = row j . x row i
+/// (overwritten).
+#[derive(Clone, Copy)]
+pub struct QPackGemv<'a> {
+    pub base: *const u8,
+    pub dt: DType,
+    pub nb: usize,
+    pub j0: usize,
+    pub rows: usize,
+    pub x: (*const f32, usize),
+    pub xq: Option<&'a Q8Rows>,
+    pub m: usize,
+    pub out: *mut f32,
+    pub ldo: usize,
+}
+
+/// Portable decode on a pack (`QPackGemv`): each group is unpacked to GGUF rows and run through
+/// the in-place portable kernels, so the pack gives the same results as W itself.
 ///
 /// # Safety
-/// As `quant_gemv::gemv_portable` / `gemv_q8_portable` for a W of `rows` rows of k = nb * 32
-/// elements; `base` is a pack of `dt` with groups up to (j0 + rows) / 8 rounded up.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemv_portable(
-    base: *const u8,
-    dt: DType,
-    nb: usize,
-    j0: usize,
-    rows: usize,
-    x: (*const f32, usize),
-    xq: Option<&Q8Rows>,
-    m: usize,
-    out: *mut f32,
-    ldo: usize,
-) {
+/// As `quant_gemv::gemv_portable` / `gemv_q8_portable` for a W of `c.rows` rows of k = nb * 32
+/// elements; `c.base` is a pack of `c.dt` holding those rows; out has m rows of `rows` floats.
+pub unsafe fn gemv_portable(c: &QPackGemv<'_>) {
+    let QPackGemv {
+        base,
+        dt,
+        nb,
+        j0,
+        rows,
+        x,
+        xq,
+        m,
+        out,
+        ldo,
+    } = *c;
     debug_assert!(j0.is_multiple_of(GROUP) && m <= DECODE_MAX_M);
     GROUP_BUF.with(|b| {
         let buf = &mut *b.borrow_mut();

@@ -225,18 +225,18 @@ pub(super) fn decode<K: MicroKernel>(
                     // SAFETY: j0 is a multiple of 8 (cols is); rows j0..j1 are in the pack; x
                     // (or xq) holds m rows of k; out is m x nt at ld nt.
                     unsafe {
-                        K::gemv_qpack(
-                            pw.data_ptr(),
-                            pw.dtype(),
-                            k / crate::quant::QK,
+                        K::gemv_qpack(&super::super::quant_pack::QPackGemv {
+                            base: pw.data_ptr(),
+                            dt: pw.dtype(),
+                            nb: k / crate::quant::QK,
                             j0,
-                            nt,
-                            (xf.as_ptr(), k),
+                            rows: nt,
+                            x: (xf.as_ptr(), k),
                             xq,
                             m,
-                            out.as_mut_ptr(),
+                            out: out.as_mut_ptr(),
                             ldo,
-                        )
+                        })
                     };
                 }
                 None => {

@@ -125,27 +125,13 @@ pub trait MicroKernel: Sync + Send + 'static {
         super::quant_gemv::gemv_q8_portable(x, m, w, out, ldo, acc)
     }
 
-    /// Decode on a repacked Q4_0 / Q8_0 W (`PanelLayout::Interleaved8`): rows
-    /// `j0 .. j0 + rows` (j0 a multiple of 8) against x exact (`xq` None: x is m rows at
-    /// stride ldx) or x as Q8 blocks; `out[i * ldo + j - j0]` = row j . x row i (overwrites).
+    /// Decode on a repacked Q4_0 / Q8_0 W (`PanelLayout::Interleaved8`; `QPackGemv` says which
+    /// rows, x and out).
     ///
     /// # Safety
-    /// `base` is such a pack of `dt` with `nb` blocks per row holding those rows; x / xq hold m
-    /// rows of nb * 32 values; out has m rows of `rows` writable floats at stride ldo.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn gemv_qpack(
-        base: *const u8,
-        dt: DType,
-        nb: usize,
-        j0: usize,
-        rows: usize,
-        x: (*const f32, usize),
-        xq: Option<&crate::quant::Q8Rows>,
-        m: usize,
-        out: *mut f32,
-        ldo: usize,
-    ) {
-        super::quant_pack::gemv_portable(base, dt, nb, j0, rows, x, xq, m, out, ldo)
+    /// As `quant_pack::gemv_portable`.
+    unsafe fn gemv_qpack(c: &super::quant_pack::QPackGemv<'_>) {
+        super::quant_pack::gemv_portable(c)
     }
 
     /// Whether `micro_panel` reads packed panels of `layout` natively (converting
