@@ -78,13 +78,15 @@ const PF_RECORD: usize = 1024;
 struct Packed {
     g0: *const u8,
     dt: DType,
+    /// `record_bytes(dt)`, once per group rather than per block.
+    rec: usize,
 }
 
 impl Rows8 for Packed {
     #[inline(always)]
     unsafe fn block(&self, b: usize) -> (__m256, [__m256i; 8]) {
-        let p = self.g0.add(b * record_bytes(self.dt));
-        prefetch_record(p, record_bytes(self.dt));
+        let p = self.g0.add(b * self.rec);
+        prefetch_record(p, self.rec);
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
         let ld = |c: usize| _mm256_loadu_si256(p.add(16 + 32 * c) as *const __m256i);
         if self.dt == DType::Q4_0 {
@@ -244,29 +246,22 @@ unsafe fn store(
 /// As `quant_pack::gemv_portable`, and the CPU has AVX2, FMA and F16C (the kernel table checks).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemv(c: &QPackGemv<'_>) {
-    let QPackGemv {
-        base,
-        dt,
-        nb,
-        j0,
-        rows,
-        x,
-        xq,
-        m,
-        out,
-        ldo,
-    } = *c;
-    debug_assert!(j0.is_multiple_of(GROUP) && (1..=DECODE_MAX_M).contains(&m));
-    let rec = record_bytes(dt);
-    let mut j = 0;
-    while j < rows {
-        let g0 = base.add((j0 + j) / GROUP * nb * rec);
-        let r = match xq {
-            Some(xq) => by_m!(m, group_q8, g0, dt, nb, xq),
-            None => by_m!(m, group_exact::<Packed>, &Packed { g0, dt }, nb, x.0, x.1),
+    debug_assert!(c.j0.is_multiple_of(GROUP) && (1..=DECODE_MAX_M).contains(&c.m));
+    let (dt, nb, rec) = (c.dt, c.nb, record_bytes(c.dt));
+    for (g, j, gr) in c.groups() {
+        let g0 = c.base.add(g * nb * rec);
+        let r = match c.xq {
+            Some(xq) => by_m!(c.m, group_q8, g0, dt, nb, xq),
+            None => by_m!(
+                c.m,
+                group_exact::<Packed>,
+                &Packed { g0, dt, rec },
+                nb,
+                c.x.0,
+                c.x.1
+            ),
         };
-        store(&r, m, GROUP.min(rows - j), out.add(j), ldo, false);
-        j += GROUP;
+        store(&r, c.m, gr, c.out.add(j), c.ldo, false);
     }
 }
 

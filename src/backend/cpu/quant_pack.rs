@@ -138,6 +138,16 @@ pub struct QPackGemv<'a> {
     pub ldo: usize,
 }
 
+impl QPackGemv<'_> {
+    /// The groups the call covers: (group index, its first row's offset from j0, its rows).
+    pub fn groups(&self) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (j0, rows) = (self.j0, self.rows);
+        (0..rows)
+            .step_by(GROUP)
+            .map(move |j| ((j0 + j) / GROUP, j, GROUP.min(rows - j)))
+    }
+}
+
 /// Portable decode on a pack (`QPackGemv`): each group is unpacked to GGUF rows and run through
 /// the in-place portable kernels, so the pack gives the same results as W itself.
 ///
@@ -145,30 +155,16 @@ pub struct QPackGemv<'a> {
 /// As `quant_gemv::gemv_portable` / `gemv_q8_portable` for a W of `c.rows` rows of k = nb * 32
 /// elements; `c.base` is a pack of `c.dt` holding those rows; out has m rows of `rows` floats.
 pub unsafe fn gemv_portable(c: &QPackGemv<'_>) {
-    let QPackGemv {
-        base,
-        dt,
-        nb,
-        j0,
-        rows,
-        x,
-        xq,
-        m,
-        out,
-        ldo,
-    } = *c;
-    debug_assert!(j0.is_multiple_of(GROUP) && m <= DECODE_MAX_M);
+    debug_assert!(c.j0.is_multiple_of(GROUP) && c.m <= DECODE_MAX_M);
     GROUP_BUF.with(|b| {
         let buf = &mut *b.borrow_mut();
-        let mut j = 0;
-        while j < rows {
-            let gr = GROUP.min(rows - j);
-            let w = group_rows(base, dt, nb, (j0 + j) / GROUP, gr, buf);
-            match xq {
-                Some(xq) => super::quant_gemv::gemv_q8_portable(xq, m, &w, out.add(j), ldo, false),
-                None => super::quant_gemv::gemv_portable(x.0, x.1, m, &w, out.add(j), ldo, false),
+        for (g, j, gr) in c.groups() {
+            let w = group_rows(c.base, c.dt, c.nb, g, gr, buf);
+            let o = c.out.add(j);
+            match c.xq {
+                Some(xq) => super::quant_gemv::gemv_q8_portable(xq, c.m, &w, o, c.ldo, false),
+                None => super::quant_gemv::gemv_portable(c.x.0, c.x.1, c.m, &w, o, c.ldo, false),
             }
-            j += gr;
         }
     })
 }
